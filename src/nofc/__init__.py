@@ -1,0 +1,19 @@
+"""nofc: no fully-connected layers.
+
+Rewrite a trained PyTorch classifier as an equivalent fully convolutional network
+and run it densely over large images.
+
+>>> import torch, torchvision, nofc
+>>> fcn = nofc.convert(torchvision.models.vgg16(), input_size=(3, 224, 224))
+>>> fcn(torch.randn(1, 3, 384, 384)).shape
+torch.Size([1, 1000, 6, 6])
+"""
+
+from .convert import convert
+from .errors import NofcError
+from .explain import explain
+from .verify import verify
+
+__version__ = "0.1.0"
+
+__all__ = ["convert", "verify", "explain", "NofcError", "__version__"]

@@ -1,0 +1,96 @@
+"""Numerical equivalence of a classifier and its fully convolutional form."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .convert import _check_input_size, _param_like
+from .errors import NofcError
+
+__all__ = ["verify", "VerifyReport"]
+
+_DEFAULT_TOL = {torch.float64: ("abs", 1e-10), torch.float32: ("rel", 1e-4)}
+
+
+@dataclass
+class VerifyReport:
+    """What verify() measured.
+
+    ``max_rel_error`` is normwise: ``max |a - b| / max |a|`` over the batch, which stays
+    meaningful when single logits are close to zero.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    dtype: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    tolerance: str
+    ok: bool
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "MISMATCH"
+        return (f"{verdict}: {self.dtype} input {tuple(self.input_shape)}, output "
+                f"{tuple(self.output_shape)}: max abs error {self.max_abs_error:.3g}, "
+                f"max rel error {self.max_rel_error:.3g} (tolerance {self.tolerance})")
+
+
+def _run(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = copy.deepcopy(model).to(device=x.device, dtype=dtype).eval()
+    with torch.no_grad():
+        return m(x.to(dtype))
+
+
+def verify(
+    model: nn.Module,
+    fcn: nn.Module,
+    input_size,
+    *,
+    dtype: torch.dtype = torch.float64,
+    batch: int = 2,
+    seed: int = 0,
+    tolerance: float | None = None,
+    device: str | torch.device | None = None,
+) -> VerifyReport:
+    """Run ``model`` and ``fcn`` on the same random batch at the reference size.
+
+    Both are copied (the originals are not touched) and cast to ``dtype``. The default
+    tolerance is 1e-10 absolute in float64 and 1e-4 relative in float32.
+
+    >>> import torch, torchvision, nofc
+    >>> m = torchvision.models.resnet18()
+    >>> fcn = nofc.convert(m, input_size=(3, 64, 64))
+    >>> nofc.verify(m, fcn, input_size=(3, 64, 64)).ok
+    True
+    """
+    size = _check_input_size(input_size)
+    if dtype not in _DEFAULT_TOL:
+        raise NofcError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    kind, default = _DEFAULT_TOL[dtype]
+    tol = default if tolerance is None else float(tolerance)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *size), generator=gen, dtype=torch.float64)
+    if device is None:
+        device = _param_like(model)[0]
+    x = x.to(device)
+    a = _run(model, x, dtype)
+    b = _run(fcn, x, dtype)
+    if a.dim() == 2 and b.dim() == 4 and b.shape[2:] == (1, 1):
+        b2 = b.flatten(1)
+    else:
+        b2 = b
+    if a.shape != b2.shape:
+        raise NofcError(f"outputs differ in shape at the reference size: model gives "
+                        f"{tuple(a.shape)}, fcn gives {tuple(b.shape)}")
+    diff = (a - b2).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    measured = max_abs if kind == "abs" else max_rel
+    ok = bool(measured <= tol) and bool(torch.isfinite(b2).all() == torch.isfinite(a).all())
+    return VerifyReport(max_abs, max_rel, str(dtype).replace("torch.", ""), tuple(x.shape),
+                        tuple(b.shape), f"{kind} {tol:g}", ok)
