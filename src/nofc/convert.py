@@ -389,6 +389,9 @@ def _suggest_size(gm, node, in_features, size):
 
     for s in sorted(range(4, 1025), key=lambda s: abs(s - size[1]))[:600]:
         if feat_at(s) == in_features:
+            # several sizes fit when pooling floors; the smallest is the usual training size
+            while s > 1 and feat_at(s - 1) == in_features:
+                s -= 1
             return (size[0], s, s)
     return None
 
@@ -513,7 +516,7 @@ class _Rewriter:
                 return False
             self.record.changes.append(Change(
                 n.name if n.op != "call_module" else n.target,
-                f"flatten {_fmt_shape(s_in)} -> {_fmt_shape(s_out)}",
+                f"flatten {c}x{h}x{w} -> {c * h * w}",
                 "removed: the map stays (B, C, h, w)",
             ))
             # Removed after the pass; its readers see the 4D map as a vector.

@@ -1,0 +1,148 @@
+"""The ``nofc`` command. Thin: parses arguments, calls the public API, prints.
+
+Each subcommand is a pair ``_add_NAME(subparsers)`` / ``_cmd_NAME(args) -> int`` listed in
+``_COMMANDS``. Errors the user can fix are NofcError: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .errors import NofcError
+
+EXIT_USAGE = 2
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="torchvision:NAME, path/to/file.py:factory, or a model file")
+    p.add_argument("--input-size", required=True, metavar="CxHxW",
+                   help="the size the classifier was trained on, e.g. 3x224x224")
+    p.add_argument("--weights", metavar="FILE",
+                   help="state_dict file (loaded with weights_only=True)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole-model file (can run code: only for files "
+                        "you trust)")
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pooling", choices=["window", "global"], default="window",
+                   help="global pooling becomes a sliding window (default) or stays global")
+    p.add_argument("--fc-stride", type=int, default=1, help="stride of the first converted layer")
+    p.add_argument("--flatten-order", choices=["chw", "hwc"], default="chw",
+                   help="hwc for weights trained after a channels-last flatten (Keras)")
+
+
+def _load(args):
+    from .io import load_model, parse_size
+
+    size = parse_size(args.input_size)
+    model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+    return model, size
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="print each layer before and after conversion")
+    _common_model_args(p)
+    _convert_args(p)
+    p.add_argument("--at", metavar="HxW", help="also show shapes at this larger input size")
+    p.add_argument("--verify", action="store_true",
+                   help="also run both models at the reference size and print the errors")
+
+
+def _cmd_explain(args) -> int:
+    import torch
+
+    from . import explain, verify
+    from .io import parse_size
+
+    model, size = _load(args)
+    at = parse_size(args.at, n=2, what="--at") if args.at else None
+    table = explain(model, size, at=at, pooling=args.pooling, fc_stride=args.fc_stride,
+                    flatten_order=args.flatten_order)
+    print(table)
+    if args.verify:
+        from . import convert
+
+        fcn = convert(model, size, pooling=args.pooling, fc_stride=args.fc_stride,
+                      flatten_order=args.flatten_order)
+        for dtype in (torch.float64, torch.float32):
+            print(verify(model, fcn, size, dtype=dtype))
+    return 0
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write the fully convolutional model")
+    _common_model_args(p)
+    _convert_args(p)
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .pt (TorchScript)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _cmd_convert(args) -> int:
+    from . import convert, verify
+    from .export import save_model
+
+    model, size = _load(args)
+    fcn = convert(model, size, pooling=args.pooling, fc_stride=args.fc_stride,
+                  flatten_order=args.flatten_order)
+    report = verify(model, fcn, size, batch=1)
+    if not report.ok:
+        raise NofcError(f"the converted model does not match the original: {report}")
+    kind = save_model(fcn, args.output, input_size=size, force=args.force)
+    print(f"{report}")
+    print(f"wrote {args.output} ({kind}); output at {size[1]}x{size[2]}: "
+          f"{'x'.join(map(str, report.output_shape[1:]))}")
+    return 0
+
+
+_COMMANDS = {
+    "explain": (_add_explain, _cmd_explain),
+    "convert": (_add_convert, _cmd_convert),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nofc",
+        description="No fully-connected layers: convert a classifier into a fully "
+                    "convolutional network and run it densely.",
+    )
+    parser.add_argument("--version", action="version", version=f"nofc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for errors the user can fix)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    try:
+        return _COMMANDS[args.command][1](args)
+    except NofcError as exc:
+        print(f"nofc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("nofc: interrupted; no output was written in place", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,21 @@
+import hashlib
+
+import pytest
+import torch
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """Hash of parameters, buffers and training flags: proves a model was not touched."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(str(t.requires_grad).encode())
+    for name, m in model.named_modules():
+        h.update(f"{name}:{m.training}".encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

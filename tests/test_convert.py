@@ -1,0 +1,291 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import nofc
+from nofc import NofcError
+from nofc.zoo import LeNet5
+
+from conftest import state_hash
+
+TORCHVISION = [
+    "alexnet", "vgg11", "vgg16", "vgg16_bn", "resnet18", "resnet50", "densenet121",
+    "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "squeezenet1_0",
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = torchvision.models.get_model(name, weights=None).eval()
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_equivalence(models, name):
+    model = models(name)
+    before = state_hash(model)
+    fcn = nofc.convert(model, input_size=(3, 224, 224))
+    assert not any(isinstance(m, nn.Linear) for m in fcn.modules())
+    assert sum(p.numel() for p in fcn.parameters()) == sum(p.numel() for p in model.parameters())
+    r64 = nofc.verify(model, fcn, input_size=(3, 224, 224), dtype=torch.float64)
+    assert r64.ok and r64.max_abs_error <= 1e-10, r64
+    r32 = nofc.verify(model, fcn, input_size=(3, 224, 224), dtype=torch.float32)
+    assert r32.ok and r32.max_rel_error <= 1e-4, r32
+    with torch.no_grad():
+        out = fcn(torch.randn(1, 3, 320, 288))
+    stride = 16 if name == "squeezenet1_0" else 32
+    expect = ((320 - 224) // stride + 1, (288 - 224) // stride + 1)
+    assert out.shape == (1, 1000, *expect)
+    assert torch.isfinite(out).all()
+    assert state_hash(model) == before, "convert/verify modified the user's model"
+
+
+def test_squeezenet_only_pooling_and_flatten_change(models):
+    table = nofc.explain(models("squeezenet1_0"), input_size=(3, 224, 224))
+    changed = [r for r in table.rows if r.changed]
+    assert {r.name for r in changed} == {"classifier.3", "flatten"}
+    assert "already is convolutional" in str(table)
+
+
+def test_global_pooling_mode_keeps_one_vector(models):
+    model = models("resnet18")
+    fcn = nofc.convert(model, input_size=(3, 224, 224), pooling="global")
+    assert nofc.verify(model, fcn, input_size=(3, 224, 224)).ok
+    with torch.no_grad():
+        out = fcn(torch.randn(1, 3, 320, 320)).flatten(1)
+        ref = model(torch.randn(1, 3, 320, 320) * 0 + 0)  # same code path, any size
+    assert out.shape == ref.shape == (1, 1000)
+
+
+def test_global_mode_equals_original_at_any_size(models):
+    model = models("mobilenet_v2")
+    fcn = nofc.convert(model, input_size=(3, 224, 224), pooling="global")
+    x = torch.randn(1, 3, 300, 260, dtype=torch.float64)
+    with torch.no_grad():
+        a = copy.deepcopy(model).double()(x)
+        b = copy.deepcopy(fcn).double()(x).flatten(1)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_window_pooling_cell_equals_crop_for_resnet_head():
+    # global pool -> AvgPool2d(7, stride 1): each cell is the head on one 7x7 feature window
+    model = torchvision.models.resnet18().eval().double()
+    fcn = nofc.convert(model, input_size=(3, 224, 224)).double()
+    feats = nn.Sequential(*list(model.children())[:-2])
+    x = torch.randn(1, 3, 256, 256, dtype=torch.float64)
+    with torch.no_grad():
+        fmap = feats(x)  # (1, 512, 8, 8)
+        out = fcn(x)  # (1, 1000, 2, 2)
+        for i in range(2):
+            for j in range(2):
+                cell = model.fc(fmap[:, :, i:i + 7, j:j + 7].mean((2, 3)))
+                torch.testing.assert_close(out[:, :, i, j], cell, rtol=0, atol=1e-10)
+
+
+class FlattenVariants(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc1 = nn.Linear(4 * 6 * 6, 6)
+        self.fc2 = nn.Linear(6, 5)
+        self.flat = nn.Flatten()
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if self.how == "module":
+            x = self.flat(x)
+        elif self.how == "function":
+            x = torch.flatten(x, 1)
+        elif self.how == "view":
+            x = x.view(x.size(0), -1)
+        elif self.how == "reshape":
+            x = x.reshape(x.shape[0], -1)
+        elif self.how == "method":
+            x = x.flatten(1)
+        x = self.drop(x)
+        x = F.relu(self.bn(self.fc1(x)))
+        return F.log_softmax(self.fc2(x), dim=-1)
+
+
+@pytest.mark.parametrize("how", ["module", "function", "view", "reshape", "method"])
+def test_flatten_spellings(how):
+    model = FlattenVariants(how).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    fcn = nofc.convert(model, input_size=(3, 8, 8))
+    assert isinstance(fcn.fc1, nn.Conv2d) and fcn.fc1.kernel_size == (6, 6)
+    assert isinstance(fcn.bn, nn.BatchNorm2d)
+    assert nofc.verify(model, fcn, input_size=(3, 8, 8)).ok
+    out = fcn(torch.randn(2, 3, 12, 10))
+    assert out.shape == (2, 5, 5, 3)
+    # log_softmax runs over the channel (class) dimension in every cell
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(2, 5, 3))
+
+
+def test_hwc_flatten_order():
+    # weights trained after a channels-last flatten (Keras): permute(0, 2, 3, 1) then flatten
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 5 * 6, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))
+
+    model = ChannelsLast().eval().double()
+
+    class Plain(nn.Module):  # same weights, the flatten nofc sees
+        def __init__(self, src):
+            super().__init__()
+            self.conv, self.fc = src.conv, src.fc
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.conv(x), 1))
+
+    fcn = nofc.convert(Plain(model), input_size=(3, 7, 8), flatten_order="hwc").double()
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    torch.testing.assert_close(fcn(x).flatten(1), model(x), rtol=0, atol=1e-10)
+    x = torch.randn(1, 3, 9, 11, dtype=torch.float64)
+    out = fcn(x)
+    assert out.shape == (1, 3, 3, 4)
+    torch.testing.assert_close(out[0, :, 2, 3], model(x[:, :, 2:9, 3:11])[0], rtol=0, atol=1e-10)
+
+
+def test_fc_stride_applies_to_first_converted_layer(models):
+    fcn = nofc.convert(models("vgg16"), input_size=(3, 224, 224), fc_stride=5)
+    assert fcn.get_submodule("classifier.0").stride == (5, 5)
+    assert fcn.get_submodule("classifier.3").stride == (1, 1)
+    res = nofc.convert(models("resnet18"), input_size=(3, 224, 224), fc_stride=2)
+    out = res(torch.randn(1, 3, 352, 352))  # 11x11 features, 7x7 window, stride 2 -> 3x3
+    assert out.shape == (1, 1000, 3, 3)
+
+
+def test_original_model_untouched_including_training_flag():
+    model = LeNet5().train()
+    before = state_hash(model)
+    fcn = nofc.convert(model, input_size=(1, 32, 32))
+    nofc.verify(model, fcn, input_size=(1, 32, 32))
+    nofc.explain(model, input_size=(1, 32, 32))
+    assert model.training and state_hash(model) == before
+    assert not fcn.training
+
+
+class LayerNormHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.LayerNorm(4 * 6 * 6)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.flatten(self.conv(x), 1)))
+
+
+class SequenceHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)  # (B, 16, 8): a sequence of tokens
+        t, _ = self.attn(t, t, t)
+        return self.fc(t.mean(1))
+
+
+class WidthLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(6, 6)  # acts on the width dimension
+
+    def forward(self, x):
+        return self.fc(self.conv(x)).mean((1, 2, 3))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(144, 2)
+
+    def forward(self, x):
+        v = torch.flatten(self.conv(x), 1)
+        w = torch.softmax(v @ v.t(), dim=-1)  # mixes samples of the batch
+        return self.fc(w @ v)
+
+
+@pytest.mark.parametrize("cls, match", [
+    (LayerNormHead, r"'norm' \(LayerNorm\).*\(2, 144\)"),
+    (SequenceHead, r"fc.*\(2, 8\)|sequence"),
+    (WidthLinear, r"'fc' \(Linear\).*reference size"),
+    (Attention, r"matmul|node"),
+])
+def test_unconvertible_heads_are_refused(cls, match):
+    model = cls().eval()
+    before = state_hash(model)
+    with pytest.raises(NofcError, match=match):
+        nofc.convert(model, input_size=(3, 8, 8))
+    assert state_hash(model) == before
+
+
+def test_wrong_input_size_suggests_the_right_one(models):
+    net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 120, 5),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(120 * 5 * 5, 10))
+    with pytest.raises(NofcError, match=r"'4' \(Linear\)|'5' \(Linear\)") as info:
+        nofc.convert(net, input_size=(1, 36, 36))
+    msg = str(info.value)
+    assert "Linear expects 3000 inputs but the feature map is 120x6x6 = 4320" in msg
+    assert "pass input_size=(1, 32, 32)?" in msg
+
+
+def test_vgg_wrong_size_names_the_pooling(models):
+    with pytest.raises(NofcError, match=r"avgpool.*8x8 to 7x7"):
+        nofc.convert(models("vgg11"), input_size=(3, 256, 256))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"pooling": "mean"}, "pooling"),
+    ({"fc_stride": 0}, "fc_stride"),
+    ({"flatten_order": "whc"}, "flatten_order"),
+    ({"input_size": (3, 224)}, "input_size"),
+])
+def test_bad_options(kwargs, match):
+    args = {"input_size": (1, 32, 32), **kwargs}
+    with pytest.raises(NofcError, match=match):
+        nofc.convert(LeNet5(), **args)
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        nofc.convert(LeNet5(), (1, 32, 32), "global")
+
+
+def test_squeeze_excitation_pooling_stays_global(models):
+    fcn = nofc.convert(models("efficientnet_b0"), input_size=(3, 224, 224))
+    record = fcn._nofc_record
+    assert len(record.global_context) >= 16  # every MBConv block's SE pooling
+    assert any(c.name == "avgpool" for c in record.changes)
+
+
+def test_float64_model_and_parameters_on_same_dtype():
+    model = LeNet5().double()
+    fcn = nofc.convert(model, input_size=(1, 32, 32))
+    assert {p.dtype for p in fcn.parameters()} == {torch.float64}
