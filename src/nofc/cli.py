@@ -52,6 +52,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--at", metavar="HxW", help="also show shapes at this larger input size")
     p.add_argument("--verify", action="store_true",
                    help="also run both models at the reference size and print the errors")
+    p.add_argument("--changed", action="store_true", help="show only the rewritten layers")
 
 
 def _cmd_explain(args) -> int:
@@ -64,6 +65,8 @@ def _cmd_explain(args) -> int:
     at = parse_size(args.at, n=2, what="--at") if args.at else None
     table = explain(model, size, at=at, pooling=args.pooling, fc_stride=args.fc_stride,
                     flatten_order=args.flatten_order)
+    if args.changed:
+        table.rows = [r for r in table.rows if r.changed]
     print(table)
     if args.verify:
         from . import convert
