@@ -10,10 +10,13 @@ torch.Size([1, 1000, 6, 6])
 """
 
 from .convert import convert
+from .dense import dense_predict, sliding_window_predict
 from .errors import NofcError
 from .explain import explain
+from .geometry import geometry
 from .verify import verify
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "verify", "explain", "NofcError", "__version__"]
+__all__ = ["convert", "verify", "explain", "geometry", "dense_predict",
+           "sliding_window_predict", "NofcError", "__version__"]

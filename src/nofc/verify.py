@@ -31,12 +31,24 @@ class VerifyReport:
     output_shape: tuple[int, ...]
     tolerance: str
     ok: bool
+    # verify(..., image=...): map cells compared with crops; exact is what geometry claims
+    cells: int = 0
+    exact: bool | None = None
+    reasons: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
-        return (f"{verdict}: {self.dtype} input {tuple(self.input_shape)}, output "
+        if self.cells and self.exact is False:
+            verdict = "NOT EXACT (measured)"
+        text = (f"{verdict}: {self.dtype} input {tuple(self.input_shape)}, output "
                 f"{tuple(self.output_shape)}: max abs error {self.max_abs_error:.3g}, "
                 f"max rel error {self.max_rel_error:.3g} (tolerance {self.tolerance})")
+        if self.cells:
+            text += f"; {self.cells} map cells vs the classifier on their crops"
+            if self.exact is False and self.reasons:
+                more = f" and {len(self.reasons) - 1} more" if len(self.reasons) > 1 else ""
+                text += f"; cells near borders differ because {self.reasons[0]}{more}"
+        return text
 
 
 def _run(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +67,7 @@ def verify(
     seed: int = 0,
     tolerance: float | None = None,
     device: str | torch.device | None = None,
+    image=None,
 ) -> VerifyReport:
     """Run ``model`` and ``fcn`` on the same random batch at the reference size.
 
@@ -66,12 +79,23 @@ def verify(
     >>> fcn = nofc.convert(m, input_size=(3, 64, 64))
     >>> nofc.verify(m, fcn, input_size=(3, 64, 64)).ok
     True
+
+    With ``image`` (``(C, H, W)`` or ``(B, C, H, W)``), the dense map of ``fcn`` over the
+    image is compared cell by cell with ``model`` run on each cell's crop (see
+    ``nofc.geometry``); for networks with padding the report gives the measured
+    difference and ``exact=False`` instead of claiming equality.
+
+    >>> r = nofc.verify(m, fcn, (3, 64, 64), image=torch.randn(3, 96, 96))
+    >>> r.cells, r.exact
+    (4, False)
     """
     size = _check_input_size(input_size)
     if dtype not in _DEFAULT_TOL:
         raise NofcError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     kind, default = _DEFAULT_TOL[dtype]
     tol = default if tolerance is None else float(tolerance)
+    if image is not None:
+        return _verify_image(model, fcn, size, image, dtype, device, kind, tol)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, *size), generator=gen, dtype=torch.float64)
     if device is None:
@@ -94,3 +118,15 @@ def verify(
     ok = bool(measured <= tol) and bool(torch.isfinite(b2).all() == torch.isfinite(a).all())
     return VerifyReport(max_abs, max_rel, str(dtype).replace("torch.", ""), tuple(x.shape),
                         tuple(b.shape), f"{kind} {tol:g}", ok)
+
+
+def _verify_image(model, fcn, size, image, dtype, device, kind, tol) -> VerifyReport:
+    """verify(..., image=...): the dense map against crop-by-crop, on the given image."""
+    from .dense import _compare_with_crops
+
+    r = _compare_with_crops(model, fcn, image, size, dtype=dtype, device=device)
+    measured = r["max_abs"] if kind == "abs" else r["max_rel"]
+    ok = bool(measured <= tol) and r["finite"]
+    return VerifyReport(r["max_abs"], r["max_rel"], str(dtype).replace("torch.", ""),
+                        r["input_shape"], r["output_shape"], f"{kind} {tol:g}", ok,
+                        r["cells"], r["exact"], tuple(r["reasons"]))

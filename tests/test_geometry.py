@@ -1,0 +1,121 @@
+"""nofc.geometry: stride, offset, window and exactness derived from the layers."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import nofc
+from nofc import NofcError
+from nofc.zoo import LeNet5
+
+
+def _vgg_like(padding=0, ceil_mode=False, bn=False):
+    """A padding-free (by default) VGG-style stack: 3x36x36 -> 64x2x2 -> 7 classes."""
+    layers, c = [], 3
+    for out, n in ((16, 2), (32, 2), (64, 1)):
+        for _ in range(n):
+            layers += [nn.Conv2d(c, out, 3, padding=padding)]
+            layers += [nn.BatchNorm2d(out)] if bn else []
+            layers += [nn.ReLU()]
+            c = out
+        layers += [nn.MaxPool2d(2, ceil_mode=ceil_mode)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 2 * 2, 24), nn.ReLU(),
+                         nn.Linear(24, 7))
+
+
+def test_vgg16():
+    fcn = nofc.convert(torchvision.models.vgg16(), input_size=(3, 224, 224))
+    geo = nofc.geometry(fcn, input_size=(3, 224, 224))
+    assert geo.stride == (32, 32)
+    assert geo.offset == (0, 0)
+    assert geo.window == (224, 224)
+    assert geo.exact is False
+    assert any("pads" in r for r in geo.reasons)
+    assert geo.output_shape((384, 384)) == (6, 6)
+    # 13 3x3 convs with padding 1 and 5 pools, then fc6 as a 7x7 conv on the stride-32 map
+    assert geo.receptive_field == (404, 404)
+    assert geo.rf_offset == (-90, -90)
+    boxes = geo.boxes((384, 384))
+    assert boxes.shape == (6, 6, 4) and boxes.dtype == np.int64
+    assert boxes[2, 3].tolist() == [64, 96, 288, 320]
+
+
+def test_lenet5_exact():
+    fcn = nofc.convert(LeNet5(), input_size=(1, 32, 32))
+    geo = nofc.geometry(fcn, input_size=(1, 32, 32))
+    assert geo.stride == (4, 4) and geo.offset == (0, 0) and geo.window == (32, 32)
+    assert geo.exact is True and geo.reasons == ()
+    assert geo.receptive_field == (32, 32) and geo.rf_offset == (0, 0)
+    assert geo.output_shape((32, 32)) == (1, 1)
+    assert geo.output_shape((64, 40)) == (9, 3)
+    assert geo.output_shape((31, 40)) == (0, 3)
+    assert geo.min_size() == (32, 32)
+    b = geo.boxes((64, 40))
+    assert b[8, 2].tolist() == [32, 8, 64, 40]  # the last window ends at the image edge
+
+
+@pytest.mark.parametrize("padding,ceil_mode,exact", [(0, False, True), (1, False, False),
+                                                     (0, True, False)])
+def test_padding_and_ceil_mode(padding, ceil_mode, exact):
+    size = (3, 36, 36) if padding == 0 else (3, 16, 16)  # padded: 16 -> 8 -> 4 -> 2
+    model = _vgg_like(padding, ceil_mode)
+    fcn = nofc.convert(model.eval(), size)
+    geo = nofc.geometry(fcn, size)
+    assert geo.stride == (8, 8)
+    assert geo.exact is exact
+    with torch.no_grad():
+        for hw in [(size[1], size[2]), (size[1] + 5, size[2] + 12), (2 * size[1] + 1, 61)]:
+            assert fcn(torch.randn(1, 3, *hw)).shape[2:] == geo.output_shape(hw), hw
+
+
+@pytest.mark.parametrize("name,size,stride", [
+    ("resnet18", (3, 64, 64), 32),
+    ("squeezenet1_0", (3, 64, 64), 16),  # ceil_mode max pooling
+    ("mobilenet_v3_small", (3, 64, 64), 32),  # squeeze-excitation: global context
+])
+def test_torchvision_models(name, size, stride):
+    model = torchvision.models.get_model(name, weights=None).eval()
+    fcn = nofc.convert(model, size)
+    geo = nofc.geometry(fcn, size)
+    assert geo.stride == (stride, stride)
+    assert geo.window == size[1:] and geo.offset == (0, 0)
+    assert geo.exact is False
+    if name == "mobilenet_v3_small":
+        assert any("global context" in r for r in geo.reasons)
+    with torch.no_grad():
+        for hw in [(size[1] + 37, size[2] + 70), (size[1] + 2 * stride, size[2] + 1)]:
+            assert tuple(fcn(torch.randn(1, 3, *hw)).shape[2:]) == geo.output_shape(hw)
+
+
+def test_plain_model_is_traced():
+    # a fully convolutional module that nofc did not convert works too
+    net = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2, dilation=2), nn.ReLU(),
+                        nn.AvgPool2d(3, stride=3), nn.Conv2d(4, 2, 2))
+    geo = nofc.geometry(net, (1, 23, 23))
+    assert geo.stride == (6, 6) and geo.exact is True
+    assert geo.receptive_field == (19, 19)  # the pooling floors: 4 columns are never read
+    for h in (23, 29, 30, 47, 100):
+        assert net(torch.randn(1, 1, h, h + 3)).shape[2:] == geo.output_shape((h, h + 3))
+
+
+def test_as_dict_has_the_convention():
+    geo = nofc.geometry(nofc.convert(LeNet5(), (1, 32, 32)), (1, 32, 32))
+    d = geo.as_dict()
+    assert d["stride"] == [4, 4] and d["window"] == [32, 32] and "y0" in d["box_convention"]
+
+
+def test_errors():
+    fcn = nofc.convert(LeNet5(), (1, 32, 32))
+    with pytest.raises(NofcError, match="reference size 36x36"):
+        nofc.geometry(fcn, (1, 36, 36))
+    glob = nofc.convert(torchvision.models.resnet18(), (3, 64, 64), pooling="global")
+    with pytest.raises(NofcError, match="pooling='window'"):
+        nofc.geometry(glob, (3, 64, 64))
+    up = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 4),
+                       nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(NofcError, match="pools over the whole map|does not know"):
+        nofc.geometry(up, (1, 8, 8))
+    with pytest.raises(NofcError, match=r"image size must be \(H, W\)"):
+        nofc.geometry(fcn, (1, 32, 32)).output_shape((1, 2, 3))
