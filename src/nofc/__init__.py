@@ -9,14 +9,16 @@ and run it densely over large images.
 torch.Size([1, 1000, 6, 6])
 """
 
+from . import zoo
 from .convert import convert
 from .dense import dense_predict, sliding_window_predict
 from .errors import NofcError
 from .explain import explain
 from .geometry import geometry
+from .tiling import tiled_predict
 from .verify import verify
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "verify", "explain", "geometry", "dense_predict",
-           "sliding_window_predict", "NofcError", "__version__"]
+           "sliding_window_predict", "tiled_predict", "zoo", "NofcError", "__version__"]

@@ -1,0 +1,258 @@
+"""Halo tiling equals the whole-image dense map; zarr output resumes; Dask agrees."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import nofc
+from nofc import NofcError
+from nofc.zoo import LeNet5
+
+F64 = torch.float64
+
+
+class PaddedNet(nn.Module):
+    """A small padded CNN (like VGG): padding makes tiles need a halo beyond the window."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+def _fcn(model, size, dtype=F64):
+    torch.manual_seed(0)
+    return nofc.convert(model.eval(), input_size=size).to(dtype)
+
+
+def _dense(fcn, img_chw, size, step=None):
+    x = torch.from_numpy(np.ascontiguousarray(img_chw))[None].to(next(fcn.parameters()).dtype)
+    return nofc.dense_predict(fcn, x, input_size=size, step=step)[0].numpy()
+
+
+@pytest.mark.parametrize("hw, tile", [((300, 203), 64), ((37, 45), 2048), ((130, 97), 40)])
+def test_lenet_tiles_equal_dense(hw, tile):
+    fcn = _fcn(LeNet5(), (1, 32, 32))
+    img = np.random.default_rng(0).random(hw)
+    got = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=tile, progress=False,
+                             dtype=F64)
+    ref = _dense(fcn, img[None], (1, 32, 32))
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("hw, tile", [((150, 131), 32), ((47, 61), 16), ((16, 16), 64)])
+def test_padded_net_tiles_equal_dense(hw, tile):
+    fcn = _fcn(PaddedNet(), (3, 16, 16))
+    geo = nofc.geometry(fcn, (3, 16, 16))
+    assert not geo.exact and geo.receptive_field[0] > 16  # the halo must exceed the window
+    img = np.random.default_rng(1).random((*hw, 3))  # HWC
+    got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=tile, progress=False,
+                             dtype=F64)
+    ref = _dense(fcn, np.moveaxis(img, -1, 0), (3, 16, 16))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10)
+
+
+def test_resnet18_tiles_equal_dense_float64_and_float32():
+    model = torchvision.models.resnet18(num_classes=7)
+    fcn = _fcn(model, (3, 64, 64))
+    img = np.random.default_rng(2).random((3, 136, 100))  # CHW
+    got = nofc.tiled_predict(fcn, img, input_size=(3, 64, 64), tile=64, progress=False, dtype=F64)
+    ref = _dense(fcn, img, (3, 64, 64))
+    assert got.shape == ref.shape == (7, 4, 3)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10)
+    fcn32 = fcn.float()
+    got32 = nofc.tiled_predict(fcn32, img.astype(np.float32), input_size=(3, 64, 64), tile=96,
+                               progress=False)
+    assert got32.dtype == np.float32
+    err = np.abs(got32 - ref).max() / np.abs(ref).max()
+    assert err <= 1e-4
+
+
+def test_shift_and_stitch_tiles_equal_dense():
+    fcn = _fcn(LeNet5(), (1, 32, 32))
+    img = np.random.default_rng(3).random((120, 90))
+    for step in (1, 2):
+        got = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, step=step,
+                                 progress=False, dtype=F64)
+        ref = _dense(fcn, img[None], (1, 32, 32), step=step)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10)
+    fcn = _fcn(PaddedNet(), (3, 16, 16))
+    img = np.random.default_rng(4).random((3, 70, 53))
+    got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, step=2, progress=False,
+                             dtype=F64)
+    np.testing.assert_allclose(got, _dense(fcn, img, (3, 16, 16), step=2), rtol=0, atol=1e-10)
+
+
+def test_uint8_images_are_scaled_and_normalised():
+    fcn = _fcn(PaddedNet(), (3, 16, 16))
+    img = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, mean=mean, std=std,
+                             progress=False, dtype=F64)
+    x = (np.moveaxis(img, -1, 0) / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    np.testing.assert_allclose(got, _dense(fcn, x, (3, 16, 16)), rtol=0, atol=1e-10)
+
+
+def test_sources_tiff_zarr_dask_memmap(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    da = pytest.importorskip("dask.array")
+    fcn = _fcn(PaddedNet(), (3, 16, 16), dtype=torch.float32)
+    img = np.random.default_rng(6).integers(0, 256, (90, 77, 3), dtype=np.uint8)
+    ref = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=32, progress=False)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, img, tile=(32, 32), bigtiff=True)
+    z = zarr.create_array(str(tmp_path / "img.zarr"), shape=img.shape, chunks=(32, 32, 3),
+                          dtype="uint8")
+    z[:] = img
+    mm = np.lib.format.open_memmap(tmp_path / "img.npy", mode="w+", dtype=np.uint8,
+                                   shape=img.shape)
+    mm[:] = img
+    mm.flush()
+    for source in (str(path), z, da.from_array(img, chunks=(40, 40, 3)),
+                   np.load(tmp_path / "img.npy", mmap_mode="r")):
+        got = nofc.tiled_predict(fcn, source, input_size=(3, 16, 16), tile=32, progress=False)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_zarr_output_metadata_and_refusal(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    fcn = _fcn(LeNet5(), (1, 32, 32), dtype=torch.float32)
+    img = np.random.default_rng(7).random((100, 80)).astype(np.float32)
+    store = tmp_path / "map.zarr"
+    arr = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store,
+                             progress=False, metadata={"classes": [str(i) for i in range(10)]})
+    ref = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, progress=False)
+    np.testing.assert_array_equal(arr[:], ref)
+    meta = dict(zarr.open_array(str(store), mode="r").attrs)["nofc"]
+    assert meta["arguments"]["input_size"] == [1, 32, 32]
+    assert meta["geometry"]["stride"] == [4, 4] and meta["nofc_version"] == nofc.__version__
+    assert meta["metadata"]["classes"][3] == "3"
+    # the same arguments: everything is already done, the map is unchanged
+    again = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store,
+                               progress=False)
+    np.testing.assert_array_equal(again[:], ref)
+    # different arguments are refused, never mixed
+    with pytest.raises(NofcError, match="different arguments.*step"):
+        nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store, step=2,
+                           progress=False)
+    other = _fcn(LeNet5(), (1, 32, 32), dtype=torch.float32)
+    with torch.no_grad():
+        next(other.parameters()).add_(1)
+    with pytest.raises(NofcError, match="model_hash"):
+        nofc.tiled_predict(other, img, input_size=(1, 32, 32), tile=32, out=store,
+                           progress=False)
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, numpy as np, torch, nofc
+    import nofc.tiling as tiling
+    torch.manual_seed(0)
+    fcn = nofc.convert(nofc.zoo.LeNet5(), input_size=(1, 32, 32))
+    img = np.load(sys.argv[1], mmap_mode="r")
+    if len(sys.argv) > 3:  # slow the tiles down so the parent can kill us midway
+        run = tiling._TileRunner.compute
+        def slow(self, region, t):
+            time.sleep(0.15)
+            return run(self, region, t)
+        tiling._TileRunner.compute = slow
+    nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=sys.argv[2],
+                       progress=False)
+""")
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    img = np.random.default_rng(8).random((200, 160)).astype(np.float32)
+    np.save(tmp_path / "img.npy", img)
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    full = tmp_path / "full.zarr"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "img.npy"), str(full)],
+                   check=True, env=env)
+    part = tmp_path / "part.zarr"
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "img.npy"), str(part),
+                             "slow"], env=env)
+    done = part / ".nofc_done"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done.is_dir() and len(list(done.iterdir())) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(done.iterdir()))
+    total = 7 * 5  # 200x160 image, 8 cells of 4 px per tile
+    assert 3 <= n_done < total, n_done
+    subprocess.run([sys.executable, str(script), str(tmp_path / "img.npy"), str(part)],
+                   check=True, env=env)
+    a = zarr.open_array(str(full), mode="r")[:]
+    b = zarr.open_array(str(part), mode="r")[:]
+    assert not np.isnan(b).any()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dask_backends_equal_local():
+    pytest.importorskip("dask")
+    fcn = _fcn(PaddedNet(), (3, 16, 16), dtype=torch.float32)
+    img = np.random.default_rng(9).random((3, 80, 70)).astype(np.float32)
+    ref = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=32, progress=False)
+    got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=32, backend="dask",
+                             progress=False)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_dask_local_cluster_two_workers_model_shipped_once(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    import nofc.tiling as tiling
+
+    fcn = _fcn(PaddedNet(), (3, 16, 16), dtype=torch.float32)
+    img = np.random.default_rng(10).random((3, 96, 80)).astype(np.float32)
+    ref = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, backend="dask",
+                                 scheduler=cluster.scheduler_address, progress=False)
+        with distributed.Client(cluster) as client:
+            counts = client.run(lambda: tiling._UNPICKLED)
+    np.testing.assert_array_equal(got, ref)
+    assert len(counts) == 2 and all(c == 1 for c in counts.values()), counts
+
+
+def test_bad_arguments():
+    fcn = _fcn(LeNet5(), (1, 32, 32))
+    img = np.zeros((64, 64))
+    with pytest.raises(NofcError, match="smaller than the window"):
+        nofc.tiled_predict(fcn, np.zeros((20, 64)), input_size=(1, 32, 32), progress=False)
+    with pytest.raises(NofcError, match="does not divide the network stride"):
+        nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), step=3, progress=False)
+    with pytest.raises(NofcError, match="channels"):
+        nofc.tiled_predict(fcn, np.zeros((64, 64, 3)), input_size=(1, 32, 32), progress=False)
+    with pytest.raises(NofcError, match="backend"):
+        nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), backend="spark", progress=False)
+    with pytest.raises(NofcError, match="tile"):
+        nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=2, progress=False)
+    with pytest.raises(NofcError, match="not found"):
+        nofc.tiled_predict(fcn, "/no/such.tif", input_size=(1, 32, 32), progress=False)
+
+
+def test_global_context_networks_are_refused():
+    fcn = nofc.convert(torchvision.models.mobilenet_v3_small(num_classes=3), input_size=(3, 64, 64))
+    with pytest.raises(NofcError, match="squeeze-and-excitation"):
+        nofc.tiled_predict(fcn, np.zeros((3, 96, 96), np.float32), input_size=(3, 64, 64),
+                           progress=False)
