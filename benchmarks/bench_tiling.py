@@ -1,0 +1,207 @@
+"""Tiling benchmarks: throughput vs single pass, peak memory vs image size, Dask scaling.
+
+Every figure is measured in this run, side by side:
+
+    python benchmarks/bench_tiling.py throughput   # tiled / single-pass dense rate
+    python benchmarks/bench_tiling.py rss --model resnet18 --sizes 2000 5000 10000 20000
+    python benchmarks/bench_tiling.py dask         # 1 vs 2 single-threaded workers
+    python benchmarks/bench_tiling.py all
+
+Peak RSS is measured in a fresh subprocess per run (ru_maxrss), reading a tiled TIFF
+lazily and writing the map to a zarr store, as for a slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import nofc
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    if name == "digits":
+        # the demo's padding-free digits net (stride 4, 24x24 window), random weights
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(512, 128), torch.nn.ReLU(),
+            torch.nn.Linear(128, 11))
+        return net.eval(), (1, 24, 24)
+    return torchvision.models.get_model(name, weights=None).eval(), (3, 224, 224)
+
+
+def _timeit(fn, repeat=3):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def throughput(args) -> list[dict]:
+    rows = []
+    cases = [("resnet18", 1024, 512), ("vgg16", 896, 448), ("digits", 2048, 512)]
+    for name, side, tile in cases:
+        model, size = _model(name)
+        fcn = nofc.convert(model, input_size=size)
+        img = np.random.default_rng(0).random((size[0], side, side), dtype=np.float32)
+        x = torch.from_numpy(img)[None]
+        t_dense = _timeit(lambda: nofc.dense_predict(fcn, x, input_size=size), args.repeat)
+        t_tiled = _timeit(lambda: nofc.tiled_predict(fcn, img, input_size=size, tile=tile,
+                                                     progress=False), args.repeat)
+        rows.append({"model": name, "image": f"{side}x{side}", "tile": tile,
+                     "dense_s": round(t_dense, 3), "tiled_s": round(t_tiled, 3),
+                     "ratio": round(t_dense / t_tiled, 3)})
+        print(f"{name:9s} {side}x{side} tile {tile}: dense {t_dense:.2f}s  tiled {t_tiled:.2f}s"
+              f"  throughput ratio tiled/dense {t_dense / t_tiled:.2f}", flush=True)
+    return rows
+
+
+_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch, nofc
+sys.path.insert(0, {bench_dir!r})
+from bench_tiling import _model
+model, size = _model({model!r})
+fcn = nofc.convert(model, input_size=size)
+del model
+t = time.perf_counter()
+arr = nofc.tiled_predict(fcn, {tif!r}, input_size=size, tile={tile}, out={out!r},
+                         progress={progress})
+secs = time.perf_counter() - t
+print(json.dumps({{"seconds": secs, "map": list(arr.shape),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def _make_tiff(path: Path, side: int, channels: int):
+    import tifffile
+
+    tile = 512
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 256, (tile, tile, channels)[: 3 if channels > 1 else 2],
+                         dtype=np.uint8)
+    n_tiles = (-(-side // tile)) ** 2
+
+    def tiles():
+        for _ in range(n_tiles):
+            yield block
+
+    shape = (side, side, channels) if channels > 1 else (side, side)
+    tifffile.imwrite(path, tiles(), shape=shape, dtype=np.uint8, tile=(tile, tile),
+                     bigtiff=True, photometric="rgb" if channels == 3 else "minisblack")
+
+
+def rss(args) -> list[dict]:
+    rows = []
+    bench_dir = str(Path(__file__).resolve().parent)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for side in args.sizes:
+            _, size = _model(args.model)
+            tif = Path(tmp) / f"img_{side}.tif"
+            t = time.perf_counter()
+            _make_tiff(tif, side, size[0])
+            made = time.perf_counter() - t
+            out = Path(tmp) / f"map_{side}.zarr"
+            code = _CHILD.format(bench_dir=bench_dir, model=args.model, tif=str(tif),
+                                 tile=args.tile, out=str(out), progress=args.progress)
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if res.returncode != 0:
+                print(res.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"child failed for {side}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            mpix = side * side / 1e6
+            row = {"model": args.model, "image": f"{side}x{side}x{size[0]}", "tile": args.tile,
+                   "tiff_mb": round(tif.stat().st_size / 2**20), "map": r["map"],
+                   "seconds": round(r["seconds"], 1), "mpix_per_s": round(mpix / r["seconds"], 3),
+                   "peak_rss_mb": round(r["peak_rss_mb"])}
+            rows.append(row)
+            print(f"{args.model:9s} {side:6d}^2 (TIFF {row['tiff_mb']} MB, made in {made:.0f}s): "
+                  f"{row['seconds']}s, {row['mpix_per_s']} Mpix/s, peak RSS {row['peak_rss_mb']} MB,"
+                  f" map {r['map']}", flush=True)
+            tif.unlink()
+    return rows
+
+
+def dask_scaling(args) -> list[dict]:
+    from distributed import LocalCluster
+
+    model, size = _model(args.dask_model)
+    fcn = nofc.convert(model, input_size=size)
+    side = args.dask_side
+    img = np.random.default_rng(0).random((size[0], side, side), dtype=np.float32)
+    times = {}
+    for n in (1, 2):
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address=None) as cluster:
+            run = lambda: nofc.tiled_predict(fcn, img, input_size=size, tile=args.dask_tile,  # noqa: E731
+                                             backend="dask", scheduler=cluster.scheduler_address,
+                                             progress=False)
+            run()  # warm-up: ships the model
+            t = time.perf_counter()
+            run()
+            times[n] = time.perf_counter() - t
+    eff = times[1] / (2 * times[2])
+    print(f"dask {args.dask_model} {side}x{side} tile {args.dask_tile}: 1 worker {times[1]:.1f}s, "
+          f"2 workers {times[2]:.1f}s, speedup {times[1] / times[2]:.2f}, efficiency {eff:.2f}",
+          flush=True)
+    return [{"model": args.dask_model, "image": f"{side}x{side}", "workers_1_s": round(times[1], 2),
+             "workers_2_s": round(times[2], 2), "efficiency": round(eff, 3)}]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("what", choices=["throughput", "rss", "dask", "all"])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
+    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--dask-model", default="resnet18")
+    p.add_argument("--dask-side", type=int, default=1536)
+    p.add_argument("--dask-tile", type=int, default=256)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--tmp", default=None, help="folder for the temporary TIFF and zarr map")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    print(_machine(), flush=True)
+    rows = []
+    if args.what in ("throughput", "all"):
+        rows += throughput(args)
+    if args.what in ("rss", "all"):
+        rows += rss(args)
+    if args.what in ("dask", "all"):
+        rows += dask_scaling(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
