@@ -318,7 +318,8 @@ def tiled_predict(
     """Dense map of an image of any size, tile by tile; equals ``dense_predict`` exactly.
 
     Args:
-        fcn: the converted network (``nofc.convert``).
+        fcn: the converted network (``nofc.convert``); a classifier that is not converted
+            yet is converted first.
         image: numpy array or memmap, zarr array, dask array, tensor, or a file path (TIFF
             is read lazily region by region; PNG/JPEG are read whole). ``(H, W)``,
             ``(H, W, C)`` or ``(C, H, W)``: see ``layout``.
@@ -345,19 +346,21 @@ def tiled_predict(
     >>> nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=64, progress=False).shape
     (10, 68, 43)
     """
-    from .geometry import geometry
-
     size = _check_input_size(input_size)
     if backend not in ("local", "dask"):
         raise NofcError(f"backend must be 'local' or 'dask', got {backend!r}")
     if not isinstance(tile, int) or tile < 1:
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
-    geo = geometry(fcn, input_size=size)
-    if any("global context" in r for r in geo.reasons):
+    from .dense import _as_fcn, _geometry
+
+    fcn = _as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
+    geo = _geometry(fcn, size)
+    context = list(getattr(getattr(fcn, "_nofc_record", None), "global_context", []) or [])
+    if context or any("global context" in r for r in geo.reasons):
         raise NofcError(
             "the network pools over the whole image inside its body (squeeze-and-excitation: "
-            f"{', '.join(fcn._nofc_record.global_context[:3])}...), so a tile cannot reproduce "
-            "the whole-image map; run dense_predict on the whole image instead")
+            f"{', '.join(context[:3])}...), so a tile cannot reproduce the whole-image map; "
+            "run dense_predict on the whole image instead")
     if tile < geo.stride[0] or tile < geo.stride[1]:
         raise NofcError(f"tile={tile} is smaller than the network stride {geo.stride}; use a "
                         f"tile of at least {max(geo.stride)} pixels (a few times the window "
