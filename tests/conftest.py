@@ -16,6 +16,18 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="thorough runs: HYPOTHESIS_PROFILE=slow for tests/test_properties.py")
+
+
+def pytest_configure(config):
+    if config.getoption("--slow", default=False):
+        import os
+
+        os.environ["HYPOTHESIS_PROFILE"] = "slow"  # read when test_properties.py is imported
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

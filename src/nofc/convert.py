@@ -13,7 +13,9 @@ Shapes are found by running the graph on fake tensors (no arithmetic, no memory)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,12 +89,29 @@ class _NodeFailure(Exception):
         self.exc = exc
 
 
-def _probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=torch.float32) -> _ShapeRecorder:
-    """Shape-only run of ``gm`` on a fake input of ``shape``; raises _NodeFailure."""
+@contextlib.contextmanager
+def _fake_mode():
+    """FakeTensorMode that does not log a traceback for an op that fails (we raise instead).
+
+    PyTorch logs ``failed while attempting to run meta`` with a full traceback on stderr
+    before re-raising; on the command line that buries the one-line error.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    drop = logging.Filter("nofc-silenced")  # matches no logger name: drops every record
+    log.addFilter(drop)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=torch.float32) -> _ShapeRecorder:
+    """Shape-only run of ``gm`` on a fake input of ``shape``; raises _NodeFailure."""
     rec = _ShapeRecorder(gm)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with _fake_mode():
         rec.run(torch.empty(shape, dtype=dtype))
     return rec
 
@@ -346,9 +365,7 @@ def _linear_mismatch(gm, node, lin: nn.Linear, size) -> str:
     feat = None
     try:
         rec = _ShapeRecorder(gm)
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with _fake_mode():
             try:
                 rec.run(torch.empty((_BATCH, *size)))
             except _NodeFailure:
@@ -373,13 +390,11 @@ def _linear_mismatch(gm, node, lin: nn.Linear, size) -> str:
 
 def _suggest_size(gm, node, in_features, size):
     """Smallest square (C, S, S) near the given size at which ``node`` gets in_features."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     src = node.all_input_nodes[0]
 
     def feat_at(s):
         rec = _ShapeRecorder(gm)
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with _fake_mode():
             try:
                 rec.run(torch.empty((_BATCH, size[0], s, s)))
             except _NodeFailure:

@@ -50,7 +50,8 @@ def _load_state_dict(path: str) -> dict:
                 "weights with weights_only=True so that a file cannot run code. Save "
                 "model.state_dict() instead, or pass --trust-pickle if you trust the file"
             ) from None
-        raise NofcError(f"cannot read weights from {path}: {first}") from None
+        raise NofcError(f"cannot read weights from {path}: not a PyTorch weights file "
+                        f"({type(exc).__name__}: {first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -138,6 +139,8 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
         path = Path(spec)
         if not path.is_file():
             raise NofcError(f"model file not found: {spec}")
+        if path.stat().st_size == 0:
+            raise NofcError(f"model file is empty: {spec}")
         if not trust_pickle:
             raise NofcError(
                 f"{spec} would be unpickled to build the model, and unpickling can run "
@@ -178,13 +181,20 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False):
         raise NofcError(f"cannot write {target}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise NofcError(f"cannot write {target}: folder {folder} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}",
-                               dir=folder)
+    try:  # root passes os.access on read-only mounts (/sys, ro bind mounts): try for real
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".part{target.suffix}",
+                                   dir=folder)
+    except OSError as exc:
+        raise NofcError(f"cannot write {target}: {exc.strerror or exc} in {folder}") from None
     os.close(fd)
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, NofcError):  # disk full, ...
+            raise NofcError(f"cannot write {target}: {exc.strerror or exc}; "
+                            f"{'it was left as it was' if target.exists() else 'nothing was written'}"
+                            ) from None
         raise
