@@ -14,11 +14,14 @@ from .convert import convert
 from .dense import dense_predict, sliding_window_predict
 from .errors import NofcError
 from .explain import explain
+from .export import export_onnx, export_program, to_torchscript
 from .geometry import geometry
+from .onnx_import import convert_onnx, verify_onnx
 from .tiling import tiled_predict
 from .verify import verify
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "verify", "explain", "geometry", "dense_predict",
-           "sliding_window_predict", "tiled_predict", "zoo", "NofcError", "__version__"]
+           "sliding_window_predict", "tiled_predict", "zoo", "NofcError", "__version__",
+           "export_onnx", "export_program", "to_torchscript", "convert_onnx", "verify_onnx"]

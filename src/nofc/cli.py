@@ -86,14 +86,56 @@ def _add_convert(sub) -> None:
     _common_model_args(p)
     _convert_args(p)
     p.add_argument("-o", "--output", required=True,
-                   help="output file: .pt (TorchScript)")
+                   help="output file: .pt (TorchScript), .pt2 (torch.export) or .onnx "
+                        "(ONNX); batch, height and width stay free. For a MODEL.onnx "
+                        "classifier the output is .onnx")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _cmd_convert_onnx(args) -> int:
+    from pathlib import Path
+
+    from .io import parse_size
+    from .onnx_import import convert_onnx, verify_onnx
+
+    size = parse_size(args.input_size)
+    if Path(args.output).exists() and not args.force:
+        raise NofcError(f"{args.output} exists; pass --force to overwrite it")
+    if Path(args.output).suffix.lower() != ".onnx":
+        raise NofcError(f"an ONNX classifier converts to ONNX: name the output .onnx, not "
+                        f"{args.output}")
+    for flag, value, default in (("--weights", args.weights, None), ("--fc-stride",
+                                 args.fc_stride, 1), ("--flatten-order", args.flatten_order,
+                                                      "chw")):
+        if value != default:
+            raise NofcError(f"{flag} does not apply to an ONNX model (the flatten order is "
+                            "read off the graph)")
+    fcn = convert_onnx(args.model, size, pooling=args.pooling)
+    try:
+        report = verify_onnx(args.model, fcn, size)
+    except NofcError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime missing an op, say
+        print(f"not checked with onnxruntime: {type(exc).__name__}: "
+              f"{(str(exc).strip().splitlines() or [''])[0]}")
+    else:
+        if not report.ok:
+            raise NofcError(f"the converted model does not match the original: {report}")
+        print(report)
+    from .export import save_onnx
+
+    save_onnx(fcn, args.output, force=args.force)
+    classes = fcn.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    print(f"wrote {args.output} (ONNX); output at {size[1]}x{size[2]}: {classes}x1x1")
+    return 0
 
 
 def _cmd_convert(args) -> int:
     from . import convert, verify
     from .export import save_model
 
+    if str(args.model).lower().endswith(".onnx"):
+        return _cmd_convert_onnx(args)
     model, size = _load(args)
     fcn = convert(model, size, pooling=args.pooling, fc_stride=args.fc_stride,
                   flatten_order=args.flatten_order)

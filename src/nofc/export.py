@@ -1,17 +1,72 @@
-"""Writing converted models: TorchScript (.pt). ONNX and torch.export come with the interop work."""
+"""Writing converted models: TorchScript (.pt), torch.export (.pt2) and ONNX (.onnx).
+
+Every format keeps the batch, height and width free, so the written model runs at any
+input size at least as large as the classifier's window, without nofc installed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .convert import _check_input_size, _param_like
 from .errors import NofcError
 from .io import atomic_output
 
-__all__ = ["save_model", "to_torchscript"]
+__all__ = ["save_model", "save_onnx", "to_torchscript", "export_program", "export_onnx",
+           "FORMATS"]
+
+FORMATS = {".pt": "TorchScript", ".pt2": "torch.export", ".onnx": "ONNX"}
+
+_INPUT_DIMS = ("batch", "height", "width")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' warnings and progress lines (they print to stdout)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _example_input(fcn: nn.Module, input_size) -> torch.Tensor:
+    """A (2, C, 2H, 2W) example: no dimension is 1, so torch.export keeps them all free.
+
+    At the reference size the map is 1 x 1 and torch.export would specialise H and W.
+    """
+    c, h, w = _check_input_size(input_size)
+    device, dtype = _param_like(fcn)
+    return torch.randn(2, c, 2 * h, 2 * w, device=device, dtype=dtype)
+
+
+def _dynamic_shapes():
+    auto = torch.export.Dim.AUTO
+    return ({0: auto, 2: auto, 3: auto},)
+
+
+def _size_oblivious():
+    """Keep torch.export from assuming that no size is 1.
+
+    Without this, a program exported at 2H x 2W carries a guard such as
+    ``(W - 1) // 32 != 1`` and refuses the reference size itself (a 1 x 1 map).
+    """
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # pragma: no cover - older or newer torch without the switch
+        return contextlib.nullcontext()
+    if not hasattr(_config, "backed_size_oblivious"):  # pragma: no cover
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True)
 
 
 def to_torchscript(fcn: nn.Module) -> torch.jit.ScriptModule:
@@ -27,18 +82,148 @@ def to_torchscript(fcn: nn.Module) -> torch.jit.ScriptModule:
         try:
             return torch.jit.script(fcn.eval())
         except Exception as exc:  # noqa: BLE001
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise NofcError(f"TorchScript cannot compile the converted model: {first}") from None
+            raise NofcError(f"TorchScript cannot compile the converted model: "
+                            f"{_first_line(exc)}") from None
+
+
+def export_program(fcn: nn.Module, path=None, *, input_size, force: bool = False):
+    """torch.export the converted model with free batch, height and width.
+
+    The example input is twice the reference size (see ``_example_input``). With
+    ``path`` the program is written there (``torch.export.save``, a ``.pt2`` file) and
+    loads with ``torch.export.load(path).module()`` without nofc.
+
+    >>> import torch, nofc
+    >>> from nofc.zoo import LeNet5
+    >>> fcn = nofc.convert(LeNet5(), input_size=(1, 32, 32))
+    >>> ep = export_program(fcn, input_size=(1, 32, 32))
+    >>> ep.module()(torch.randn(3, 1, 40, 36)).shape
+    torch.Size([3, 10, 3, 2])
+    """
+    x = _example_input(fcn, input_size)
+    try:
+        with _quiet(), _size_oblivious():
+            ep = torch.export.export(fcn.eval(), (x,), dynamic_shapes=_dynamic_shapes())
+    except Exception as exc:  # noqa: BLE001
+        raise NofcError(f"torch.export cannot export the converted model: "
+                        f"{_first_line(exc)}") from None
+    shape = next(n for n in ep.graph.nodes if n.op == "placeholder"
+                 and n.name not in ep.graph_signature.inputs_to_parameters
+                 and n.name not in ep.graph_signature.inputs_to_buffers).meta["val"].shape
+    fixed = [name for name, d in zip(_INPUT_DIMS, (shape[0], shape[2], shape[3]))
+             if isinstance(d, int)]
+    if fixed:
+        raise NofcError(f"torch.export fixed the input's {', '.join(fixed)}; the exported "
+                        "model would only run at one size")
+    if path is not None:
+        with atomic_output(path, force=force) as tmp:
+            torch.export.save(ep, tmp)
+    return ep
+
+
+def _name_dims(model_proto) -> None:
+    """Rename the exporter's symbols (s0, s77, ...) to batch/height/width everywhere."""
+    inp = model_proto.graph.input[0].type.tensor_type.shape.dim
+    names = {}
+    for i, label in zip((0, 2, 3), _INPUT_DIMS):
+        if inp[i].dim_param:
+            names[inp[i].dim_param] = label
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    g = model_proto.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: names[m.group(1)], d.dim_param)
+
+
+def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = None,
+                force: bool = False):
+    """Export the converted model to ONNX with dynamic batch, height and width.
+
+    Uses torch's dynamo exporter (needs ``onnxscript``); the graph's input is named
+    ``input`` with dims ``batch x C x height x width`` and its output ``logits``.
+    Returns the ``onnx.ModelProto``; with ``path`` it is also written there (atomically).
+
+    >>> import nofc
+    >>> from nofc.zoo import LeNet5
+    >>> fcn = nofc.convert(LeNet5(), input_size=(1, 32, 32))
+    >>> proto = export_onnx(fcn, input_size=(1, 32, 32))
+    >>> [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    ['batch', 1, 'height', 'width']
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise NofcError("ONNX export needs the onnx extra: pip install 'nofc[onnx]'") from None
+    x = _example_input(fcn, input_size)
+    kwargs = {} if opset is None else {"opset_version": int(opset)}
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                fcn.eval(), (x,), dynamo=True, dynamic_shapes=_dynamic_shapes(),
+                input_names=["input"], output_names=["logits"], verbose=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise NofcError(f"ONNX export of the converted model failed: "
+                        f"{_first_line(exc)}") from None
+    proto = program.model_proto
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = [name for name, i in zip(_INPUT_DIMS, (0, 2, 3)) if not dims[i].dim_param]
+    if fixed:
+        raise NofcError(f"the ONNX exporter fixed the input's {', '.join(fixed)}; the "
+                        "exported model would only run at one size")
+    _name_dims(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001 - a >2GB model is checked by path below
+        if proto.ByteSize() < 2**31:
+            raise NofcError(f"the exported ONNX model fails onnx.checker: "
+                            f"{_first_line(exc)}") from None
+    if path is not None:
+        save_onnx(proto, path, force=force)
+    return proto
+
+
+def save_onnx(proto, path, *, force: bool = False) -> None:
+    """Write an ``onnx.ModelProto`` atomically; over 2 GiB the weights go to PATH.data."""
+    import onnx
+
+    large = proto.ByteSize() >= 2**31
+    with atomic_output(path, force=force) as tmp:
+        onnx.save_model(proto, tmp, save_as_external_data=large,
+                        location=Path(path).name + ".data" if large else None)
 
 
 def save_model(fcn: nn.Module, path, *, input_size, force: bool = False) -> str:
-    """Write ``fcn`` to ``path`` by its suffix; returns a word for the format written."""
+    """Write ``fcn`` to ``path`` by its suffix (.pt, .pt2, .onnx); returns the format's name.
+
+    >>> import tempfile, os, nofc
+    >>> from nofc.zoo import LeNet5
+    >>> fcn = nofc.convert(LeNet5(), input_size=(1, 32, 32))
+    >>> save_model(fcn, os.path.join(tempfile.mkdtemp(), "lenet.pt2"), input_size=(1, 32, 32))
+    'torch.export'
+    """
     suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise NofcError(f"unknown output format {suffix!r} for {path}: use .pt (TorchScript), "
+                        ".pt2 (torch.export) or .onnx (ONNX)")
     if suffix == ".pt":
         scripted = to_torchscript(fcn)
         with atomic_output(path, force=force) as tmp:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.jit.save(scripted, tmp)
-        return "TorchScript"
-    raise NofcError(f"unknown output format {suffix!r} for {path}: use .pt (TorchScript)")
+    elif suffix == ".pt2":
+        _refuse_existing(path, force)
+        export_program(fcn, path, input_size=input_size, force=force)
+    else:
+        _refuse_existing(path, force)
+        export_onnx(fcn, path, input_size=input_size, force=force)
+    return FORMATS[suffix]
+
+
+def _refuse_existing(path, force: bool) -> None:
+    """Fail before a slow export rather than after it."""
+    if Path(path).exists() and not force:
+        raise NofcError(f"{path} exists; pass --force to overwrite it")

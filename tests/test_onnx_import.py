@@ -1,0 +1,290 @@
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+
+import nofc
+from nofc import NofcError
+from nofc.cli import main
+from nofc.onnx_import import convert_onnx, verify_onnx
+
+
+def _export(model, x, *, dynamo: bool, **kwargs) -> onnx.ModelProto:
+    """Export like a user would: the new dynamo exporter or the TorchScript-based one."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            return torch.onnx.export(model.eval(), (x,), dynamo=True, verbose=False,
+                                     **kwargs).model_proto
+        f = io.BytesIO()
+        torch.onnx.export(model.eval(), (x,), f, dynamo=False, **kwargs)
+        return onnx.load_from_string(f.getvalue())
+
+
+def _session(m: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _run(m, x: np.ndarray) -> np.ndarray:
+    s = _session(m)
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def _sliding(m, x: np.ndarray, size, stride: int) -> np.ndarray:
+    """The classifier run crop by crop: (B, K, rows, cols), the definition of the map."""
+    s = _session(m)
+    name = s.get_inputs()[0].name
+    _, h, w = size
+    rows, cols = (x.shape[2] - h) // stride + 1, (x.shape[3] - w) // stride + 1
+    cells = [[np.concatenate([s.run(None, {name: x[b:b + 1, :, i * stride:i * stride + h,
+                                                     j * stride:j * stride + w]})[0]
+                              for b in range(x.shape[0])])
+              for j in range(cols)] for i in range(rows)]
+    return np.stack([np.stack(r, axis=-1) for r in cells], axis=-2)  # (B, K, rows, cols)
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+class ChannelsLastNet(nn.Module):
+    """Flattens in H, W, C order like a Keras model: permute(0, 2, 3, 1) then flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 6, 3), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(6 * 5 * 5, 20), nn.ReLU(), nn.Dropout(),
+                                  nn.Linear(20, 10), nn.LogSoftmax(dim=1))
+
+    def forward(self, x):
+        x = self.features(x).permute(0, 2, 3, 1).flatten(1)  # (B, 5*5*6) in HWC order
+        return self.head(x)
+
+
+SIZE = (3, 16, 16)  # ChannelsLastNet's reference size; its network stride is 2
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-reshape", "legacy-flatten"])
+def test_channels_last_flatten_matches_sliding_window(dynamo, tmp_path):
+    torch.manual_seed(0)
+    original = _export(ChannelsLastNet(), torch.randn(1, *SIZE), dynamo=dynamo)
+    ops = [n.op_type for n in original.graph.node]
+    assert "Transpose" in ops and ("Reshape" if dynamo else "Flatten") in ops
+    out = tmp_path / "fcn.onnx"
+    fcn = convert_onnx(original, SIZE, output=str(out))
+    loaded = onnx.load(str(out))
+    onnx.checker.check_model(loaded, full_check=True)
+    assert {n.op_type for n in loaded.graph.node}.isdisjoint({"Gemm", "MatMul", "Flatten",
+                                                               "Reshape", "Transpose"})
+    x = np.random.default_rng(0).standard_normal((2, 3, 22, 20)).astype(np.float32)
+    dense = _run(loaded, x)
+    assert dense.shape == (2, 10, 4, 3)
+    ref = _sliding(original, x, SIZE, stride=2)
+    assert _rel(ref, dense) <= 1e-5
+    assert verify_onnx(original, fcn, SIZE).ok
+    assert os.listdir(tmp_path) == ["fcn.onnx"]
+
+
+def test_channels_last_kernel_is_permuted():
+    """The first Conv's kernel is the Linear weight read in (out, H, W, C) order."""
+    torch.manual_seed(0)
+    net = ChannelsLastNet()
+    fcn = convert_onnx(_export(net, torch.randn(1, *SIZE), dynamo=False), SIZE)
+    first = next(n for n in fcn.graph.node if n.name == "node_Gemm_5" or
+                 n.output[0] == "/head/head.0/Gemm_output_0")  # the first dense layer
+    kernel = numpy_helper.to_array(next(t for t in fcn.graph.initializer
+                                        if t.name == first.input[1]))
+    w = net.head[0].weight.detach().numpy()
+    np.testing.assert_array_equal(kernel, w.reshape(20, 5, 5, 6).transpose(0, 3, 1, 2))
+    assert not np.array_equal(kernel, w.reshape(20, 6, 5, 5))
+
+
+def _hand_graph(opset=17, *, transpose_then_relu=True, head_extra=None, gemm_attrs=None):
+    """Conv (stride 2) -> Transpose to NHWC -> Relu -> Reshape -> MatMul + Add -> Tanh ->
+    Gemm (transB=0, alpha, beta) -> Mul by a per-class constant -> PRelu -> Softmax."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((5, 3, 3, 3)).astype(f32), "cw"),
+        numpy_helper.from_array(rng.standard_normal(5).astype(f32), "cb"),
+        numpy_helper.from_array(np.array([-1, 4 * 4 * 5], np.int64), "shape"),
+        numpy_helper.from_array(rng.standard_normal((80, 12)).astype(f32) * 0.2, "w1"),
+        numpy_helper.from_array(rng.standard_normal(12).astype(f32), "b1"),
+        numpy_helper.from_array(rng.standard_normal((12, 7)).astype(f32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((1, 7)).astype(f32), "b2"),
+        numpy_helper.from_array(rng.standard_normal(7).astype(f32), "scale"),
+        numpy_helper.from_array(np.full(7, 0.1, f32), "slope"),
+    ]
+    attrs = {"transB": 0, "alpha": 0.5, "beta": 2.0, **(gemm_attrs or {})}
+    nodes = [
+        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", strides=[2, 2]),
+        helper.make_node("Transpose", ["c"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["t"], ["r"], name="relu") if transpose_then_relu else
+        helper.make_node("Identity", ["t"], ["r"], name="same"),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "w1"], ["m1"], name="dense1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="dense1_bias"),
+        helper.make_node("Tanh", ["a1"], ["h1"], name="tanh"),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["g2"], name="dense2", **attrs),
+        helper.make_node("Mul", ["g2", "scale"], ["s2"], name="scale_classes"),
+        helper.make_node("PRelu", ["s2", "slope"], ["p2"], name="prelu"),
+        helper.make_node("Softmax", ["p2"], ["y"], name="softmax", axis=-1),
+    ] + (head_extra or [])
+    out = head_extra[-1].output[0] if head_extra else "y"
+    kind = TensorProto.INT64 if head_extra else TensorProto.FLOAT
+    g = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info(out, kind, ["N", None])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("between", [True, False], ids=["relu-after-transpose", "direct"])
+def test_matmul_add_and_gemm_transb0_alpha_beta(between):
+    original = _hand_graph(transpose_then_relu=between)
+    onnx.checker.check_model(original)
+    fcn = convert_onnx(original, (3, 9, 9))
+    ops = [n.op_type for n in fcn.graph.node]
+    assert ops.count("Conv") == 3 and "MatMul" not in ops and "Gemm" not in ops
+    x = np.random.default_rng(2).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    dense = _run(fcn, x)
+    assert dense.shape == (2, 7, 3, 2)
+    assert _rel(_sliding(original, x, (3, 9, 9), stride=2), dense) <= 1e-5
+    np.testing.assert_allclose(dense.sum(axis=1), 1.0, rtol=1e-5)  # softmax over classes
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-reducemean",
+                                                        "legacy-globalaveragepool"])
+def test_resnet18_global_pool_becomes_window(resnet, dynamo):
+    size = (3, 64, 64)
+    original = _export(resnet, torch.randn(1, *size), dynamo=dynamo)
+    fcn = convert_onnx(original, size)
+    x = torch.randn(1, 3, 96, 96)
+    dense = _run(fcn, x.numpy())
+    assert dense.shape == (1, 1000, 2, 2)
+    with torch.no_grad():
+        ref = nofc.convert(resnet, size)(x).numpy()
+    assert _rel(ref, dense) <= 1e-4
+    glob = convert_onnx(original, size, pooling="global")
+    with torch.no_grad():
+        logits = resnet(x).numpy()
+    assert _rel(logits, _run(glob, x.numpy())[:, :, 0, 0]) <= 1e-4
+
+
+def test_result_runs_without_torch(tmp_path):
+    path = tmp_path / "fcn.onnx"
+    convert_onnx(_hand_graph(), (3, 9, 9), output=str(path))
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['nofc'] = None\n"
+            "import numpy as np, onnxruntime as ort\n"
+            f"s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
+            "y = s.run(None, {'x': np.zeros((1, 3, 15, 17), np.float32)})[0]\n"
+            "print(y.shape)\n")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 7, 4, 5)"
+
+
+def test_dims_are_named_and_free():
+    fcn = convert_onnx(_hand_graph(), (3, 9, 9))
+    dims = [[d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in (fcn.graph.input[0], fcn.graph.output[0])]
+    assert dims == [["N", 3, "height", "width"], ["N", 7, "map_height", "map_width"]]
+
+
+def _error(model, size=(3, 9, 9), **kw) -> str:
+    with pytest.raises(NofcError) as info:
+        convert_onnx(model, size, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unconvertible_head_node_is_named():
+    argmax = helper.make_node("ArgMax", ["y"], ["cls"], name="pick_class", axis=1)
+    msg = _error(_hand_graph(head_extra=[argmax]))
+    assert "'pick_class' (ArgMax)" in msg
+
+
+def test_gemm_transa_refused():
+    msg = _error(_hand_graph(gemm_attrs={"transA": 1}))
+    assert "'dense2' (Gemm)" in msg and "transA" in msg
+
+
+def test_softmax_before_opset13_refused():
+    msg = _error(_hand_graph(opset=11))
+    assert "'softmax' (Softmax)" in msg and "opset" in msg
+
+
+def test_wrong_input_size():
+    assert "has channels 3, but input_size says 1" in _error(_hand_graph_static(), (1, 9, 9))
+    free = _hand_graph()
+    for d, name in zip(free.graph.input[0].type.tensor_type.shape.dim[2:], "HW"):
+        d.dim_param = name
+    msg = _error(free, (3, 11, 11))
+    assert "'flatten' (Reshape)" in msg and "5x5x5" in msg
+    free.graph.node[3].CopyFrom(helper.make_node("Flatten", ["r"], ["flat"], name="flatten"))
+    msg = _error(free, (3, 11, 11))
+    assert "'dense1' (MatMul)" in msg and "80 features" in msg and "5x5x5" in msg
+
+
+def _hand_graph_static():
+    m = _hand_graph()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    return m
+
+
+def test_no_head_and_bad_files(tmp_path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "plain",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    assert "found no Flatten" in _error(helper.make_model(g), (3, 8, 8))
+    assert "not found" in _error(str(tmp_path / "missing.onnx"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    assert "cannot read" in _error(str(junk))
+    out = tmp_path / "taken.onnx"
+    out.write_text("keep me")
+    assert "exists" in _error(_hand_graph(), output=str(out))
+    assert out.read_text() == "keep me"
+    with pytest.raises(NofcError, match="pooling"):
+        convert_onnx(_hand_graph(), (3, 9, 9), pooling="mean")
+
+
+def test_cli_converts_onnx_file(tmp_path, capsys):
+    src, dst = tmp_path / "clf.onnx", tmp_path / "fcn.onnx"
+    onnx.save(_hand_graph(), str(src))
+    assert main(["convert", str(src), "--input-size", "3x9x9", "-o", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and str(dst) in out
+    assert _run(onnx.load(str(dst)), np.zeros((1, 3, 11, 11), np.float32)).shape == (1, 7, 2, 2)
+    assert main(["convert", str(src), "--input-size", "3x9x9", "-o", str(dst)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["convert", str(src), "--input-size", "3x9x9", "-o",
+                 str(tmp_path / "fcn.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nofc: error:") and ".onnx" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_hand_graph(head_extra=[helper.make_node("ArgMax", ["y"], ["cls"], name="am")]),
+              str(bad))
+    assert main(["convert", str(bad), "--input-size", "3x9x9", "-o",
+                 str(tmp_path / "bad_fcn.onnx")]) == 2
+    assert "'am' (ArgMax)" in capsys.readouterr().err
+    assert not (tmp_path / "bad_fcn.onnx").exists()
