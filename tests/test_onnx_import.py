@@ -41,14 +41,21 @@ def _run(m, x: np.ndarray) -> np.ndarray:
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
-def _sliding(m, x: np.ndarray, size, stride: int) -> np.ndarray:
-    """The classifier run crop by crop: (B, K, rows, cols), the definition of the map."""
+def _sliding(m, x: np.ndarray, size, stride: int, *, nhwc: bool = False) -> np.ndarray:
+    """The classifier run crop by crop: (B, K, rows, cols), the definition of the map.
+
+    ``x`` is (B, C, H, W); with ``nhwc`` each crop is fed as (1, h, w, C).
+    """
     s = _session(m)
     name = s.get_inputs()[0].name
     _, h, w = size
     rows, cols = (x.shape[2] - h) // stride + 1, (x.shape[3] - w) // stride + 1
-    cells = [[np.concatenate([s.run(None, {name: x[b:b + 1, :, i * stride:i * stride + h,
-                                                     j * stride:j * stride + w]})[0]
+
+    def crop(b, i, j):
+        c = x[b:b + 1, :, i * stride:i * stride + h, j * stride:j * stride + w]
+        return c.transpose(0, 2, 3, 1).copy() if nhwc else c
+
+    cells = [[np.concatenate([s.run(None, {name: crop(b, i, j)})[0]
                               for b in range(x.shape[0])])
               for j in range(cols)] for i in range(rows)]
     return np.stack([np.stack(r, axis=-1) for r in cells], axis=-2)  # (B, K, rows, cols)
@@ -111,9 +118,13 @@ def test_channels_last_kernel_is_permuted():
     assert not np.array_equal(kernel, w.reshape(20, 6, 5, 5))
 
 
-def _hand_graph(opset=17, *, transpose_then_relu=True, head_extra=None, gemm_attrs=None):
+def _hand_graph(opset=17, *, transpose_then_relu=True, head_extra=None, gemm_attrs=None,
+                nhwc_input=False):
     """Conv (stride 2) -> Transpose to NHWC -> Relu -> Reshape -> MatMul + Add -> Tanh ->
-    Gemm (transB=0, alpha, beta) -> Mul by a per-class constant -> PRelu -> Softmax."""
+    Gemm (transB=0, alpha, beta) -> Mul by a per-class constant -> PRelu -> Softmax.
+
+    ``nhwc_input``: the graph takes N x H x W x C and transposes it first (tf2onnx style).
+    """
     rng = np.random.default_rng(0)
     f32 = np.float32
     inits = [
@@ -129,7 +140,8 @@ def _hand_graph(opset=17, *, transpose_then_relu=True, head_extra=None, gemm_att
     ]
     attrs = {"transB": 0, "alpha": 0.5, "beta": 2.0, **(gemm_attrs or {})}
     nodes = [
-        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", strides=[2, 2]),
+        helper.make_node("Conv", ["xc" if nhwc_input else "x", "cw", "cb"], ["c"], name="conv",
+                         strides=[2, 2]),
         helper.make_node("Transpose", ["c"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
         helper.make_node("Relu", ["t"], ["r"], name="relu") if transpose_then_relu else
         helper.make_node("Identity", ["t"], ["r"], name="same"),
@@ -142,10 +154,13 @@ def _hand_graph(opset=17, *, transpose_then_relu=True, head_extra=None, gemm_att
         helper.make_node("PRelu", ["s2", "slope"], ["p2"], name="prelu"),
         helper.make_node("Softmax", ["p2"], ["y"], name="softmax", axis=-1),
     ] + (head_extra or [])
+    if nhwc_input:
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["xc"], name="to_nchw",
+                                         perm=[0, 3, 1, 2]))
     out = head_extra[-1].output[0] if head_extra else "y"
     kind = TensorProto.INT64 if head_extra else TensorProto.FLOAT
     g = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        "x", TensorProto.FLOAT, ["N", 9, 9, 3] if nhwc_input else ["N", 3, 9, 9])],
         [helper.make_tensor_value_info(out, kind, ["N", None])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -164,28 +179,44 @@ def test_matmul_add_and_gemm_transb0_alpha_beta(between):
     np.testing.assert_allclose(dense.sum(axis=1), 1.0, rtol=1e-5)  # softmax over classes
 
 
-@pytest.fixture(scope="module")
-def resnet():
+@pytest.mark.parametrize("name,dynamo", [
+    ("resnet18", True),  # ReduceMean (keepdims) + Reshape + Gemm
+    ("resnet18", False),  # GlobalAveragePool + Flatten + Gemm
+    ("squeezenet1_0", False),  # no Gemm: Conv, GlobalAveragePool, Flatten is the output
+    ("mobilenet_v3_small", False),  # squeeze-excitation pools stay global in the body
+], ids=["resnet18-dynamo", "resnet18-legacy", "squeezenet1_0-legacy",
+        "mobilenet_v3_small-legacy"])
+def test_torchvision_onnx_matches_nofc_convert(name, dynamo):
     torch.manual_seed(0)
-    return torchvision.models.resnet18().eval()
-
-
-@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-reducemean",
-                                                        "legacy-globalaveragepool"])
-def test_resnet18_global_pool_becomes_window(resnet, dynamo):
+    model = torchvision.models.get_model(name).eval()
     size = (3, 64, 64)
-    original = _export(resnet, torch.randn(1, *size), dynamo=dynamo)
+    original = _export(model, torch.randn(1, *size), dynamo=dynamo)
     fcn = convert_onnx(original, size)
-    x = torch.randn(1, 3, 96, 96)
+    assert verify_onnx(original, fcn, size).ok
+    x = torch.randn(1, 3, 96, 128)
     dense = _run(fcn, x.numpy())
-    assert dense.shape == (1, 1000, 2, 2)
     with torch.no_grad():
-        ref = nofc.convert(resnet, size)(x).numpy()
+        ref = nofc.convert(model, size)(x).numpy()  # the PyTorch conversion, same math
+        logits = model(x).numpy()
+    assert dense.shape == ref.shape and dense.shape[2:] == {"squeezenet1_0": (3, 5)}.get(
+        name, (2, 3))
     assert _rel(ref, dense) <= 1e-4
-    glob = convert_onnx(original, size, pooling="global")
-    with torch.no_grad():
-        logits = resnet(x).numpy()
-    assert _rel(logits, _run(glob, x.numpy())[:, :, 0, 0]) <= 1e-4
+    if name == "resnet18":  # pooling="global" keeps the image-level classifier
+        glob = convert_onnx(original, size, pooling="global")
+        assert _rel(logits, _run(glob, x.numpy())[:, :, 0, 0]) <= 1e-4
+
+
+def test_channels_last_input_graph():
+    """tf2onnx-style: N x H x W x C input, Transpose to NCHW, ..., Transpose back, flatten."""
+    original = _hand_graph(nhwc_input=True)
+    fcn = convert_onnx(original, (3, 9, 9))
+    dims = [d.dim_param or d.dim_value for d in fcn.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", "height", "width", 3]
+    x = np.random.default_rng(3).standard_normal((1, 3, 13, 15)).astype(np.float32)
+    dense = _run(fcn, x.transpose(0, 2, 3, 1).copy())
+    assert dense.shape == (1, 7, 3, 4)
+    assert _rel(_sliding(original, x, (3, 9, 9), stride=2, nhwc=True), dense) <= 1e-5
+    assert verify_onnx(original, fcn, (3, 9, 9), batch=2).ok
 
 
 def test_result_runs_without_torch(tmp_path):

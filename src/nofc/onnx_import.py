@@ -114,18 +114,31 @@ def _set_input_dims(vi, dims) -> None:
             new.dim_value = int(d)
 
 
-def _check_input(vi, size) -> None:
+def _input_layout(vi, size) -> str:
+    """"nhwc" when the input's last axis holds the channels (Keras/TensorFlow), else "nchw"."""
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    if len(dims) == 4 and dims[3] == size[0] and dims[1] != size[0]:
+        return "nhwc"
+    return "nchw"
+
+
+def _image_dims(layout: str, n, c, h, w) -> tuple:
+    return (n, h, w, c) if layout == "nhwc" else (n, c, h, w)
+
+
+def _check_input(vi, size, layout) -> None:
     dims = vi.type.tensor_type.shape.dim
     if len(dims) and len(dims) != 4:
         raise NofcError(f"the ONNX input '{vi.name}' has rank {len(dims)}; nofc needs an "
-                        "image input N x C x H x W")
+                        "image input N x C x H x W (or N x H x W x C)")
     if not len(dims):
         return
-    for axis, want, what in ((1, size[0], "channels"), (2, size[1], "height"),
-                             (3, size[2], "width")):
-        have = dims[axis].dim_value
+    order = _image_dims(layout, 0, 1, 2, 3)
+    axis = [order.index(i) for i in range(4)]  # where N, C, H, W sit in the input
+    for i, want, what in zip((1, 2, 3), size, ("channels", "height", "width")):
+        have = dims[axis[i]].dim_value
         if have and have != want:
-            fit = "x".join(str(d.dim_value or "?") for d in dims[1:])
+            fit = "x".join(str(dims[axis[j]].dim_value or "?") for j in (1, 2, 3))
             raise NofcError(f"the ONNX input '{vi.name}' has {what} {have}, but input_size "
                             f"says {want}; pass input_size={fit}?")
 
@@ -145,12 +158,12 @@ def _constants(g) -> dict:
     return out
 
 
-def _shapes(model, size, batch) -> dict:
+def _shapes(model, size, batch, layout) -> dict:
     """Static shapes of every tensor at the reference size, by onnx shape inference."""
     onnx = _onnx()
     probe = copy.deepcopy(model)
     del probe.graph.value_info[:]
-    _set_input_dims(_graph_input(probe.graph), (batch, *size))
+    _set_input_dims(_graph_input(probe.graph), _image_dims(layout, batch, *size))
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception as exc:  # noqa: BLE001
@@ -180,8 +193,9 @@ def _axes(node, consts) -> tuple | None:
 
 
 class _Converter:
-    def __init__(self, model, size, pooling):
+    def __init__(self, model, size, pooling, layout):
         self.model = model
+        self.layout = layout
         self.g = model.graph
         self.size = size
         self.pooling = pooling
@@ -191,16 +205,16 @@ class _Converter:
         dims = _graph_input(self.g).type.tensor_type.shape.dim
         batch = dims[0].dim_value if len(dims) and dims[0].dim_value else 1
         self.batch = batch
-        self.shapes = _shapes(model, size, batch)
+        self.shapes = _shapes(model, size, batch, layout)
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.g.node:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
-        self.kind: dict[str, tuple] = {}  # tensor -> ("map", C, H, W) | ("vec", K)
+        self.kind: dict[str, tuple] = {}  # tensor -> ("map", C, H, W, perm) | ("vec", K)
         self.new_inits = []
         self.drop: set[tuple] = set()  # (op_type, first output) of nodes to remove
-        self.extra_nodes = []  # Transposes inserted before the first convolution
+        self.extra_nodes = []  # Transposes before the first Conv, Identity to an output
         self.names = {t.name for t in self.g.initializer} | {o for n in self.g.node
                                                             for o in n.output}
 
@@ -278,7 +292,9 @@ class _Converter:
         cur, perm = entry.input[0], [0, 1, 2, 3]
         while True:
             p = self.producer.get(cur)
-            if p is None:
+            if p is None:  # the graph input: NCHW, or NHWC = transpose(NCHW, (0, 2, 3, 1))
+                if self.layout == "nhwc":
+                    perm = [(0, 2, 3, 1)[i] for i in perm]
                 return cur, perm, None
             op = p.op_type
             if op == "Transpose":
@@ -329,7 +345,7 @@ class _Converter:
                                                name=entry.name or None, keepdims=1)
                 new.attribute.extend(a for a in entry.attribute if a.name == "axes")
                 entry.CopyFrom(new)
-            self.kind[x] = ("map", c, 1, 1, [0, 1, 2, 3])
+            self.kind[x] = ("vec", c)
             return self.propagate(flat, x)
         x, perm, pool = self.trace_layout(entry)
         if perm[0] != 0:
@@ -352,12 +368,16 @@ class _Converter:
                 self.extra_nodes.append(_onnx().helper.make_node(
                     "Transpose", [t], [src], name=src, perm=inv))
         self.drop.add((entry.op_type, entry.output[0]))
-        self.kind[src] = ("map", xs[1], xs[2], xs[3], perm)
+        # a 1 x 1 map flattens to its C channels in any order: plain class-score vector
+        self.kind[src] = ("vec", xs[1]) if xs[2:] == (1, 1) else ("map", *xs[1:], perm)
         return self.propagate(entry.output[0], src)
 
     def propagate(self, flat: str, src: str):
         """Rewrite every node downstream of the flatten; they then read ``src`` instead."""
         self.kind[flat] = self.kind[src]
+        if flat in {o.name for o in self.g.output}:  # squeezenet: pool, flatten, done
+            self.extra_nodes.append(_onnx().helper.make_node("Identity", [src], [flat],
+                                                             name=self.fresh(flat + "_map")))
         vector = {flat}  # src itself may also feed the body (the Transpose before a flatten)
         for n in list(self.g.node):
             if (n.op_type, n.output[0]) in self.drop or not any(i in vector for i in n.input):
@@ -514,14 +534,14 @@ def _clean(g) -> None:
         g.input.extend(real)
 
 
-def _check_runs(model, size, names) -> dict:
+def _check_runs(model, size, names, layout) -> dict:
     """Shape inference at the reference size and at twice it; returns output shapes there."""
     onnx = _onnx()
     found = {}
     for scale in (1, 2):
         probe = copy.deepcopy(model)
-        _set_input_dims(_graph_input(probe.graph), (1, size[0], size[1] * scale,
-                                                    size[2] * scale))
+        _set_input_dims(_graph_input(probe.graph), _image_dims(
+            layout, 1, size[0], size[1] * scale, size[2] * scale))
         try:
             inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True,
                                                          data_prop=True)
@@ -551,7 +571,8 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
 
     Returns:
         The converted ``onnx.ModelProto``; its input is ``batch x C x height x width``
-        and each class-score output ``batch x K x map_height x map_width``.
+        (``batch x height x width x C`` when the original input was channels-last) and
+        each class-score output ``batch x K x map_height x map_width``.
 
     >>> import onnx
     >>> from onnx import helper, TensorProto, numpy_helper
@@ -577,11 +598,12 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
     m = _load(model)
     g = m.graph
     inp = _graph_input(g)
-    _check_input(inp, size)
-    conv = _Converter(m, size, pooling)
+    layout = _input_layout(inp, size)
+    _check_input(inp, size, layout)
+    conv = _Converter(m, size, pooling, layout)
     outs = conv.run()
     nodes = [copy.deepcopy(n) for n in g.node if (n.op_type, n.output[0]) not in conv.drop]
-    # inserted Transposes go right after their input's producer (topological order)
+    # inserted nodes go right after their input's producer (topological order)
     for extra in conv.extra_nodes:
         at = next((i + 1 for i, n in enumerate(nodes) if extra.input[0] in n.output), 0)
         nodes.insert(at, extra)
@@ -592,7 +614,7 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
     del g.value_info[:]
     dims = inp.type.tensor_type.shape.dim
     batch = dims[0].dim_param if len(dims) and dims[0].dim_param else "batch"
-    _set_input_dims(inp, (batch, size[0], "height", "width"))
+    _set_input_dims(inp, _image_dims(layout, batch, size[0], "height", "width"))
     for o in outs:
         _set_input_dims(o, (batch, conv.kind[o.name][1], "map_height", "map_width"))
     try:
@@ -602,7 +624,7 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise NofcError(f"internal: the converted graph fails onnx.checker: {first}"
                             ) from None
-    found = _check_runs(m, size, {o.name for o in outs})
+    found = _check_runs(m, size, {o.name for o in outs}, layout)
     for o in outs:
         ref = found.get((o.name, 1))
         if ref is not None and ref[2:] != (1, 1):
@@ -640,7 +662,9 @@ def verify_onnx(model, fcn, input_size, *, batch: int = 1, seed: int = 0,
                         "'nofc[onnx]'") from None
     size = _check_input_size(input_size)
     a_model, b_model = _load(model), _load(fcn)
-    x = np.random.default_rng(seed).standard_normal((batch, *size)).astype(np.float32)
+    layout = _input_layout(_graph_input(a_model.graph), size)
+    x = np.random.default_rng(seed).standard_normal(_image_dims(layout, batch, *size))
+    x = x.astype(np.float32)
     outs = []
     for m in (a_model, b_model):
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
