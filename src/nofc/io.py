@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -43,13 +44,18 @@ def _load_state_dict(path: str) -> dict:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # a real pickle of Python objects; garbage also fails with "weights_only"
             raise NofcError(
-                f"{path} holds pickled Python objects, not a plain state_dict; nofc loads "
-                "weights with weights_only=True so that a file cannot run code. Save "
-                "model.state_dict() instead, or pass --trust-pickle if you trust the file"
+                f"{path} holds pickled Python objects ({found.group(1)}), not a plain "
+                "state_dict; nofc loads weights with weights_only=True so that a file cannot "
+                "run code. Save model.state_dict() instead (a whole pickled model you trust "
+                "can be given as MODEL with --trust-pickle)"
             ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", text)
+        first = detail.group(1) if detail else (text.strip().splitlines() or
+                                                [type(exc).__name__])[0]
         raise NofcError(f"cannot read weights from {path}: not a PyTorch weights file "
                         f"({type(exc).__name__}: {first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
