@@ -219,6 +219,34 @@ def test_channels_last_input_graph():
     assert verify_onnx(original, fcn, (3, 9, 9), batch=2).ok
 
 
+def _keras_gap_graph():
+    """Conv -> Transpose to NHWC -> ReduceMean over axes 1, 2 (GlobalAveragePooling2D) ->
+    Gemm: the pooling and the flatten are one node, on a channels-last tensor."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("cw", (6, 3, 3, 3)), ("w", (4, 6)), ("b", (4,))]]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", strides=[2, 2]),
+             helper.make_node("Transpose", ["c"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("ReduceMean", ["t"], ["gap"], name="gap", axes=[1, 2],
+                              keepdims=0),
+             helper.make_node("Gemm", ["gap", "w", "b"], ["y"], name="dense", transB=1)]
+    g = helper.make_graph(nodes, "keras_gap", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_channels_last_global_average_pool():
+    original = _keras_gap_graph()
+    x = np.random.default_rng(5).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    dense = _run(convert_onnx(original, (3, 9, 9)), x)
+    assert dense.shape == (2, 4, 3, 2)
+    assert _rel(_sliding(original, x, (3, 9, 9), stride=2), dense) <= 1e-5
+    glob = _run(convert_onnx(original, (3, 9, 9), pooling="global"), x)
+    assert glob.shape == (2, 4, 1, 1)
+    assert _rel(_run(original, x), glob[:, :, 0, 0]) <= 1e-5
+
+
 def test_result_runs_without_torch(tmp_path):
     path = tmp_path / "fcn.onnx"
     convert_onnx(_hand_graph(), (3, 9, 9), output=str(path))

@@ -248,15 +248,14 @@ class _Converter:
         src, out = self.shape(n.input[0]), self.shape(n.output[0])
         if src is None or out is None or len(src) != 4 or len(out) != 2:
             return False
-        if n.op_type == "Flatten":
-            return _attr(n, "axis", 1) == 1
-        if n.op_type == "Reshape":
+        if n.op_type in ("Flatten", "Reshape", "Squeeze"):
+            if n.op_type == "Flatten" and _attr(n, "axis", 1) != 1:
+                return False
             return None not in src[1:] and out[1] == math.prod(src[1:])
-        if n.op_type == "Squeeze":
-            return _axes(n, self.consts) in ((2, 3), (3, 2)) or (
-                _axes(n, self.consts) is None and src[2:] == (1, 1) and src[0] != 1)
-        if n.op_type in ("ReduceMean", "ReduceMax"):
-            return set(_axes(n, self.consts) or ()) == {2, 3} and not _attr(n, "keepdims", 1)
+        if n.op_type in ("ReduceMean", "ReduceMax"):  # global pooling without keepdims
+            axes = _axes(n, self.consts)
+            return axes is not None and len(set(axes)) == 2 and 0 not in axes and \
+                not _attr(n, "keepdims", 1)
         return False
 
     def find_entry(self):
@@ -318,7 +317,7 @@ class _Converter:
                     f"holds the channels: it comes from {_node_label(p)}, which is not a "
                     "convolution, pooling, Transpose or elementwise op")
 
-    def window_pool(self, pool, out_name=None) -> None:
+    def window_pool(self, pool) -> None:
         """Global pooling -> the (h, w) window it covers at the reference size, stride 1."""
         from onnx import helper
 
@@ -326,7 +325,7 @@ class _Converter:
         if src is None or None in src[2:]:
             self.fail(pool, "its input's height and width are unknown at the reference size")
         kind = _GLOBAL_POOL[pool.op_type]
-        new = helper.make_node(kind, [pool.input[0]], [out_name or pool.output[0]],
+        new = helper.make_node(kind, [pool.input[0]], [pool.output[0]],
                                name=pool.name or None, kernel_shape=list(src[2:]),
                                strides=[1, 1])
         pool.CopyFrom(new)
@@ -335,42 +334,47 @@ class _Converter:
 
     def run(self):
         entry = self.find_entry()
-        if entry.op_type in ("ReduceMean", "ReduceMax"):  # pooling and flatten in one
-            flat, c = entry.output[0], self.shape(entry.input[0])[1]
-            x = self.fresh(flat + "_map")
-            if self.pooling == "window":
-                self.window_pool(entry, out_name=x)
-            else:
-                new = _onnx().helper.make_node(entry.op_type, list(entry.input), [x],
-                                               name=entry.name or None, keepdims=1)
-                new.attribute.extend(a for a in entry.attribute if a.name == "axes")
-                entry.CopyFrom(new)
-            self.kind[x] = ("vec", c)
-            return self.propagate(flat, x)
+        t, flat = entry.input[0], entry.output[0]
         x, perm, pool = self.trace_layout(entry)
         if perm[0] != 0:
             self.fail(entry, f"the flattened tensor moves the batch axis (perm {perm})")
+        ts = self.shape(t)
+        xs = tuple(ts[perm.index(j)] for j in range(4))  # (N, C, H, W) of the NCHW source
+        if None in xs[1:]:
+            self.fail(entry, f"the shape of its input '{t}' is unknown at the reference size")
+        src = self.nchw(t, perm)
+        if entry.op_type in ("ReduceMean", "ReduceMax"):  # pooling and flatten in one
+            if {perm[a] for a in _axes(entry, self.consts)} != {2, 3}:
+                self.fail(entry, "it does not reduce over height and width")
+            pooled = self.fresh(flat + "_map")
+            entry.CopyFrom(_onnx().helper.make_node(
+                {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}[entry.op_type],
+                [src], [pooled],
+                name=entry.name or None))
+            if self.pooling == "window":
+                self.shapes[src] = xs  # src may be a new Transpose that inference never saw
+                self.window_pool(entry)
+            self.kind[pooled] = ("vec", xs[1])
+            return self.propagate(flat, pooled)
         if pool is not None and self.pooling == "window":
             self.window_pool(pool)
-        xs = self.shape(x)
-        if xs is None or len(xs) != 4 or None in xs[1:]:
-            self.fail(entry, f"the shape of its input '{x}' is unknown at the reference size")
-        t = entry.input[0]
-        if perm == [0, 1, 2, 3]:
-            src = t
-        else:
-            p = self.producer.get(t)
-            if p is not None and p.op_type == "Transpose" and list(_attr(p, "perm")) == perm:
-                src = p.input[0]
-            else:  # undo the permutation for the convolution
-                inv = [perm.index(i) for i in range(4)]
-                src = self.fresh(t + "_nchw")
-                self.extra_nodes.append(_onnx().helper.make_node(
-                    "Transpose", [t], [src], name=src, perm=inv))
         self.drop.add((entry.op_type, entry.output[0]))
         # a 1 x 1 map flattens to its C channels in any order: plain class-score vector
         self.kind[src] = ("vec", xs[1]) if xs[2:] == (1, 1) else ("map", *xs[1:], perm)
-        return self.propagate(entry.output[0], src)
+        return self.propagate(flat, src)
+
+    def nchw(self, t: str, perm) -> str:
+        """The NCHW tensor X with t = transpose(X, perm): t itself, a Transpose's input or
+        a new Transpose that undoes ``perm``."""
+        if perm == [0, 1, 2, 3]:
+            return t
+        p = self.producer.get(t)
+        if p is not None and p.op_type == "Transpose" and list(_attr(p, "perm")) == perm:
+            return p.input[0]
+        src = self.fresh(t + "_nchw")
+        self.extra_nodes.append(_onnx().helper.make_node(
+            "Transpose", [t], [src], name=src, perm=[perm.index(i) for i in range(4)]))
+        return src
 
     def propagate(self, flat: str, src: str):
         """Rewrite every node downstream of the flatten; they then read ``src`` instead."""
