@@ -247,6 +247,24 @@ def test_channels_last_global_average_pool():
     assert _rel(_run(original, x), glob[:, :, 0, 0]) <= 1e-5
 
 
+def test_body_that_fixes_the_size_is_refused():
+    """A Reshape with a constant shape in the body: exact at the reference size only."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("cw", (5, 3, 3, 3)), ("pw", (5, 5, 1, 1)), ("w", (80, 7))]]
+    inits.append(numpy_helper.from_array(np.array([-1, 5, 4, 4], np.int64), "shape"))
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", strides=[2, 2]),
+             helper.make_node("Reshape", ["c", "shape"], ["r"], name="fixed_reshape"),
+             helper.make_node("Conv", ["r", "pw"], ["p"], name="pointwise"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "w"], ["y"], name="fc")]
+    g = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])], inits)
+    msg = _error(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert "3x18x18" in msg and "fixes the size" in msg
+
+
 def test_result_runs_without_torch(tmp_path):
     path = tmp_path / "fcn.onnx"
     convert_onnx(_hand_graph(), (3, 9, 9), output=str(path))

@@ -633,6 +633,13 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
         ref = found.get((o.name, 1))
         if ref is not None and ref[2:] != (1, 1):
             raise NofcError(f"internal: output '{o.name}' is {ref} at the reference size")
+        big = found.get((o.name, 2))
+        if pooling == "window" and big is not None and None not in big and (
+                big[0] != 1 or 1 in big[2:]):
+            raise NofcError(
+                f"on a {size[0]}x{2 * size[1]}x{2 * size[2]} input the converted graph gives "
+                f"'{o.name}' the shape {big}, not a map of windows: a node before the head "
+                "fixes the size (a Reshape, Resize or Slice with constant shapes?)")
     if output is not None:
         from .export import save_onnx
 
