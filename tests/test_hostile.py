@@ -324,7 +324,7 @@ def test_dense_nan_inf_map_shows_where(bad):
     fcn = _lenet_fcn()
     image = torch.randn(1, 64, 48)
     image[0, 37, 21] = bad
-    scores = nofc.dense_predict(fcn, image, (1, 32, 32), progress=False)[0]  # (K, h, w)
+    scores = nofc.dense_predict(fcn, image, (1, 32, 32))[0]  # (K, h, w)
     boxes = torch.as_tensor(nofc.geometry(fcn, (1, 32, 32)).boxes((64, 48)))  # (h, w, 4)
     inside = ((boxes[..., 0] <= 37) & (37 < boxes[..., 2])
               & (boxes[..., 1] <= 21) & (21 < boxes[..., 3]))
@@ -338,7 +338,7 @@ def test_dense_nan_input_warns():
     image = torch.randn(1, 40, 40)
     image[0, 5, 5] = float("nan")
     with pytest.warns(UserWarning, match="(?i)nan|finite"):
-        nofc.dense_predict(_lenet_fcn(), image, (1, 32, 32), progress=False)
+        nofc.dense_predict(_lenet_fcn(), image, (1, 32, 32))
 
 
 # --------------------------------------------------------------------------- images (CLI)

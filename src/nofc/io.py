@@ -101,7 +101,8 @@ def _import_factory(spec: str) -> nn.Module:
     fn = getattr(module, factory, None)
     if fn is None:
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise NofcError(f"{file} has no '{factory}'; callables there: {', '.join(names[:10])}")
+        raise NofcError(f"{file} has no '{factory}'; callables there: "
+                       f"{', '.join(names[:10]) or 'none'}")
     try:
         model = fn()
     except Exception as exc:  # noqa: BLE001
