@@ -18,8 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/nofc explain torchvision:vgg16 --input-size 3x224x224 --at 384x384
-	$(BIN)/nofc convert torchvision:vgg16 --input-size 3x224x224 -o .cache/vgg16_fcn.pt --force
+	$(BIN)/python examples/digits_demo.py --cache .cache --out out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

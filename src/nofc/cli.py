@@ -149,9 +149,61 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- heatmap
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise NofcError(f"expected numbers separated by commas, like 0.485,0.456,0.406; "
+                        f"got {text!r}") from None
+
+
+def _add_heatmap(sub) -> None:
+    p = sub.add_parser("heatmap", help="draw class probability maps over an image (dense "
+                                       "prediction in one pass)")
+    _common_model_args(p)
+    p.add_argument("image", help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="cls", type=int, metavar="K", help="draw class K")
+    which.add_argument("--top", type=int, metavar="N",
+                       help="draw the N classes with the highest peak probability (default 1)")
+    p.add_argument("--step", type=int, metavar="S",
+                   help="pixels between windows; must divide the network stride (default: "
+                        "the stride; smaller steps use shift-and-stitch)")
+    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.add_argument("--scores", metavar="FILE",
+                   help="also save the raw map and its geometry: .npz, or .npy plus .json")
+    p.add_argument("--mean", type=_floats, help="per-channel mean, e.g. 0.485,0.456,0.406 "
+                                                "(default: the model's, if known)")
+    p.add_argument("--std", type=_floats, help="per-channel std (default: the model's)")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def _cmd_heatmap(args) -> int:
+    from .render import heatmap
+
+    model, size = _load(args)
+    info = heatmap(model, args.image, size, args.output, spec=args.model, cls=args.cls,
+                   top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
+                   std=args.std, labels_file=args.labels, device=args.device, force=args.force)
+    geo = info["geometry"]
+    print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
+          f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "
+          f"{'exact' if geo['exact'] else 'not exact (padding: border cells differ from crops)'}")
+    for label, peak in zip(info["labels"], info["max_prob"]):
+        print(f"  {label}: peak probability {peak:.3f}")
+    print(f"wrote {args.output}" + (f" and {args.scores}" if args.scores else ""))
+    return 0
+
+
 _COMMANDS = {
     "explain": (_add_explain, _cmd_explain),
     "convert": (_add_convert, _cmd_convert),
+    "heatmap": (_add_heatmap, _cmd_heatmap),
 }
 
 

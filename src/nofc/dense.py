@@ -9,12 +9,14 @@ original classifier that the map is checked against.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from tqdm import tqdm
 
 from .convert import _check_input_size, _param_like, convert
 from .errors import NofcError
@@ -123,6 +125,7 @@ def dense_predict(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Class scores for every window of the image, in one pass of the network.
 
@@ -138,6 +141,7 @@ def dense_predict(
         batch_size: images per forward pass (default: all).
         device, dtype: where and in which precision to run (default: the network's). The
             network is copied when they differ, never modified.
+        progress: show a progress bar (tqdm, on stderr) over batches and shifted passes.
 
     Returns:
         ``(B, K, h, w)`` scores on ``device``; cell ``(i, j)`` belongs to the window at
@@ -160,18 +164,22 @@ def dense_predict(
     _check_fits(hw, geo)
     net, device, dtype = _placed(net, device, dtype)
     factors = (geo.stride[0] // steps[0], geo.stride[1] // steps[1])
+    chunks = list(_chunks(x.shape[0], batch_size))
     outs = []
-    with torch.no_grad():
-        for sl in _chunks(x.shape[0], batch_size):
+    passes = len(chunks) * factors[0] * factors[1]
+    with torch.no_grad(), tqdm(total=passes, file=sys.stderr, disable=not progress or passes < 2,
+                               desc="nofc", unit="pass") as bar:
+        for sl in chunks:
             xb = x[sl].to(device=device, dtype=dtype)  # (b, C, H, W)
             if factors == (1, 1):
                 outs.append(net(xb))
+                bar.update()
             else:
-                outs.append(_shift_and_stitch(net, xb, geo, steps, factors))
+                outs.append(_shift_and_stitch(net, xb, geo, steps, factors, bar.update))
     return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
 
-def _shift_and_stitch(net, x, geo: Geometry, steps, factors) -> torch.Tensor:
+def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch.Tensor:
     """Run the network on the image shifted by every multiple of ``step`` below the stride
     and interleave the maps: pass (a, b) gives the cells (i*fy + a, j*fx + b)."""
     fy, fx_ = factors
@@ -190,6 +198,8 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors) -> torch.Tensor:
             if min(n) < 1:
                 continue
             part = net(x[..., dy:, dx:])  # (B, K, n_a, n_b)
+            if tick is not None:
+                tick()
             if out is None:
                 out = part.new_zeros((*part.shape[:2], n0[0], fy, n0[1], fx_))
             out[:, :, : part.shape[2], a, : part.shape[3], b] = part
