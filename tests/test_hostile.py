@@ -311,34 +311,42 @@ def test_dense_step_that_does_not_divide_stride(step):
         nofc.dense_predict(_lenet_fcn(), torch.randn(1, 40, 40), (1, 32, 32), step=step)
 
 
-_INF_XFAIL = pytest.mark.xfail(
-    reason="Inf is not masked: LeNet's tanh turns it into a finite (wrong) score; "
-           "dense_predict should mark cells whose window holds a non-finite pixel (reported)",
-    strict=False)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), pytest.param(float("inf"), marks=_INF_XFAIL),
-                                 pytest.param(-float("inf"), marks=_INF_XFAIL)])
-def test_dense_nan_inf_map_shows_where(bad):
-    """Non-finite cells are exactly the windows that contain the bad pixel."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_dense_nan_inf_warns_and_map_shows_where(bad):
+    """A warning, and the non-finite cells are exactly the windows that hold the bad pixel
+    (LeNet's tanh would turn Inf into a finite, wrong score without the marking)."""
     fcn = _lenet_fcn()
     image = torch.randn(1, 64, 48)
     image[0, 37, 21] = bad
-    scores = nofc.dense_predict(fcn, image, (1, 32, 32))[0]  # (K, h, w)
+    with pytest.warns(UserWarning, match=r"1 pixels with NaN or Inf \(the first at row 37, "
+                                         r"column 21\); the 35 map cells"):
+        scores = nofc.dense_predict(fcn, image, (1, 32, 32))[0]  # (K, h, w)
     boxes = torch.as_tensor(nofc.geometry(fcn, (1, 32, 32)).boxes((64, 48)))  # (h, w, 4)
     inside = ((boxes[..., 0] <= 37) & (37 < boxes[..., 2])
               & (boxes[..., 1] <= 21) & (21 < boxes[..., 3]))
-    assert inside.any() and not inside.all()
-    assert torch.equal(~torch.isfinite(scores).all(0), inside)
+    assert inside.sum() == 35 and not inside.all()
+    assert torch.equal(scores.isnan().all(0), inside)
+    assert torch.isfinite(scores[:, ~inside]).all()
 
 
-@pytest.mark.xfail(reason="dense_predict does not warn about NaN/Inf pixels yet (reported)",
-                   strict=False)
-def test_dense_nan_input_warns():
-    image = torch.randn(1, 40, 40)
-    image[0, 5, 5] = float("nan")
-    with pytest.warns(UserWarning, match="(?i)nan|finite"):
-        nofc.dense_predict(_lenet_fcn(), image, (1, 32, 32))
+@pytest.mark.parametrize("step", [None, 2])
+def test_dense_inf_padded_network_marks_receptive_field(step):
+    """With padding a cell sees past its window: every cell that the Inf can reach is NaN,
+    and every other cell equals the map of the clean image."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 2)).eval()
+    fcn = nofc.convert(model, input_size=(1, 8, 8))
+    clean = torch.randn(1, 30, 26, dtype=torch.float64)
+    image = clean.clone()
+    image[0, 13, 9] = float("inf")
+    ref = nofc.dense_predict(fcn, clean, (1, 8, 8), step=step, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        got = nofc.dense_predict(fcn, image, (1, 8, 8), step=step, dtype=torch.float64)
+    marked = got.isnan().all(1)  # (B, h, w)
+    assert marked.any() and not marked.all()
+    torch.testing.assert_close(got[:, :, ~marked[0]], ref[:, :, ~marked[0]], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- images (CLI)

@@ -156,9 +156,6 @@ def test_lenet_is_never_modified(mode):
     assert next(fcn.parameters()).device.type == device
 
 
-@pytest.mark.xfail(reason="dense._placed calls model.eval() on the user's model in place "
-                          "(only when no copy is made); reported, dense.py is not ours",
-                   strict=False)
 def test_sliding_window_predict_keeps_training_flag():
     model = LeNet5().train()
     before = state_hash(model)

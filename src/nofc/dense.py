@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,7 +53,8 @@ def _placed(model: nn.Module, device, dtype) -> tuple[nn.Module, torch.device, t
     dtype = have_dtype if dtype is None else dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise NofcError(f"dtype must be a floating point torch dtype, got {dtype}")
-    if (device, dtype) != (have_device, have_dtype):
+    if (device, dtype) != (have_device, have_dtype) or model.training:
+        # a copy also for a model in train mode: eval() must not flip the user's flag
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     return model.eval(), device, dtype
 
@@ -176,7 +178,33 @@ def dense_predict(
                 bar.update()
             else:
                 outs.append(_shift_and_stitch(net, xb, geo, steps, factors, bar.update))
-    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+    out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+    return _mark_nonfinite(out, x, geo, steps)
+
+
+def _mark_nonfinite(out: torch.Tensor, x: torch.Tensor, geo: Geometry, steps) -> torch.Tensor:
+    """Warn about NaN/Inf pixels and set every cell whose window or receptive field holds
+    one to NaN: a saturating activation (tanh) would otherwise turn Inf into a finite,
+    wrong score."""
+    bad = ~torch.isfinite(x).all(1, keepdim=True)  # (B, 1, H, W)
+    if not bool(bad.any()):
+        return out
+    lo = [min(geo.offset[a], geo.rf_offset[a]) for a in (0, 1)]
+    hi = [max(geo.offset[a] + geo.window[a], geo.rf_offset[a] + geo.receptive_field[a])
+          for a in (0, 1)]
+    (H, W), (h, w) = x.shape[-2:], out.shape[-2:]
+    top, left = max(0, -lo[0]), max(0, -lo[1])
+    bottom = max(0, hi[0] + (h - 1) * steps[0] - H)
+    right = max(0, hi[1] + (w - 1) * steps[1] - W)
+    m = torch.nn.functional.pad(bad.float(), (left, right, top, bottom))
+    m = m[..., lo[0] + top:, lo[1] + left:]  # cell (i, j) spans [i*step, i*step + hi - lo)
+    cells = torch.nn.functional.max_pool2d(m, (hi[0] - lo[0], hi[1] - lo[1]),
+                                           stride=tuple(steps))[..., :h, :w] > 0
+    _, _, y0, x0 = (int(v) for v in bad.nonzero()[0])
+    warnings.warn(f"the image has {int(bad.sum())} pixels with NaN or Inf (the first at row "
+                  f"{y0}, column {x0}); the {int(cells.sum())} map cells that see them are "
+                  "set to NaN", stacklevel=3)
+    return out.masked_fill(cells.to(out.device), float("nan"))
 
 
 def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch.Tensor:
