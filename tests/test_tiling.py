@@ -256,3 +256,35 @@ def test_global_context_networks_are_refused():
     with pytest.raises(NofcError, match="squeeze-and-excitation"):
         nofc.tiled_predict(fcn, np.zeros((3, 96, 96), np.float32), input_size=(3, 64, 64),
                            progress=False)
+
+
+def test_heatmap_cli_tiles_large_images(tmp_path, capsys, monkeypatch):
+    tifffile = pytest.importorskip("tifffile")
+    zarr = pytest.importorskip("zarr")
+    import nofc.render as render
+    from nofc.cli import main
+
+    img = np.random.default_rng(11).integers(0, 256, (150, 130), dtype=np.uint8)
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, img, tile=(64, 64))
+    store = tmp_path / "map.zarr"
+    png = tmp_path / "heat.png"
+    weights = tmp_path / "lenet.pt"
+    torch.save(LeNet5().state_dict(), weights)
+    model = ["nofc:lenet5", "--weights", str(weights)]
+    argv = ["heatmap", *model, str(path), "--input-size", "1x32x32", "-o", str(png),
+            "--tile", "48", "--out", str(store), "--top", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "tiled with tile 48" in err
+    assert png.stat().st_size > 10_000
+    stored = zarr.open_array(str(store), mode="r")
+    assert stored.shape == (10, 30, 25)
+    # automatic tiling above the size limit, same numbers as the explicit run
+    monkeypatch.setattr(render, "TILE_ABOVE", 100 * 100)
+    png2 = tmp_path / "heat2.png"
+    scores = tmp_path / "s.npz"
+    assert main(["heatmap", *model, str(path), "--input-size", "1x32x32", "-o", str(png2),
+                 "--scores", str(scores)]) == 0
+    assert "automatic above 0.0 Mpix" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(scores)["scores"], stored[:], rtol=1e-6, atol=1e-6)

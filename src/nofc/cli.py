@@ -181,6 +181,14 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    big = p.add_argument_group("large images (tiling is automatic above 16.8 Mpix)")
+    big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048)")
+    big.add_argument("--out", metavar="STORE.zarr",
+                     help="write the raw map to a zarr store as tiles finish; rerun to resume")
+    big.add_argument("--scheduler", metavar="ADDRESS",
+                     help="run the tiles on a Dask cluster, e.g. tcp://host:8786")
+    big.add_argument("--workers", type=int, metavar="N",
+                     help="run the tiles on a local Dask cluster of N worker processes")
 
 
 def _cmd_heatmap(args) -> int:
@@ -189,7 +197,8 @@ def _cmd_heatmap(args) -> int:
     model, size = _load(args)
     info = heatmap(model, args.image, size, args.output, spec=args.model, cls=args.cls,
                    top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
-                   std=args.std, labels_file=args.labels, device=args.device, force=args.force)
+                   std=args.std, labels_file=args.labels, device=args.device, force=args.force,
+                   tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "

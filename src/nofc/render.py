@@ -33,6 +33,12 @@ def map_extent(geo, step, shape) -> tuple[float, float, float, float]:
             cy0 + (h - 1) * ty + ty / 2, cy0 - ty / 2)
 
 
+def _peak(a: np.ndarray) -> float:
+    """Largest finite value (NaN cells come from NaN/Inf pixels); NaN when there is none."""
+    finite = a[np.isfinite(a)]
+    return float(finite.max()) if finite.size else float("nan")
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -58,6 +64,7 @@ def render_heatmap(
     dpi: int = 100,
     marks=None,
     panel: float = 4.2,
+    image_hw: tuple[int, int] | None = None,
 ) -> None:
     """Write a PNG: one panel per class, the image with that class's probability map.
 
@@ -69,6 +76,7 @@ def render_heatmap(
         geo: the ``nofc.geometry`` of the network; ``step`` the map's ``(ty, tx)``.
         marks: optional ``(y, x, text)`` labels drawn on every panel (e.g. detections).
         panel: width of one panel in inches.
+        image_hw: full-resolution ``(H, W)`` when ``image`` is a downsampled thumbnail.
     """
     plt = _pyplot()
     probs = np.asarray(probs, dtype=np.float32)
@@ -76,7 +84,7 @@ def render_heatmap(
         raise NofcError(f"internal: {probs.shape} maps for {len(labels)} labels")
     img = np.moveaxis(np.asarray(image, dtype=np.float32), 0, -1).clip(0, 1)  # (H, W, C)
     gray = img.shape[-1] == 1
-    H, W = img.shape[:2]
+    H, W = img.shape[:2] if image_hw is None else image_hw
     n = probs.shape[0]
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -91,8 +99,10 @@ def render_heatmap(
             continue
         ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1,
                   extent=(0, W, H, 0), interpolation="nearest")
-        shown = ax.imshow(probs[k], cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha,
-                          extent=extent, interpolation="bilinear")
+        # cells that saw NaN/Inf pixels are NaN: drawn in a colour of their own, not hidden
+        shown = ax.imshow(probs[k], cmap=plt.get_cmap(cmap).with_extremes(bad="cyan"),
+                          vmin=0.0, vmax=1.0, alpha=alpha, extent=extent,
+                          interpolation="bilinear" if np.isfinite(probs[k]).all() else "nearest")
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
         wy, wx = geo.window
@@ -101,7 +111,7 @@ def render_heatmap(
         for y, x, text in marks or ():
             ax.text(x, y, text, color="cyan", fontsize=7, ha="center", va="center",
                     fontweight="bold")
-        ax.set_title(f"{labels[k]}  (max {probs[k].max():.2f})", fontsize=10)
+        ax.set_title(f"{labels[k]}  (max {_peak(probs[k]):.2f})", fontsize=10)
     if shown is not None:
         cbar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
         cbar.set_label("class probability")
@@ -162,8 +172,16 @@ def heatmap(
     device=None,
     force: bool = False,
     progress: bool = True,
+    tile: int | None = None,
+    out=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
+
+    Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, ``scheduler`` or
+    ``workers`` given) go through :func:`nofc.tiled_predict`: TIFF is read lazily, the map
+    can be written to a zarr store ``out``, and the PNG is drawn on a downsampled image.
 
     Writes ``output`` (PNG) and, when given, ``scores_path``: ``.npz`` with ``scores``
     (K, h, w) raw logits, ``boxes`` (h, w, 4) window of every cell, ``step``, ``stride``,
@@ -195,6 +213,13 @@ def heatmap(
     from .convert import convert
 
     size = tuple(input_size)
+    if tile is not None or out is not None or scheduler is not None or workers is not None \
+            or _pixels(image_path) > TILE_ABOVE:
+        return _heatmap_tiled(model, image_path, size, output, spec=spec, cls=cls, top=top,
+                              step=step, scores_path=scores_path, mean=mean, std=std,
+                              labels_file=labels_file, device=device, force=force,
+                              progress=progress, tile=tile or 2048, out=out,
+                              scheduler=scheduler, workers=workers)
     raw = load_image(image_path, channels=size[0])  # (C, H, W) in [0, 1]
     if mean is None and std is None:
         mean, std = _default_norm(model, spec, size[0])
@@ -207,13 +232,7 @@ def heatmap(
     probs = torch.softmax(logits, dim=0).numpy()
     k = probs.shape[0]
     names = _class_names(model, k, labels_file)
-    if cls is not None:
-        if not 0 <= cls < k:
-            raise NofcError(f"--class {cls} is out of range: the model has classes 0..{k - 1}")
-        chosen = [cls]
-    else:
-        chosen = list(np.argsort(-probs.reshape(k, -1).max(1), kind="stable")[: top or 1])
-    labels = [f"{names[c]} ({c})" if names[c] != str(c) else f"class {c}" for c in chosen]
+    chosen, labels = _choose_classes(cls, top, np.array([_peak(p) for p in probs]), names)
     h, w = probs.shape[1:]
     info = geo.as_dict()
     info.update(step=list(steps), image_shape=list(raw.shape), map_shape=[h, w],
@@ -230,7 +249,128 @@ def heatmap(
         if scores_path:
             _save_scores(scores_path, logits.numpy(), boxes, info, force=force)
     return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
-            "geometry": info, "max_prob": [float(probs[c].max()) for c in chosen]}
+            "geometry": info, "max_prob": [_peak(probs[c]) for c in chosen]}
+
+
+def _choose_classes(cls, top, peaks, names):
+    """The classes to draw (``--class`` or the ``--top`` peaks) and their panel titles."""
+    k = len(names)
+    if cls is not None:
+        if not 0 <= cls < k:
+            raise NofcError(f"--class {cls} is out of range: the model has classes 0..{k - 1}")
+        chosen = [cls]
+    else:
+        chosen = list(np.argsort(-np.nan_to_num(peaks, nan=-1.0), kind="stable")[: top or 1])
+    labels = [f"{names[c]} ({c})" if names[c] != str(c) else f"class {c}" for c in chosen]
+    return chosen, labels
+
+
+TILE_ABOVE = 4096 * 4096  # pixels: larger images are tiled automatically
+_THUMB = 2048  # longest side of the image drawn under a tiled map
+
+
+def _pixels(image_path) -> int:
+    """Pixel count of an image file without decoding it (0 when unknown)."""
+    from pathlib import Path
+
+    p = Path(image_path)
+    try:
+        if p.suffix.lower() in (".tif", ".tiff", ".btf"):
+            import tifffile
+
+            with tifffile.TiffFile(p) as tif:
+                shape = tif.series[0].shape
+                axes = tif.series[0].axes
+            return int(np.prod([n for n, a in zip(shape, axes) if a in "YX"]))
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(p) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001 - unreadable files fail later with a clear message
+        return 0
+
+
+def _thumbnail(src, layout: str, hw, channels: int) -> np.ndarray:
+    """``(C, h, w)`` float image in [0, 1], every f-th pixel, for drawing under the map."""
+    f = max(1, -(-max(hw) // _THUMB))
+    if layout == "chw":
+        arr = np.asarray(src[:, ::f, ::f])
+        arr = np.moveaxis(arr, 0, -1)
+    else:
+        arr = np.asarray(src[::f, ::f])
+    if hasattr(arr, "compute"):
+        arr = arr.compute()
+    arr = arr.astype(np.float32) * (1.0 / np.iinfo(arr.dtype).max
+                                    if np.issubdtype(np.asarray(src[:1, :1]).dtype, np.integer)
+                                    else 1.0)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return np.moveaxis(arr, -1, 0).clip(0, 1)
+
+
+def _heatmap_tiled(model, image_path, size, output, *, spec, cls, top, step, scores_path, mean,
+                   std, labels_file, device, force, progress, tile, out, scheduler, workers):
+    """The heatmap of a large image: tiled map (optionally to zarr), drawn downsampled."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from .convert import convert
+    from .dense import _check_step, _geometry
+    from .io import atomic_output
+    from .tiling import _layout, _spatial_shape, open_image_array, tiled_predict
+
+    src = open_image_array(image_path)
+    layout = _layout(tuple(src.shape), size[0], "auto")
+    H, W = _spatial_shape(tuple(src.shape), layout)
+    if mean is None and std is None:
+        mean, std = _default_norm(model, spec, size[0])
+    fcn = convert(model, size)
+    geo = _geometry(fcn, size)
+    steps = _check_step(step, geo)
+    backend = "dask" if scheduler is not None or workers is not None else "local"
+    print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix): tiled with tile {tile} (tiling is "
+          f"automatic above {TILE_ABOVE / 1e6:.1f} Mpix), backend {backend}"
+          + (f", map to {out}" if out else ""), file=sys.stderr)
+    names_meta = None
+    scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
+                           step=None if steps == geo.stride else steps, layout=layout,
+                           mean=mean, std=std, scheduler=scheduler, workers=workers,
+                           device=device, progress=progress, metadata=names_meta)
+    k, h, w = scores.shape
+    rows = max(1, (64 << 20) // max(1, 4 * k * w))  # softmax in blocks of about 64 MB
+    peak = np.zeros(k, dtype=np.float32)
+    for r in range(0, h, rows):
+        block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
+        peak = np.fmax(peak, torch.softmax(block, 0).nan_to_num(nan=-1.0).amax((1, 2)).numpy())
+    chosen, labels = _choose_classes(cls, top, peak, _class_names(model, k, labels_file))
+    probs = np.zeros((len(chosen), h, w), dtype=np.float32)
+    for r in range(0, h, rows):
+        block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
+        probs[:, r:r + rows] = torch.softmax(block, 0).numpy()[chosen]
+    info = geo.as_dict()
+    info.update(step=list(steps), image_shape=[size[0], H, W], map_shape=[h, w],
+                mean=None if mean is None else list(map(float, np.ravel(mean))),
+                std=None if std is None else list(map(float, np.ravel(std))), tile=tile)
+    thumb = _thumbnail(src, layout, (H, W), size[0])
+    if thumb.shape[0] != size[0] and thumb.shape[0] in (2, 4):
+        thumb = thumb[:-1]
+    title = (f"{Path(str(image_path)).name}: {h}x{w} windows of {geo.window[0]}x{geo.window[1]}"
+             f", step {steps[0]}x{steps[1]}, tiled" + ("" if geo.exact else " (padded net)"))
+    with atomic_output(output, force=force) as tmp:
+        render_heatmap(tmp, thumb, probs, labels, geo, steps, title=title, image_hw=(H, W))
+        if scores_path:
+            ys = geo.offset[0] + steps[0] * np.arange(h)
+            xs = geo.offset[1] + steps[1] * np.arange(w)
+            boxes = np.stack(np.broadcast_arrays(ys[:, None], xs[None, :],
+                                                 ys[:, None] + geo.window[0],
+                                                 xs[None, :] + geo.window[1]), -1)
+            _save_scores(scores_path, np.asarray(scores[:]), boxes.astype(np.int64), info,
+                         force=force)
+    return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
+            "geometry": info, "max_prob": [float(peak[c]) for c in chosen]}
 
 
 def _save_scores(path, scores, boxes, info, *, force) -> None:
