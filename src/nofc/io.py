@@ -163,6 +163,10 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
                             "use file.py:factory with --weights for a state_dict")
     elif ":" in spec and spec.rpartition(":")[0].endswith(".py"):
         model = _import_factory(spec)
+    elif spec.lower().endswith(".onnx"):
+        raise NofcError(f"{spec} is an ONNX model: only `nofc convert {spec} --input-size CxHxW "
+                        "-o out.onnx` reads ONNX (nofc.convert_onnx); the other commands need "
+                        "a PyTorch model")
     else:
         raise NofcError(f"cannot tell what model {spec!r} is: use torchvision:NAME, "
                         "path/to/file.py:factory or a pickled model .pt with --trust-pickle")
