@@ -60,7 +60,7 @@ def _placed(model: nn.Module, device, dtype) -> tuple[nn.Module, torch.device, t
 
 
 def _as_fcn(model: nn.Module, size) -> fx.GraphModule:
-    """``model`` itself when nofc converted it for ``size``; else its conversion (cached)."""
+    """``model`` itself when nofc converted it for ``size``; else its conversion."""
     if not isinstance(model, nn.Module):
         raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     have = getattr(model, "_nofc_input_size", None)

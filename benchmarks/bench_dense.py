@@ -1,0 +1,159 @@
+"""Dense prediction against crop-by-crop, measured side by side in one run.
+
+For each case: the time of ``nofc.sliding_window_predict`` (the original classifier on
+every crop, batched) and of ``nofc.dense_predict`` (the converted network, one pass per
+shift), the speedup, and the bound it is compared with: naive FLOPs / dense FLOPs, both
+counted with ``torch.utils.flop_counter.FlopCounterMode`` on meta tensors. ``of bound`` is
+speedup / bound (1.0: dense is exactly as fast per FLOP as the naive run).
+
+    python benchmarks/bench_dense.py             # all cases (a few minutes on 2 cores)
+    python benchmarks/bench_dense.py --quick     # small cases only
+    python benchmarks/bench_dense.py --only vgg16
+
+Times are the best of ``--repeat`` runs (the naive run of the big models once: it is
+the long one). Random weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import platform
+import subprocess
+import sys
+import timeit
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import nofc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flops(module: torch.nn.Module, shape) -> int:
+    """FLOPs of one forward pass on an input of ``shape``, counted without computing."""
+    meta = copy.deepcopy(module).to("meta").eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.empty(shape, device="meta"))
+    return counter.get_total_flops()
+
+
+def _dense_flops(fcn, size, image_shape, step, geo) -> int:
+    """FLOPs of dense_predict: one pass per shift of the image (shift-and-stitch)."""
+    B, C, H, W = image_shape
+    ty, tx = step
+    fy, fx = geo.stride[0] // ty, geo.stride[1] // tx
+    total = 0
+    for a in range(fy):
+        for b in range(fx):
+            if min(geo.output_shape((H - a * ty, W - b * tx))) > 0:
+                total += _flops(fcn, (B, C, H - a * ty, W - b * tx))
+    return total
+
+
+def _best(fn, repeat: int) -> float:
+    return min(timeit.repeat(fn, number=1, repeat=repeat))
+
+
+def _digits_net():
+    spec = importlib.util.spec_from_file_location("digits_demo",
+                                                  ROOT / "examples" / "digits_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["digits_demo"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cases(quick: bool):
+    """(name, model factory, input size, image (H, W), step divisors, batch size, heavy)."""
+    demo = _digits_net()
+    cases = [
+        ("digits net, page", lambda: demo.make_net(), demo.INPUT_SIZE, (256, 420), [1, 2, 4],
+         512, False),
+        ("lenet5", lambda: nofc.zoo.LeNet5(), (1, 32, 32), (256, 256), [1, 2, 4], 512, False),
+    ]
+    if not quick:
+        cases += [
+            ("vgg16", lambda: torchvision.models.vgg16(), (3, 224, 224), (448, 448), [1],
+             8, True),
+            ("resnet50", lambda: torchvision.models.resnet50(), (3, 224, 224), (448, 448),
+             [1], 8, True),
+            ("vgg16 (shift-and-stitch)", lambda: torchvision.models.vgg16(), (3, 224, 224),
+             (288, 288), [2, 4], 8, True),
+        ]
+    return cases
+
+
+def run(quick: bool = False, only: str | None = None, repeat: int = 3) -> list[dict]:
+    rows = []
+    for name, make, size, hw, divisors, bs, heavy in _cases(quick):
+        if only and only not in name:
+            continue
+        torch.manual_seed(0)
+        model = make().eval()
+        fcn = nofc.convert(model, size)
+        geo = nofc.geometry(fcn, size)
+        image = torch.randn(1, size[0], *hw)
+        for d in divisors:
+            step = (geo.stride[0] // d, geo.stride[1] // d)
+            dense = nofc.dense_predict(fcn, image, size, step)  # warm-up, and the shape
+            naive_cells = ((hw[0] - size[1]) // step[0] + 1) * ((hw[1] - size[2]) // step[1] + 1)
+            t_dense = _best(lambda: nofc.dense_predict(fcn, image, size, step), repeat)
+            t_naive = _best(lambda: nofc.sliding_window_predict(model, image, size, step,
+                                                                batch_size=bs),
+                            1 if heavy else repeat)
+            f_naive = naive_cells * _flops(model, (1, *size))
+            f_dense = _dense_flops(fcn, size, tuple(image.shape), step, geo)
+            speedup, bound = t_naive / t_dense, f_naive / f_dense
+            rows.append({
+                "case": name, "image": f"{hw[0]}x{hw[1]}", "window": f"{size[1]}x{size[2]}",
+                "step": step[0], "cells": naive_cells, "map": tuple(dense.shape[2:]),
+                "naive_s": t_naive, "dense_s": t_dense, "speedup": speedup, "bound": bound,
+                "of_bound": speedup / bound,
+            })
+            _print_row(rows[-1])
+    return rows
+
+
+_HEAD = (f"{'case':<26}{'image':>9}{'step':>5}{'windows':>8}{'naive s':>9}{'dense s':>9}"
+         f"{'speedup':>9}{'bound':>8}{'of bound':>9}")
+
+
+def _print_row(r: dict) -> None:
+    if not getattr(_print_row, "started", False):
+        print(_HEAD)
+        _print_row.started = True
+    print(f"{r['case']:<26}{r['image']:>9}{r['step']:>5}{r['cells']:>8}{r['naive_s']:>9.3f}"
+          f"{r['dense_s']:>9.3f}{r['speedup']:>8.1f}x{r['bound']:>7.1f}x{r['of_bound']:>9.2f}",
+          flush=True)
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                     if line.startswith("Model name"))
+    except Exception:  # noqa: BLE001 - not Linux
+        model = platform.processor() or platform.machine()
+    return (f"{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"{platform.system()}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small networks only")
+    p.add_argument("--only", help="run the cases whose name contains this")
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
+    args = p.parse_args(argv)
+    print(f"machine: {machine()}")
+    run(quick=args.quick, only=args.only, repeat=args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
