@@ -74,6 +74,7 @@ def test_padding_and_ceil_mode(padding, ceil_mode, exact):
     ("resnet18", (3, 64, 64), 32),
     ("squeezenet1_0", (3, 64, 64), 16),  # ceil_mode max pooling
     ("mobilenet_v3_small", (3, 64, 64), 32),  # squeeze-excitation: global context
+    ("convnext_tiny", (3, 64, 64), 32),  # channels-last blocks: permute, LayerNorm, Linear
 ])
 def test_torchvision_models(name, size, stride):
     model = torchvision.models.get_model(name, weights=None).eval()

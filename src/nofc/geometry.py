@@ -277,10 +277,25 @@ def _is_global(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
-def _spatial(shape) -> tuple[int, int] | None:
+def _spatial(shape, dims=(2, 3)) -> tuple[int, int] | None:
+    """The (H, W) of a 4D shape whose spatial axes are at ``dims`` (NCHW: (2, 3))."""
     if shape is None or len(shape) != 4:
         return None
-    return (shape[2], shape[3])
+    return (shape[dims[0]], shape[dims[1]])
+
+
+def _permuted(n: fx.Node, dims: tuple[int, int]) -> tuple[int, int]:
+    """Where the spatial axes ``dims`` of the input go through ``n`` (a permute keeps
+    NHWC blocks such as ConvNeXt's understandable); other ops keep them in place."""
+    perm = None
+    if n.op == "call_method" and n.target == "permute":
+        perm = n.args[1:] if len(n.args) > 2 else n.args[1] if len(n.args) > 1 else None
+    elif n.op == "call_function" and n.target is torch.permute:
+        perm = n.args[1] if len(n.args) > 1 else n.kwargs.get("dims")
+    if perm is None or len(perm) != 4 or not all(isinstance(d, int) for d in perm):
+        return dims
+    perm = [d % 4 for d in perm]
+    return (perm.index(dims[0]), perm.index(dims[1]))
 
 
 def geometry(fcn: nn.Module, input_size) -> Geometry:
@@ -318,6 +333,7 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
                             ) from None
 
     axes: dict[str, _Axis | None] = {}  # None: no spatial geometry (scalars, global vectors)
+    layout: dict[str, tuple[int, int]] = {}  # where H and W are, when not (2, 3)
     nodes: list = []
     reasons: list[str] = []
     out_name = ""
@@ -358,8 +374,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
             continue
         layer = _layer_of(gm, n)
         if layer is not None:
-            if len(ins) != 1:
-                raise NofcError(f"cannot derive the geometry: {label} has several map inputs")
+            if len(ins) != 1 or layout.get(ins[0].name, (2, 3)) != (2, 3):
+                raise NofcError(f"cannot derive the geometry: {label} has several map inputs "
+                                "or a channels-last input")
             axes[n.name] = axes[ins[0].name].then(layer)
             nodes.append((n.name, "layer", (ins[0].name,), layer))
             if layer.padded:
@@ -368,17 +385,21 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
                 reasons.append(f"{label} uses ceil_mode (partial windows at the border)")
             continue
         # Anything else must keep the spatial size of its map inputs at every probe size.
-        maps = [a for a in ins if all(_spatial(p.shapes.get(a.name)) is not None for p in probes)]
+        def sp(p, node, dims=None):
+            return _spatial(p.shapes.get(node.name), dims or layout.get(node.name, (2, 3)))
+
+        maps = [a for a in ins if all(sp(p, a) is not None for p in probes)]
+        spatial_maps = [a for a in maps if any(sp(p, a) != (1, 1) for p in probes)] or maps
+        dims = _permuted(n, layout.get(spatial_maps[0].name, (2, 3))) if spatial_maps else (2, 3)
         for p in probes:
-            out = _spatial(p.shapes.get(n.name))
-            if out is None or any(_spatial(p.shapes.get(a.name)) != out for a in maps
-                                  if _spatial(p.shapes.get(a.name)) != (1, 1) or out == (1, 1)):
+            out = sp(p, n, dims)
+            if out is None or any(sp(p, a) != out for a in maps
+                                  if sp(p, a) != (1, 1) or out == (1, 1)):
                 raise NofcError(
                     f"cannot derive the geometry: {label} changes the map in a way nofc does "
-                    "not know (only convolutions, pooling, padding and elementwise or "
-                    "concatenating ops are understood)")
-        spatial_maps = [a for a in maps if any(_spatial(p.shapes.get(a.name)) != (1, 1)
-                                              for p in probes)] or maps
+                    "not know (only convolutions, pooling, padding, permutes and elementwise "
+                    "or concatenating ops are understood)")
+        layout[n.name] = dims
         geo = [axes[a.name] for a in spatial_maps]
         if len({g.jump for g in geo}) > 1:
             raise NofcError(
@@ -391,7 +412,7 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
                       tuple(a.name for a in spatial_maps), None))
 
     final = axes[out_name]
-    ref = _spatial(probes[0].shapes.get(out_name))
+    ref = _spatial(probes[0].shapes.get(out_name), layout.get(out_name, (2, 3)))
     if ref != (1, 1):
         raise NofcError(f"the map at the reference size {size[1]}x{size[2]} is {ref}, not 1x1: "
                         f"is input_size={size} the size the classifier was converted for?")
@@ -408,7 +429,7 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     geo = Geometry(stride, offset, window, exact, final.size, final.start,
                    tuple(dict.fromkeys(reasons)), tuple(nodes), out_name)
     for hw, p in zip(probe_sizes, probes):
-        got = _spatial(p.shapes.get(out_name))
+        got = _spatial(p.shapes.get(out_name), layout.get(out_name, (2, 3)))
         if got != geo.output_shape(hw):
             raise NofcError(f"internal: geometry predicts {geo.output_shape(hw)} cells for a "
                             f"{hw[0]}x{hw[1]} input, the network gives {got}")
