@@ -53,11 +53,10 @@ class _Layer:
         k = self.dilation[axis] * (self.kernel[axis] - 1) + 1
         s = self.stride[axis]
         span = n + self.pad_lo[axis] + self.pad_hi[axis] - k
-        if span < 0:
-            return 0
         if not self.ceil_mode:
-            return span // s + 1
-        out = -(-span // s) + 1
+            return span // s + 1 if span >= 0 else 0
+        # ceil_mode: a window longer than the input still gives a cell when it starts inside
+        out = max(0, -(-span // s) + 1)
         # PyTorch: the last window must start inside the input or the left padding
         if (out - 1) * s >= n + self.pad_lo[axis]:
             out -= 1
