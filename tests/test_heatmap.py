@@ -169,3 +169,17 @@ def test_render_places_cells_at_window_centres(tmp_path):
     render_heatmap(path, np.zeros((1, 64, 40)), np.random.rand(2, 9, 3), ["a", "b"], geo,
                    geo.stride, marks=[(20, 20, "7")])
     assert _png_size(path)[0] == "PNG"
+
+
+def test_cli_heatmap_verify_measures_map_against_crops(tmp_path, capsys):
+    img = _save(tmp_path / "g.png", RNG.integers(0, 256, (45, 50), dtype=np.uint8))
+    assert main(["heatmap", "nofc:lenet5", str(img), "--input-size", "1x32x32", "--verify",
+                 "-o", str(tmp_path / "a.png")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("map vs crops")][0]
+    assert "OK: float32" in line and "20 map cells" in line  # 4 x 5 windows
+    rgb = _save(tmp_path / "c.png", RNG.integers(0, 256, (100, 70, 3), dtype=np.uint8))
+    assert main(["heatmap", "torchvision:resnet18", str(rgb), "--input-size", "3x64x64",
+                 "--verify", "-o", str(tmp_path / "b.png")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("map vs crops")][0]
+    assert "NOT EXACT (measured)" in line and "pads its input" in line
+

@@ -180,6 +180,9 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--std", type=_floats, help="per-channel std (default: the model's)")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--verify", action="store_true",
+                   help="also run the classifier crop by crop and print how far the map is "
+                        "from it (measured; exact only for networks without padding)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     big = p.add_argument_group("large images (tiling is automatic above 16.8 Mpix)")
     big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048)")
@@ -198,13 +201,16 @@ def _cmd_heatmap(args) -> int:
     info = heatmap(model, args.image, size, args.output, spec=args.model, cls=args.cls,
                    top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
                    std=args.std, labels_file=args.labels, device=args.device, force=args.force,
-                   tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers)
+                   tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers,
+                   verify=args.verify)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "
           f"{'exact' if geo['exact'] else 'not exact (padding: border cells differ from crops)'}")
     for label, peak in zip(info["labels"], info["max_prob"]):
         print(f"  {label}: peak probability {peak:.3f}")
+    if args.verify:
+        print(f"map vs crops: {geo.get('verify', 'not checked (tiled run)')}")
     print(f"wrote {args.output}" + (f" and {args.scores}" if args.scores else ""))
     return 0
 

@@ -176,6 +176,7 @@ def heatmap(
     out=None,
     scheduler: str | None = None,
     workers: int | None = None,
+    verify: bool = False,
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
 
@@ -187,6 +188,9 @@ def heatmap(
     (K, h, w) raw logits, ``boxes`` (h, w, 4) window of every cell, ``step``, ``stride``,
     ``offset``, ``window``, ``exact``, ``image_shape`` and ``geometry`` (JSON text); or
     ``.npy`` with the scores and the same fields in a ``.json`` file next to it.
+    With ``verify``, the original classifier also runs crop by crop (float32, at the
+    network stride) and ``info["verify"]`` is ``nofc.verify``'s report of the measured
+    difference between the map and the crops.
     Returns a summary (classes drawn, map shape, geometry).
     """
     from pathlib import Path
@@ -235,6 +239,11 @@ def heatmap(
     chosen, labels = _choose_classes(cls, top, np.array([_peak(p) for p in probs]), names)
     h, w = probs.shape[1:]
     info = geo.as_dict()
+    if verify:
+        from .verify import verify as _verify
+
+        info["verify"] = str(_verify(model, fcn, size, image=x, dtype=torch.float32,
+                                     device=device))
     info.update(step=list(steps), image_shape=list(raw.shape), map_shape=[h, w],
                 mean=None if mean is None else list(map(float, np.ravel(mean))),
                 std=None if std is None else list(map(float, np.ravel(std))))
