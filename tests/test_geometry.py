@@ -120,3 +120,10 @@ def test_errors():
         nofc.geometry(up, (1, 8, 8))
     with pytest.raises(NofcError, match=r"image size must be \(H, W\)"):
         nofc.geometry(fcn, (1, 32, 32)).output_shape((1, 2, 3))
+
+
+def test_network_on_another_device():
+    # probes run on the network's own device (meta here stands in for CUDA)
+    fcn = nofc.convert(LeNet5(), (1, 32, 32)).to("meta")
+    geo = nofc.geometry(fcn, (1, 32, 32))
+    assert geo.stride == (4, 4) and geo.exact

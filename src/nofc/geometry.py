@@ -32,7 +32,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convert import _check_input_size, _describe_node, _NodeFailure, _param_like, _probe, _trace
+from .convert import (
+    _check_input_size,
+    _describe_node,
+    _NodeFailure,
+    _param_like,
+    _ShapeRecorder,
+    _trace,
+)
 from .errors import NofcError
 
 __all__ = ["geometry", "Geometry"]
@@ -276,6 +283,16 @@ def _is_global(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def _probe_on(gm: fx.GraphModule, shape, device, dtype) -> _ShapeRecorder:
+    """Shapes of every node for a fake input on the network's own device (CUDA, meta...)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rec = _ShapeRecorder(gm)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        rec.run(torch.empty(shape, dtype=dtype, device=device))
+    return rec
+
+
 def _spatial(shape, dims=(2, 3)) -> tuple[int, int] | None:
     """The (H, W) of a 4D shape whose spatial axes are at ``dims`` (NCHW: (2, 3))."""
     if shape is None or len(shape) != 4:
@@ -323,9 +340,10 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     # Probes: the reference size, and two larger sizes the map must follow.
     probe_sizes = [size[1:], (2 * size[1] + 3, 2 * size[2] + 5), (3 * size[1] + 1, 3 * size[2])]
     probes = []
+    device, dtype = _param_like(gm)
     for hw in probe_sizes:
         try:
-            probes.append(_probe(gm, (1, size[0], *hw), dtype=_param_like(gm)[1]))
+            probes.append(_probe_on(gm, (1, size[0], *hw), device, dtype))
         except _NodeFailure as f:
             raise NofcError(f"cannot derive the geometry: {_describe_node(gm, f.node)} fails on "
                             f"a {size[0]}x{hw[0]}x{hw[1]} input ({str(f.exc).splitlines()[0]})"
