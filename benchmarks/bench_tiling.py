@@ -67,21 +67,34 @@ def _timeit(fn, repeat=3):
 
 
 def throughput(args) -> list[dict]:
+    from nofc.tiling import plan_tiles
+
     rows = []
-    cases = [("resnet18", 1024, 512), ("vgg16", 896, 448), ("digits", 2048, 512)]
+    cases = [("digits", 4096, 2048), ("digits", 4096, 1024), ("resnet18", 2048, 1024),
+             ("resnet18", 1536, 512), ("vgg16", 1344, 672)]
     for name, side, tile in cases:
         model, size = _model(name)
         fcn = nofc.convert(model, input_size=size)
         img = np.random.default_rng(0).random((size[0], side, side), dtype=np.float32)
         x = torch.from_numpy(img)[None]
+        # the work bound: input pixels the tiles read (halos included) vs the image
+        geo = nofc.geometry(fcn, size)
+        tiles, _ = plan_tiles(geo, (side, side), tile=tile)
+        read = sum((t.inp[1] - t.inp[0]) * (t.inp[3] - t.inp[2]) for t in tiles)
+        bound = side * side / read
         t_dense = _timeit(lambda: nofc.dense_predict(fcn, x, input_size=size), args.repeat)
         t_tiled = _timeit(lambda: nofc.tiled_predict(fcn, img, input_size=size, tile=tile,
                                                      progress=False), args.repeat)
+        ratio = t_dense / t_tiled
         rows.append({"model": name, "image": f"{side}x{side}", "tile": tile,
+                     "receptive_field": geo.receptive_field[0], "tiles": len(tiles),
                      "dense_s": round(t_dense, 3), "tiled_s": round(t_tiled, 3),
-                     "ratio": round(t_dense / t_tiled, 3)})
-        print(f"{name:9s} {side}x{side} tile {tile}: dense {t_dense:.2f}s  tiled {t_tiled:.2f}s"
-              f"  throughput ratio tiled/dense {t_dense / t_tiled:.2f}", flush=True)
+                     "ratio": round(ratio, 3), "halo_bound": round(bound, 3),
+                     "of_bound": round(ratio / bound, 3)})
+        print(f"{name:9s} {side}x{side} tile {tile} (receptive field {geo.receptive_field[0]}, "
+              f"{len(tiles)} tiles): dense {t_dense:.2f}s  tiled {t_tiled:.2f}s  throughput "
+              f"ratio {ratio:.2f}  halo bound {bound:.2f}  of bound {ratio / bound:.2f}",
+              flush=True)
     return rows
 
 

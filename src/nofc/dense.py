@@ -186,6 +186,8 @@ def _mark_nonfinite(out: torch.Tensor, x: torch.Tensor, geo: Geometry, steps) ->
     """Warn about NaN/Inf pixels and set every cell whose window or receptive field holds
     one to NaN: a saturating activation (tanh) would otherwise turn Inf into a finite,
     wrong score."""
+    if bool(torch.isfinite(x.sum())):  # fast path: a NaN or Inf pixel makes the sum one
+        return out
     bad = ~torch.isfinite(x).all(1, keepdim=True)  # (B, 1, H, W)
     if not bool(bad.any()):
         return out
