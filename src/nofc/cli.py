@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (NaN pixels, ...) as one line like errors, without Python's source line."""
+    print(f"nofc: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for errors the user can fix)."""
     parser = build_parser()
@@ -247,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*TorchScript.*")
     try:
-        return _COMMANDS[args.command][1](args)
+        with warnings.catch_warnings():  # restores showwarning for callers of main()
+            warnings.showwarning = _one_line_warning
+            return _COMMANDS[args.command][1](args)
     except NofcError as exc:
         print(f"nofc: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
