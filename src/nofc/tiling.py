@@ -491,21 +491,38 @@ def _run_dask(runner, src, todo, result, store, out, scheduler, workers, progres
             from distributed import as_completed
 
             [runner_f] = client.scatter([runner], broadcast=True)
-            if isinstance(src, _TiffSource) or type(src).__module__.startswith("zarr"):
+            workers_now = max(1, len(client.scheduler_info().get("workers", {})))
+            limit = 2 * workers_now  # tiles in flight: memory stays bounded by the tile
+            remote = isinstance(src, _TiffSource) or type(src).__module__.startswith("zarr")
+            if remote:
                 # workers read their own regions (the file must be reachable from them)
                 [src_f] = client.scatter([src], broadcast=True)
-                futures = {client.submit(_call, runner_f, src_f, t, pure=False): t for t in todo}
-            else:
-                # in-memory or dask arrays: read here, send each tile only its region
-                futures = {client.submit(_compute, runner_f, runner.read(src, t), t,
-                                         pure=False): t for t in todo}
 
+            def submit(t):
+                if remote:
+                    return client.submit(_call, runner_f, src_f, t, pure=False)
+                # in-memory or dask arrays: read here and send each tile only its region,
+                # scattered rather than inlined so large arrays stay out of the graph
+                region = client.scatter(runner.read(src, t), hash=False)
+                return client.submit(_compute, runner_f, region, t, pure=False)
+
+            queue = list(todo)
+            futures = {}
+            while queue and len(futures) < limit:
+                t = queue.pop(0)
+                futures[submit(t)] = t
+            pending = as_completed(list(futures))
             bar = _progress(total, total - len(todo), progress)
             try:
-                for fut in as_completed(futures):
-                    t = futures[fut]
+                for fut in pending:
+                    t = futures.pop(fut)
                     _write_block(result, store, out, t, fut.result())
                     bar.update(1)
+                    if queue:
+                        nxt = queue.pop(0)
+                        f = submit(nxt)
+                        futures[f] = nxt
+                        pending.add(f)
             finally:
                 bar.close()
         else:
