@@ -289,3 +289,11 @@ def test_float64_model_and_parameters_on_same_dtype():
     model = LeNet5().double()
     fcn = nofc.convert(model, input_size=(1, 32, 32))
     assert {p.dtype for p in fcn.parameters()} == {torch.float64}
+
+
+def test_model_on_another_device_converts_there():
+    # meta stands in for CUDA here: shapes are probed on the model's own device
+    model = torchvision.models.resnet18().to("meta")
+    fcn = nofc.convert(model, input_size=(3, 64, 64))
+    assert {p.device.type for p in fcn.parameters()} == {"meta"}
+    assert fcn(torch.empty(1, 3, 96, 96, device="meta")).shape == (1, 1000, 2, 2)

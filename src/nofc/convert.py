@@ -108,11 +108,16 @@ def _fake_mode():
         log.removeFilter(drop)
 
 
-def _probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=torch.float32) -> _ShapeRecorder:
-    """Shape-only run of ``gm`` on a fake input of ``shape``; raises _NodeFailure."""
+def _probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None) -> _ShapeRecorder:
+    """Shape-only run of ``gm`` on a fake input of ``shape``; raises _NodeFailure.
+
+    The input is made on the network's own device (CPU, CUDA or meta) in ``dtype``
+    (default: the network's).
+    """
+    device, own = _param_like(gm)
     rec = _ShapeRecorder(gm)
     with _fake_mode():
-        rec.run(torch.empty(shape, dtype=dtype))
+        rec.run(torch.empty(shape, dtype=dtype or own, device=device))
     return rec
 
 
@@ -367,7 +372,7 @@ def _linear_mismatch(gm, node, lin: nn.Linear, size) -> str:
         rec = _ShapeRecorder(gm)
         with _fake_mode():
             try:
-                rec.run(torch.empty((_BATCH, *size)))
+                rec.run(torch.empty((_BATCH, *size), device=_param_like(gm)[0]))
             except _NodeFailure:
                 pass
         feat = rec.shapes.get(src.name)
@@ -396,7 +401,7 @@ def _suggest_size(gm, node, in_features, size):
         rec = _ShapeRecorder(gm)
         with _fake_mode():
             try:
-                rec.run(torch.empty((_BATCH, size[0], s, s)))
+                rec.run(torch.empty((_BATCH, size[0], s, s), device=_param_like(gm)[0]))
             except _NodeFailure:
                 pass
         shp = rec.shapes.get(src.name)
