@@ -288,3 +288,18 @@ def test_heatmap_cli_tiles_large_images(tmp_path, capsys, monkeypatch):
                  "--scores", str(scores)]) == 0
     assert "automatic above 0.0 Mpix" in capsys.readouterr().err
     np.testing.assert_allclose(np.load(scores)["scores"], stored[:], rtol=1e-6, atol=1e-6)
+
+
+def test_nan_pixels_warn_once_and_mark_cells():
+    fcn = _fcn(LeNet5(), (1, 32, 32))
+    img = np.random.default_rng(12).random((120, 100))
+    img[50, 40] = np.nan
+    with pytest.warns(UserWarning, match="NaN or Inf") as record:
+        got = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, progress=False,
+                                 dtype=F64)
+    assert len([w for w in record if "NaN" in str(w.message)]) == 1
+    with pytest.warns(UserWarning):
+        ref = _dense(fcn, img[None], (1, 32, 32))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got[:, 5:11, 3:11]).all() and not np.isnan(got[:, 0]).any()
+    np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=0, atol=1e-10)

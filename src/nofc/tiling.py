@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,7 +284,10 @@ class _TileRunner:
         from .dense import dense_predict
 
         x = _to_tensor(region, self.scale, self.mean, self.std, self.dtype, self.device)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # NaN/Inf pixels: dense_predict marks their cells NaN and would warn once per
+            # tile in tile coordinates; tiled_predict warns once for the whole map instead
+            warnings.simplefilter("ignore")
             scores = dense_predict(self.fcn, x[None], input_size=self.input_size, step=self.step,
                                    device=self.device)[0]
         a, b, c, d = t.out
@@ -394,6 +398,7 @@ def tiled_predict(
         }
         store, done = _open_store(out, meta, (k, h, w), tiles, geo, metadata, _np_dtype(dtype))
     todo = [t for t in tiles if t.index not in done]
+    _NAN_CELLS[0] = 0
     result = None if store is not None else np.zeros((k, h, w), dtype=_np_dtype(dtype))
     if backend == "local":
         _run_local(runner, src, todo, result, store, out, progress, total=len(tiles),
@@ -401,6 +406,9 @@ def tiled_predict(
     else:
         _run_dask(runner, src, todo, result, store, out, scheduler, workers, progress,
                   total=len(tiles))
+    if _NAN_CELLS[0]:
+        warnings.warn(f"the image has NaN or Inf pixels: {_NAN_CELLS[0]} map cells see them and "
+                      "are NaN", stacklevel=2)
     return store if store is not None else result
 
 
@@ -439,8 +447,12 @@ def _progress(total, initial, enabled):
                 disable=not enabled, dynamic_ncols=True)
 
 
+_NAN_CELLS = [0]  # NaN map cells written by the current run (see _warn_nan)
+
+
 def _write_block(result, store, out, t: Tile, block: np.ndarray):
     a, b, c, d = t.out
+    _NAN_CELLS[0] += int(np.isnan(block).any(0).sum())
     if store is not None:
         store[:, a:b, c:d] = block
         marker = Path(out) / _DONE_DIR / f"{t.index[0]}_{t.index[1]}"
