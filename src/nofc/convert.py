@@ -323,7 +323,7 @@ def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order=
         raise NofcError(f"internal: converted graph fails at {_describe_node(gm, f.node)}: "
                         f"{f.exc}") from None
     record.shapes_after = dict(after.shapes)
-    _check_outputs(gm, rec, after)
+    _check_outputs(rec, after)
     big = (_BATCH, size[0], 2 * size[1], 2 * size[2])
     try:
         _probe(gm, big, dtype=_param_like(gm)[1])
@@ -416,16 +416,12 @@ def _suggest_size(gm, node, in_features, size):
     return None
 
 
-def _check_outputs(gm, before: _ShapeRecorder, after: _ShapeRecorder) -> None:
-    out_b = [n for n in gm.graph.nodes if n.op == "output"]
-    # compare the final tensors: (B, K) before vs (B, K, 1, 1) after
-    b = [s for k, s in before.shapes.items() if k == "output"]
-    a = [s for k, s in after.shapes.items() if k == "output"]
-    if b and a and b[0] is not None and a[0] is not None:
-        sb, sa = b[0], a[0]
-        if len(sb) == 2 and not (len(sa) == 4 and sa[:2] == sb and sa[2:] == (1, 1)):
+def _check_outputs(before: _ShapeRecorder, after: _ShapeRecorder) -> None:
+    """The classifier's (B, K) output must have become (B, K, 1, 1) at the reference size."""
+    sb, sa = before.shapes.get("output"), after.shapes.get("output")
+    if sb is not None and sa is not None and len(sb) == 2:
+        if not (len(sa) == 4 and sa[:2] == sb and sa[2:] == (1, 1)):
             raise NofcError(f"internal: output {_fmt_shape(sb)} became {_fmt_shape(sa)}")
-    del out_b
 
 
 class _Rewriter:
