@@ -303,3 +303,24 @@ def test_nan_pixels_warn_once_and_mark_cells():
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     assert np.isnan(got[:, 5:11, 3:11]).all() and not np.isnan(got[:, 0]).any()
     np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=0, atol=1e-10)
+
+
+def test_heatmap_cli_large_map_is_drawn_downsampled_with_workers(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    from PIL import Image
+
+    import nofc.render as render
+    from nofc.cli import main
+
+    monkeypatch.setattr(render, "_THUMB", 16)  # pretend 30x25 cells is more than a picture
+    img = np.random.default_rng(13).integers(0, 256, (150, 130), dtype=np.uint8)
+    path = tmp_path / "page.png"
+    Image.fromarray(img).save(path)
+    png = tmp_path / "heat.png"
+    scores = tmp_path / "s.npz"
+    rc = main(["heatmap", "nofc:lenet5", str(path), "--input-size", "1x32x32", "-o", str(png),
+               "--workers", "2", "--tile", "64", "--scores", str(scores)])
+    assert rc == 0, capsys.readouterr().err
+    assert "backend dask" in capsys.readouterr().err
+    assert np.load(scores)["scores"].shape == (10, 30, 25)
+    assert Image.open(png).size[0] > 200

@@ -355,10 +355,15 @@ def _heatmap_tiled(model, image_path, size, output, *, spec, cls, top, step, sco
         block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
         peak = np.fmax(peak, torch.softmax(block, 0).nan_to_num(nan=-1.0).amax((1, 2)).numpy())
     chosen, labels = _choose_classes(cls, top, peak, _class_names(model, k, labels_file))
-    probs = np.zeros((len(chosen), h, w), dtype=np.float32)
+    # the drawn map: every f-th cell when the map is larger than the picture can show
+    f = max(1, -(-max(h, w) // _THUMB))
+    probs = np.zeros((len(chosen), -(-h // f), -(-w // f)), dtype=np.float32)
     for r in range(0, h, rows):
         block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
-        probs[:, r:r + rows] = torch.softmax(block, 0).numpy()[chosen]
+        first = (-r) % f  # first row of this block on the f-grid
+        kept = torch.softmax(block, 0).numpy()[chosen][:, first::f, ::f]
+        probs[:, (r + first) // f:(r + first) // f + kept.shape[1]] = kept
+    drawn_steps = (steps[0] * f, steps[1] * f)
     info = geo.as_dict()
     info.update(step=list(steps), image_shape=[size[0], H, W], map_shape=[h, w],
                 mean=None if mean is None else list(map(float, np.ravel(mean))),
@@ -367,9 +372,11 @@ def _heatmap_tiled(model, image_path, size, output, *, spec, cls, top, step, sco
     if thumb.shape[0] != size[0] and thumb.shape[0] in (2, 4):
         thumb = thumb[:-1]
     title = (f"{Path(str(image_path)).name}: {h}x{w} windows of {geo.window[0]}x{geo.window[1]}"
-             f", step {steps[0]}x{steps[1]}, tiled" + ("" if geo.exact else " (padded net)"))
+             f", step {steps[0]}x{steps[1]}, tiled" + ("" if geo.exact else " (padded net)")
+             + (f", drawn every {f}th cell" if f > 1 else ""))
     with atomic_output(output, force=force) as tmp:
-        render_heatmap(tmp, thumb, probs, labels, geo, steps, title=title, image_hw=(H, W))
+        render_heatmap(tmp, thumb, probs, labels, geo, drawn_steps, title=title,
+                       image_hw=(H, W))
         if scores_path:
             ys = geo.offset[0] + steps[0] * np.arange(h)
             xs = geo.offset[1] + steps[1] * np.arange(w)
