@@ -9,10 +9,12 @@ whole image; memory is bounded by the tile, not the image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,6 +481,7 @@ def _run_dask(runner, src, todo, result, store, out, scheduler, workers, progres
         raise NofcError("backend='dask' needs the scale extra: pip install 'nofc[scale]'") from None
     client = None
     cluster = None
+    plugin_name = None
     if scheduler is not None or workers is not None:
         try:
             from distributed import Client, LocalCluster
@@ -502,7 +505,11 @@ def _run_dask(runner, src, todo, result, store, out, scheduler, workers, progres
         if client is not None:
             from distributed import as_completed
 
-            [runner_f] = client.scatter([runner], broadcast=True)
+            # the model travels inside a worker plugin: unpickled exactly once per worker
+            # (workers that join later get it too), then used by every tile there
+            plugin_name = f"nofc-model-{uuid.uuid4().hex[:12]}"
+            client.register_plugin(_ModelPlugin(runner), name=plugin_name)
+            runner_f = plugin_name
             workers_now = max(1, len(client.scheduler_info().get("workers", {})))
             limit = 2 * workers_now  # tiles in flight: memory stays bounded by the tile
             remote = isinstance(src, _TiffSource) or type(src).__module__.startswith("zarr")
@@ -552,17 +559,42 @@ def _run_dask(runner, src, todo, result, store, out, scheduler, workers, progres
                 bar.close()
     finally:
         if client is not None:
+            if plugin_name is not None:
+                with contextlib.suppress(Exception):
+                    client.unregister_worker_plugin(plugin_name)
             client.close()
         if cluster is not None:
             cluster.close()
 
 
+def _worker_runner(runner):
+    """The runner itself, or the one a worker plugin of that name holds."""
+    if isinstance(runner, str):
+        from distributed import get_worker
+
+        return get_worker().plugins[runner].runner
+    return runner
+
+
 def _call(runner, src, t):
-    return runner(src, t)
+    return _worker_runner(runner)(src, t)
 
 
 def _compute(runner, region, t):
-    return runner.compute(region, t)
+    return _worker_runner(runner).compute(region, t)
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - dask is the optional scale extra
+    _WorkerPlugin = object
+
+
+class _ModelPlugin(_WorkerPlugin):
+    """Holds the tile runner (and so the model) on each Dask worker."""
+
+    def __init__(self, runner):
+        self.runner = runner
 
 
 def _open_store(out, meta, shape, tiles, geo, extra, np_dtype):
