@@ -227,6 +227,53 @@ def _pair(v, like: tuple[int, int]) -> tuple[int, int]:
     return (like[0] if a is None else int(a), like[1] if b is None else int(b))
 
 
+# --------------------------------------------------------------------------- modules
+
+
+class FullConv2d(nn.Conv2d):
+    """The Conv2d a flattened Linear becomes: a kernel as large as the feature map.
+
+    Numerically an ordinary ``nn.Conv2d`` (same parameters, same state_dict). In eager mode
+    on the CPU it computes through unfold + matmul when the unfolded input stays under
+    ``unfold_budget`` bytes: for a 7x7x512 kernel over a small map that is about twice as
+    fast as oneDNN's direct convolution. Scripted, exported or compiled, it is plain
+    ``F.conv2d``.
+
+    >>> conv = FullConv2d(4, 3, (2, 2))
+    >>> conv(torch.randn(1, 4, 5, 5)).shape
+    torch.Size([1, 3, 4, 4])
+    """
+
+    unfold_budget: int = 256 << 20
+
+    def forward(self, x):
+        if not torch.jit.is_scripting():
+            if self._unfold_ok(x):
+                return self._unfold_forward(x)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _unfold_ok(self, x) -> bool:
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() != 4:
+            return False
+        if self.padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1:
+            return False
+        kh, kw = self.kernel_size
+        oh = (x.shape[2] - kh) // self.stride[0] + 1
+        ow = (x.shape[3] - kw) // self.stride[1] + 1
+        cols = x.shape[0] * x.shape[1] * kh * kw * max(oh, 0) * max(ow, 0)
+        return oh > 0 and ow > 0 and cols * x.element_size() <= self.unfold_budget
+
+    def _unfold_forward(self, x):
+        kh, kw = self.kernel_size
+        oh = (x.shape[2] - kh) // self.stride[0] + 1
+        ow = (x.shape[3] - kw) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, stride=self.stride)  # (B, C*kh*kw, oh*ow)
+        out = self.weight.flatten(1) @ cols  # (B, O, oh*ow)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(x.shape[0], self.out_channels, oh, ow)
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -785,7 +832,8 @@ class _Rewriter:
         stride = self.next_stride() if (h, w) != (1, 1) else 1
         device, dtype = lin.weight.device, lin.weight.dtype
         # skip_init: no random initialisation of weights that are overwritten next
-        conv = nn.utils.skip_init(nn.Conv2d, c, lin.out_features, (h, w), stride=stride,
+        conv_type = FullConv2d if (h, w) != (1, 1) else nn.Conv2d
+        conv = nn.utils.skip_init(conv_type, c, lin.out_features, (h, w), stride=stride,
                                   bias=lin.bias is not None, device=device, dtype=dtype)
         with torch.no_grad():
             weight = lin.weight

@@ -31,7 +31,8 @@ def _describe_module(mod: nn.Module) -> tuple[str, str]:
         if mod.groups != 1:
             extra.append(f"g{mod.groups}")
         kernel = f"{mod.out_channels}x{mod.in_channels // mod.groups}x{_pair_txt(mod.kernel_size)}"
-        return (f"{type(mod).__name__} {mod.in_channels}->{mod.out_channels} "
+        kind = "Conv2d" if isinstance(mod, nn.Conv2d) else type(mod).__name__  # FullConv2d too
+        return (f"{kind} {mod.in_channels}->{mod.out_channels} "
                 + " ".join(extra)).strip(), kernel
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         s = mod.stride if mod.stride is not None else mod.kernel_size
