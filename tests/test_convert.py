@@ -297,3 +297,13 @@ def test_model_on_another_device_converts_there():
     fcn = nofc.convert(model, input_size=(3, 64, 64))
     assert {p.device.type for p in fcn.parameters()} == {"meta"}
     assert fcn(torch.empty(1, 3, 96, 96, device="meta")).shape == (1, 1000, 2, 2)
+
+
+def test_converting_a_converted_model_is_a_no_op(models):
+    # a deep copy of a converted model loses nofc's attributes; converting it again must work
+    model = models("alexnet")
+    fcn = copy.deepcopy(nofc.convert(model, input_size=(3, 224, 224)))
+    again = nofc.convert(fcn, input_size=(3, 224, 224))
+    assert type(again.get_submodule("classifier.1")).__name__ == "FullConv2d"
+    assert nofc.verify(model, again, input_size=(3, 224, 224), batch=1).ok
+    assert nofc.dense_predict(fcn, torch.randn(3, 288, 256), (3, 224, 224)).shape == (1, 1000, 3, 2)

@@ -133,9 +133,18 @@ def _describe_node(gm: fx.GraphModule, n: fx.Node) -> str:
     return f"node '{n.name}' ({n.op})"
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with nofc's own FullConv2d kept whole like any nn.Conv2d."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, FullConv2d) or super().is_leaf_module(m, qualname)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        name = type(model).__name__
+        return fx.GraphModule(model, graph, name)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NofcError(
