@@ -756,41 +756,30 @@ class _Rewriter:
                 return
             self.fail(n, f"{type(mod).__name__} cannot be applied window by window to the "
                          "flattened feature vector")
-        if n.op == "call_function":
-            if n.target in _SOFTMAX_FUNCS:
+        if n.op in ("call_function", "call_method"):
+            # the same rules for torch.relu(x) and x.relu(): only the tables differ
+            tables = ((_SOFTMAX_FUNCS, _ELEMENTWISE_FUNCS, _BINARY_OPS, _RESHAPE_FUNCS)
+                      if n.op == "call_function" else
+                      (_SOFTMAX_METHODS, _ELEMENTWISE_METHODS, _BINARY_METHODS, _RESHAPE_METHODS))
+            softmax, elementwise, binary, reshape = tables
+            if n.target in softmax:
                 self._fix_softmax_dim(n)
                 self.vec[n.name] = layout
                 return
-            if n.target in _ELEMENTWISE_FUNCS:
-                if any(isinstance(a, fx.Node) and a not in vin for a in n.all_input_nodes):
-                    self.fail(n, "elementwise op with another tensor operand")
-                self.vec[n.name] = layout
-                return
-            if n.target in _BINARY_OPS:
-                self._binary(n, vin, layout)
-                return
-            if n.target in _RESHAPE_FUNCS and self._same_vector_shape(n, layout):
-                self.drop_later(n)
-                self.vec[n.name] = layout
-                return
-        if n.op == "call_method":
-            if n.target in _SOFTMAX_METHODS:
-                self._fix_softmax_dim(n)
-                self.vec[n.name] = layout
-                return
-            if n.target in _ELEMENTWISE_METHODS:
+            if n.target in elementwise:
                 if any(a not in vin for a in n.all_input_nodes):
                     self.fail(n, "elementwise op with another tensor operand")
                 self.vec[n.name] = layout
                 return
-            if n.target in _BINARY_METHODS:
+            if n.target in binary:
                 self._binary(n, vin, layout)
                 return
-            if n.target == "size" and n.args[1:] in ((0,), ()) and not n.kwargs:
+            if n.op == "call_method" and n.target == "size" and not n.kwargs \
+                    and n.args[1:] in ((0,), ()):
                 if n.args[1:] == ():
                     self.fail(n, ".size() of the flattened vector (use .size(0))")
                 return  # batch size: unchanged by the rewrite
-            if n.target in _RESHAPE_METHODS and self._same_vector_shape(n, layout):
+            if n.target in reshape and self._same_vector_shape(n, layout):
                 self.drop_later(n)
                 self.vec[n.name] = layout
                 return
