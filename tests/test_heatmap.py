@@ -158,11 +158,11 @@ def test_small_image_is_refused(tmp_path, capsys):
 
 
 def test_render_places_cells_at_window_centres(tmp_path):
-    from nofc.render import map_extent, render_heatmap
+    from nofc.render import render_heatmap
 
     fcn = nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32))
     geo = nofc.geometry(fcn, (1, 32, 32))
-    left, right, bottom, top = map_extent(geo, geo.stride, geo.output_shape((64, 40)))
+    left, right, bottom, top = geo.extent(geo.output_shape((64, 40)))
     # first cell centre 16, last 16 + 8*4 = 48; each cell spans one step
     assert (top, bottom) == (14.0, 50.0) and (left, right) == (14.0, 26.0)
     path = tmp_path / "r.png"

@@ -237,7 +237,7 @@ def test_dask_local_cluster_two_workers_model_shipped_once(tmp_path):
 def test_bad_arguments():
     fcn = _fcn(LeNet5(), (1, 32, 32))
     img = np.zeros((64, 64))
-    with pytest.raises(NofcError, match="smaller than the window"):
+    with pytest.raises(NofcError, match="smaller than the 32x32 window"):
         nofc.tiled_predict(fcn, np.zeros((20, 64)), input_size=(1, 32, 32), progress=False)
     with pytest.raises(NofcError, match="does not divide the network stride"):
         nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), step=3, progress=False)

@@ -10,18 +10,25 @@ torch.Size([1, 1000, 6, 6])
 """
 
 from . import zoo
-from .convert import convert
+from .conversion import convert
 from .dense import dense_predict, sliding_window_predict
 from .errors import NofcError
-from .explain import explain
+from .explanation import Explanation, explain
 from .export import export_onnx, export_program, to_torchscript
-from .geometry import geometry
+from .layers import FullConv2d
 from .onnx_import import convert_onnx, verify_onnx
 from .tiling import tiled_predict
-from .verify import verify
+from .verification import VerifyReport, verify
+from .windows import Geometry, geometry
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "verify", "explain", "geometry", "dense_predict",
-           "sliding_window_predict", "tiled_predict", "zoo", "NofcError", "__version__",
-           "export_onnx", "export_program", "to_torchscript", "convert_onnx", "verify_onnx"]
+__all__ = [
+    # convert, prove, apply, ship
+    "convert", "verify", "explain", "geometry", "dense_predict", "sliding_window_predict",
+    "tiled_predict", "to_torchscript", "export_program", "export_onnx", "convert_onnx",
+    "verify_onnx",
+    # the types they return
+    "Geometry", "VerifyReport", "Explanation", "FullConv2d", "NofcError",
+    "zoo", "__version__",
+]

@@ -10,7 +10,7 @@ import argparse
 import sys
 import warnings
 
-from .errors import NofcError
+from .errors import NofcError, first_line, refuse_overwrite
 
 EXIT_USAGE = 2
 
@@ -99,8 +99,7 @@ def _cmd_convert_onnx(args) -> int:
     from .onnx_import import convert_onnx, verify_onnx
 
     size = parse_size(args.input_size)
-    if Path(args.output).exists() and not args.force:
-        raise NofcError(f"{args.output} exists; pass --force to overwrite it")
+    refuse_overwrite(args.output, force=args.force)
     if Path(args.output).suffix.lower() != ".onnx":
         raise NofcError(f"an ONNX classifier converts to ONNX: name the output .onnx, not "
                         f"{args.output}")
@@ -117,7 +116,7 @@ def _cmd_convert_onnx(args) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime missing an op, say
         print(f"not checked with onnxruntime: {type(exc).__name__}: "
-              f"{(str(exc).strip().splitlines() or [''])[0]}")
+              f"{first_line(exc)}")
     else:
         if not report.ok:
             raise NofcError(f"the converted model does not match the original: {report}")

@@ -15,18 +15,18 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from tqdm import tqdm
 
-from .convert import _check_input_size, _param_like, convert
-from .errors import NofcError
-from .geometry import Geometry, geometry
+from ._fx import param_like
+from .conversion import as_fcn
+from .errors import NofcError, check_input_size
+from .windows import Geometry, cached_geometry, parse_step
 
 __all__ = ["dense_predict", "sliding_window_predict"]
 
 
-def _as_batch(image, channels: int) -> torch.Tensor:
+def as_batch(image, channels: int) -> torch.Tensor:
     """(C, H, W) or (B, C, H, W) tensor or array -> floating (B, C, H, W) tensor."""
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
@@ -46,9 +46,9 @@ def _as_batch(image, channels: int) -> torch.Tensor:
     return image
 
 
-def _placed(model: nn.Module, device, dtype) -> tuple[nn.Module, torch.device, torch.dtype]:
+def placed(model: nn.Module, device, dtype) -> tuple[nn.Module, torch.device, torch.dtype]:
     """The model on ``device`` in ``dtype``: itself when it already is, else a copy."""
-    have_device, have_dtype = _param_like(model)
+    have_device, have_dtype = param_like(model)
     device = have_device if device is None else torch.device(device)
     dtype = have_dtype if dtype is None else dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -57,57 +57,6 @@ def _placed(model: nn.Module, device, dtype) -> tuple[nn.Module, torch.device, t
         # a copy also for a model in train mode: eval() must not flip the user's flag
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     return model.eval(), device, dtype
-
-
-def _as_fcn(model: nn.Module, size) -> fx.GraphModule:
-    """``model`` itself when nofc converted it for ``size``; else its conversion."""
-    if not isinstance(model, nn.Module):
-        raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    have = getattr(model, "_nofc_input_size", None)
-    if have is not None:
-        if tuple(have) != tuple(size):
-            raise NofcError(f"the network was converted for input_size={tuple(have)}, not "
-                            f"{tuple(size)}")
-        return model
-    return convert(model, size)
-
-
-def _geometry(fcn: nn.Module, size) -> Geometry:
-    """geometry() remembered on the module, so repeated calls do not re-probe."""
-    cache = fcn.__dict__.setdefault("_nofc_geometry_cache", {})
-    if size not in cache:
-        cache[size] = geometry(fcn, size)
-    return cache[size]
-
-
-def _parse_step(step) -> tuple[int, int]:
-    try:
-        steps = (int(step), int(step)) if np.ndim(step) == 0 else tuple(int(s) for s in step)
-    except (TypeError, ValueError):
-        steps = ()
-    if len(steps) != 2 or min(steps) < 1:
-        raise NofcError(f"step must be a positive integer or (sy, sx), got {step!r}")
-    return steps  # type: ignore[return-value]
-
-
-def _check_step(step, geo: Geometry) -> tuple[int, int]:
-    if step is None:
-        return geo.stride
-    steps = _parse_step(step)
-    for s, stride, axis in zip(steps, geo.stride, "yx"):
-        if stride % s:
-            good = [d for d in range(1, stride + 1) if stride % d == 0]
-            raise NofcError(
-                f"step {s} ({axis}) does not divide the network stride {stride}: steps that "
-                f"work are {', '.join(map(str, good))} (shift-and-stitch for the smaller ones)")
-    return steps  # type: ignore[return-value]
-
-
-def _check_fits(hw, geo: Geometry, what: str = "image") -> None:
-    need = geo.min_size()
-    if hw[0] < need[0] or hw[1] < need[1]:
-        raise NofcError(f"{what} is {hw[0]}x{hw[1]}, smaller than the {need[0]}x{need[1]} "
-                        f"window; pad or resize it to at least {need[0]}x{need[1]}")
 
 
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
@@ -157,15 +106,14 @@ def dense_predict(
     >>> nofc.dense_predict(fcn, torch.randn(2, 1, 64, 48), (1, 32, 32), step=2).shape
     torch.Size([2, 10, 17, 9])
     """
-    size = _check_input_size(input_size)
-    net = _as_fcn(fcn, size)
-    geo = _geometry(net, size)
-    steps = _check_step(step, geo)
-    x = _as_batch(image, size[0])
-    hw = tuple(x.shape[-2:])
-    _check_fits(hw, geo)
-    net, device, dtype = _placed(net, device, dtype)
-    factors = (geo.stride[0] // steps[0], geo.stride[1] // steps[1])
+    size = check_input_size(input_size)
+    net = as_fcn(fcn, size)
+    geo = cached_geometry(net, size)
+    steps = geo.check_step(step)
+    x = as_batch(image, size[0])
+    geo.check_fits(x.shape[-2:])
+    net, device, dtype = placed(net, device, dtype)
+    factors = geo.factors(steps)
     chunks = list(_chunks(x.shape[0], batch_size))
     outs = []
     passes = len(chunks) * factors[0] * factors[1]
@@ -216,16 +164,10 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch
     H, W = x.shape[-2:]
     n0 = geo.output_shape((H, W))
     out = None
-    counts_y, counts_x = [], []
     for a in range(fy):
         for b in range(fx_):
             dy, dx = a * steps[0], b * steps[1]
-            n = geo.output_shape((H - dy, W - dx))
-            if b == 0:
-                counts_y.append(n[0])
-            if a == 0:
-                counts_x.append(n[1])
-            if min(n) < 1:
+            if min(geo.output_shape((H - dy, W - dx))) < 1:
                 continue
             part = net(x[..., dy:, dx:])  # (B, K, n_a, n_b)
             if tick is not None:
@@ -233,9 +175,7 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch
             if out is None:
                 out = part.new_zeros((*part.shape[:2], n0[0], fy, n0[1], fx_))
             out[:, :, : part.shape[2], a, : part.shape[3], b] = part
-    # the filled cells form a prefix: pass a fills rows a, a + fy, ... up to its count
-    ny = min(c * fy + a for a, c in enumerate(counts_y))
-    nx = min(c * fx_ + b for b, c in enumerate(counts_x))
+    ny, nx = geo.output_shape((H, W), step=steps)  # the prefix every pass fills
     B, K = out.shape[:2]
     return out.reshape(B, K, n0[0] * fy, n0[1] * fx_)[:, :, :ny, :nx]
 
@@ -263,17 +203,17 @@ def sliding_window_predict(
     >>> nofc.sliding_window_predict(m, torch.randn(1, 64, 48), (1, 32, 32), step=4).shape
     torch.Size([1, 10, 9, 5])
     """
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     if not isinstance(model, nn.Module):
         raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    steps = _parse_step(step)
-    x = _as_batch(image, size[0])
+    steps = parse_step(step)
+    x = as_batch(image, size[0])
     wh, ww = size[1:]
     H, W = x.shape[-2:]
     if H < wh or W < ww:
         raise NofcError(f"image is {H}x{W}, smaller than the {wh}x{ww} window; pad or resize "
                         f"it to at least {wh}x{ww}")
-    model, device, dtype = _placed(model, device, dtype)
+    model, device, dtype = placed(model, device, dtype)
     ny, nx = (H - wh) // steps[0] + 1, (W - ww) // steps[1] + 1
     windows = x.unfold(2, wh, steps[0]).unfold(3, ww, steps[1])  # (B, C, ny, nx, wh, ww)
     total = x.shape[0] * ny * nx
@@ -289,34 +229,3 @@ def sliding_window_predict(
                 out = scores.new_empty((total, scores.shape[1]))
             out[sl] = scores
     return out.reshape(x.shape[0], ny, nx, -1).permute(0, 3, 1, 2)
-
-
-def _compare_with_crops(model, fcn, image, size, *, dtype, device, step=None) -> dict:
-    """Dense map vs crop-by-crop on ``image``, over the cells whose window fits inside.
-
-    Used by ``nofc.verify(..., image=...)``. Returns max abs error, max relative error
-    (normwise over the compared cells), the number of cells, and whether the geometry
-    says the two should be equal.
-    """
-    fcn = _as_fcn(fcn, size)
-    geo = _geometry(fcn, size)
-    steps = _check_step(step, geo)
-    x = _as_batch(image, size[0])
-    _check_fits(tuple(x.shape[-2:]), geo)
-    dense = dense_predict(fcn, x, size, steps, device=device, dtype=dtype)
-    naive = sliding_window_predict(model, x, size, steps, device=device, dtype=dtype)
-    h, w = min(dense.shape[2], naive.shape[2]), min(dense.shape[3], naive.shape[3])
-    a, b = naive[:, :, :h, :w], dense[:, :, :h, :w]
-    diff = (a - b).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    scale = float(a.abs().max()) if a.numel() else 0.0
-    return {
-        "max_abs": max_abs,
-        "max_rel": max_abs / scale if scale > 0 else max_abs,
-        "cells": int(h * w * x.shape[0]),
-        "input_shape": tuple(x.shape),
-        "output_shape": tuple(dense.shape),
-        "exact": geo.exact,
-        "reasons": geo.reasons,
-        "finite": bool(torch.isfinite(a).all() == torch.isfinite(b).all()),
-    }

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .convert import _check_input_size, _param_like
-from .errors import NofcError
+from ._fx import param_like
+from .errors import NofcError, check_input_size, first_line, refuse_overwrite
 from .io import atomic_output
 
 __all__ = ["save_model", "save_onnx", "to_torchscript", "export_program", "export_onnx",
@@ -25,10 +25,6 @@ __all__ = ["save_model", "save_onnx", "to_torchscript", "export_program", "expor
 FORMATS = {".pt": "TorchScript", ".pt2": "torch.export", ".onnx": "ONNX"}
 
 _INPUT_DIMS = ("batch", "height", "width")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @contextlib.contextmanager
@@ -44,8 +40,8 @@ def _example_input(fcn: nn.Module, input_size) -> torch.Tensor:
 
     At the reference size the map is 1 x 1 and torch.export would specialise H and W.
     """
-    c, h, w = _check_input_size(input_size)
-    device, dtype = _param_like(fcn)
+    c, h, w = check_input_size(input_size)
+    device, dtype = param_like(fcn)
     return torch.randn(2, c, 2 * h, 2 * w, device=device, dtype=dtype)
 
 
@@ -83,7 +79,7 @@ def to_torchscript(fcn: nn.Module) -> torch.jit.ScriptModule:
             return torch.jit.script(fcn.eval())
         except Exception as exc:  # noqa: BLE001
             raise NofcError(f"TorchScript cannot compile the converted model: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
 
 
 def export_program(fcn: nn.Module, path=None, *, input_size, force: bool = False):
@@ -106,7 +102,7 @@ def export_program(fcn: nn.Module, path=None, *, input_size, force: bool = False
             ep = torch.export.export(fcn.eval(), (x,), dynamic_shapes=_dynamic_shapes())
     except Exception as exc:  # noqa: BLE001
         raise NofcError(f"torch.export cannot export the converted model: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     shape = next(n for n in ep.graph.nodes if n.op == "placeholder"
                  and n.name not in ep.graph_signature.inputs_to_parameters
                  and n.name not in ep.graph_signature.inputs_to_buffers).meta["val"].shape
@@ -166,7 +162,7 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
                 input_names=["input"], output_names=["logits"], verbose=False, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise NofcError(f"ONNX export of the converted model failed: "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     proto = program.model_proto
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     fixed = [name for name, i in zip(_INPUT_DIMS, (0, 2, 3)) if not dims[i].dim_param]
@@ -179,7 +175,7 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
     except Exception as exc:  # noqa: BLE001 - a >2GB model is checked by path below
         if proto.ByteSize() < 2**31:
             raise NofcError(f"the exported ONNX model fails onnx.checker: "
-                            f"{_first_line(exc)}") from None
+                            f"{first_line(exc)}") from None
     if path is not None:
         save_onnx(proto, path, force=force)
     return proto
@@ -215,15 +211,9 @@ def save_model(fcn: nn.Module, path, *, input_size, force: bool = False) -> str:
                 warnings.simplefilter("ignore")
                 torch.jit.save(scripted, tmp)
     elif suffix == ".pt2":
-        _refuse_existing(path, force)
+        refuse_overwrite(path, force=force)
         export_program(fcn, path, input_size=input_size, force=force)
     else:
-        _refuse_existing(path, force)
+        refuse_overwrite(path, force=force)
         export_onnx(fcn, path, input_size=input_size, force=force)
     return FORMATS[suffix]
-
-
-def _refuse_existing(path, force: bool) -> None:
-    """Fail before a slow export rather than after it."""
-    if Path(path).exists() and not force:
-        raise NofcError(f"{path} exists; pass --force to overwrite it")

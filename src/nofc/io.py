@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import NofcError
+from .errors import NofcError, first_line, refuse_overwrite
 
 __all__ = ["load_model", "parse_size", "atomic_output"]
 
@@ -54,8 +54,7 @@ def _load_state_dict(path: str) -> dict:
                 "can be given as MODEL with --trust-pickle)"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", text)
-        first = detail.group(1) if detail else (text.strip().splitlines() or
-                                                [type(exc).__name__])[0]
+        first = detail.group(1) if detail else first_line(exc)
         raise NofcError(f"cannot read weights from {path}: not a PyTorch weights file "
                         f"({type(exc).__name__}: {first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -183,8 +182,7 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False):
     temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
-    if target.exists() and not force:
-        raise NofcError(f"{target} exists; pass --force to overwrite it")
+    refuse_overwrite(target, force=force)
     if target.is_dir():
         raise NofcError(f"{target} is a directory, not a file path")
     folder = target.parent if str(target.parent) else Path(".")

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .convert import _check_input_size
-from .errors import NofcError
+from .errors import NofcError, check_input_size, first_line, refuse_overwrite
 
 __all__ = ["convert_onnx", "verify_onnx"]
 
@@ -66,7 +65,7 @@ def _load(model):
     try:
         return onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise NofcError(f"cannot read {model} as an ONNX model: {first}") from None
 
 
@@ -167,7 +166,7 @@ def _shapes(model, size, batch, layout) -> dict:
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise NofcError(f"onnx shape inference fails at input size "
                         f"{'x'.join(map(str, size))}: {first}") from None
     shapes = {}
@@ -550,7 +549,7 @@ def _check_runs(model, size, names, layout) -> dict:
             inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True,
                                                          data_prop=True)
         except Exception as exc:  # noqa: BLE001
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise NofcError(f"the converted graph does not run on a {size[0]}x"
                             f"{size[1] * scale}x{size[2] * scale} input: {first}; some node "
                             "before the head depends on the input size") from None
@@ -594,11 +593,11 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
     ['batch', 10, 'map_height', 'map_width']
     """
     onnx = _onnx()
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     if pooling not in ("window", "global"):
         raise NofcError(f"pooling must be 'window' or 'global', got {pooling!r}")
-    if output is not None and Path(output).exists() and not force:
-        raise NofcError(f"{output} exists; pass --force to overwrite it")
+    if output is not None:
+        refuse_overwrite(output, force=force)
     m = _load(model)
     g = m.graph
     inp = _graph_input(g)
@@ -625,7 +624,7 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
         onnx.checker.check_model(m)
     except Exception as exc:  # noqa: BLE001
         if m.ByteSize() < 2**31:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise NofcError(f"internal: the converted graph fails onnx.checker: {first}"
                             ) from None
     found = _check_runs(m, size, {o.name for o in outs}, layout)
@@ -651,7 +650,7 @@ def verify_onnx(model, fcn, input_size, *, batch: int = 1, seed: int = 0,
                 tolerance: float = 1e-4):
     """Run both ONNX models in onnxruntime on one random input at the reference size.
 
-    Returns a :class:`nofc.verify.VerifyReport` (float32, relative tolerance).
+    Returns a :class:`nofc.VerifyReport` (float32, relative tolerance).
 
     >>> import numpy as np
     >>> from onnx import helper as h, numpy_helper, TensorProto as T
@@ -664,14 +663,14 @@ def verify_onnx(model, fcn, input_size, *, batch: int = 1, seed: int = 0,
     >>> report.ok, report.output_shape
     (True, (3, 32, 1, 1))
     """
-    from .verify import VerifyReport
+    from .verification import VerifyReport
 
     try:
         import onnxruntime as ort
     except ImportError:
         raise NofcError("checking ONNX models needs onnxruntime: pip install "
                         "'nofc[onnx]'") from None
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     a_model, b_model = _load(model), _load(fcn)
     layout = _input_layout(_graph_input(a_model.graph), size)
     x = np.random.default_rng(seed).standard_normal(_image_dims(layout, batch, *size))

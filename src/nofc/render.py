@@ -13,24 +13,9 @@ import math
 
 import numpy as np
 
-from .errors import NofcError
+from .errors import NofcError, refuse_overwrite
 
-__all__ = ["render_heatmap", "map_extent"]
-
-
-def map_extent(geo, step, shape) -> tuple[float, float, float, float]:
-    """matplotlib ``extent`` (left, right, bottom, top) of an ``(h, w)`` map in pixels.
-
-    >>> from types import SimpleNamespace as N
-    >>> map_extent(N(offset=(0, 0), window=(32, 32)), (4, 4), (9, 3))
-    (14.0, 26.0, 50.0, 14.0)
-    """
-    h, w = shape
-    ty, tx = step
-    cy0 = geo.offset[0] + geo.window[0] / 2
-    cx0 = geo.offset[1] + geo.window[1] / 2
-    return (cx0 - tx / 2, cx0 + (w - 1) * tx + tx / 2,
-            cy0 + (h - 1) * ty + ty / 2, cy0 - ty / 2)
+__all__ = ["render_heatmap"]
 
 
 def _peak(a: np.ndarray) -> float:
@@ -91,7 +76,7 @@ def render_heatmap(
     aspect = H / W
     fig, axes = plt.subplots(rows, cols, squeeze=False,
                              figsize=(panel * cols + 0.9, panel * aspect * rows + 0.7))
-    extent = map_extent(geo, step, probs.shape[1:])
+    extent = geo.extent(probs.shape[1:], step=step)
     shown = None
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -197,7 +182,8 @@ def heatmap(
 
     import torch
 
-    from .dense import _check_step, _geometry, dense_predict
+    from .dense import dense_predict
+    from .windows import cached_geometry
     from .images import load_image, normalize
     from .io import atomic_output
 
@@ -209,12 +195,11 @@ def heatmap(
     if Path(output).suffix.lower() != ".png":
         raise NofcError(f"the heatmap is a PNG: give an output ending in .png, got {output}")
     for p in outputs:  # refuse before the long part
-        if p.exists() and not force:
-            raise NofcError(f"{p} exists; pass --force to overwrite it")
+        refuse_overwrite(p, force=force)
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
 
-    from .convert import convert
+    from .conversion import convert
 
     size = tuple(input_size)
     if tile is not None or out is not None or scheduler is not None or workers is not None \
@@ -229,8 +214,8 @@ def heatmap(
         mean, std = _default_norm(model, spec, size[0])
     x = torch.from_numpy(normalize(raw, mean, std))
     fcn = convert(model, size)
-    geo = _geometry(fcn, size)
-    steps = _check_step(step, geo)
+    geo = cached_geometry(fcn, size)
+    steps = geo.check_step(step)
     logits = dense_predict(fcn, x, size, steps, device=device, progress=progress)[0]
     logits = logits.float().cpu()  # (K, h, w)
     probs = torch.softmax(logits, dim=0).numpy()
@@ -240,17 +225,14 @@ def heatmap(
     h, w = probs.shape[1:]
     info = geo.as_dict()
     if verify:
-        from .verify import verify as _verify
+        from .verification import verify as _verify
 
         info["verify"] = str(_verify(model, fcn, size, image=x, dtype=torch.float32,
                                      device=device))
     info.update(step=list(steps), image_shape=list(raw.shape), map_shape=[h, w],
                 mean=None if mean is None else list(map(float, np.ravel(mean))),
                 std=None if std is None else list(map(float, np.ravel(std))))
-    ys = geo.offset[0] + steps[0] * np.arange(h)
-    xs = geo.offset[1] + steps[1] * np.arange(w)
-    boxes = np.stack(np.broadcast_arrays(ys[:, None], xs[None, :], ys[:, None] + geo.window[0],
-                                         xs[None, :] + geo.window[1]), -1).astype(np.int64)
+    boxes = geo.boxes(raw.shape[1:], step=steps)
     title = (f"{Path(str(image_path)).name}: {h}x{w} windows of {geo.window[0]}x{geo.window[1]}, "
              f"step {steps[0]}x{steps[1]}" + ("" if geo.exact else " (padded net: not exact)"))
     with atomic_output(output, force=force) as tmp:
@@ -326,8 +308,8 @@ def _heatmap_tiled(model, image_path, size, output, *, spec, cls, top, step, sco
 
     import torch
 
-    from .convert import convert
-    from .dense import _check_step, _geometry
+    from .conversion import convert
+    from .windows import cached_geometry
     from .io import atomic_output
     from .tiling import _layout, _spatial_shape, open_image_array, tiled_predict
 
@@ -337,8 +319,8 @@ def _heatmap_tiled(model, image_path, size, output, *, spec, cls, top, step, sco
     if mean is None and std is None:
         mean, std = _default_norm(model, spec, size[0])
     fcn = convert(model, size)
-    geo = _geometry(fcn, size)
-    steps = _check_step(step, geo)
+    geo = cached_geometry(fcn, size)
+    steps = geo.check_step(step)
     backend = "dask" if scheduler is not None or workers is not None else "local"
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix): tiled with tile {tile} (tiling is "
           f"automatic above {TILE_ABOVE / 1e6:.1f} Mpix), backend {backend}"
@@ -378,13 +360,8 @@ def _heatmap_tiled(model, image_path, size, output, *, spec, cls, top, step, sco
         render_heatmap(tmp, thumb, probs, labels, geo, drawn_steps, title=title,
                        image_hw=(H, W))
         if scores_path:
-            ys = geo.offset[0] + steps[0] * np.arange(h)
-            xs = geo.offset[1] + steps[1] * np.arange(w)
-            boxes = np.stack(np.broadcast_arrays(ys[:, None], xs[None, :],
-                                                 ys[:, None] + geo.window[0],
-                                                 xs[None, :] + geo.window[1]), -1)
-            _save_scores(scores_path, np.asarray(scores[:]), boxes.astype(np.int64), info,
-                         force=force)
+            _save_scores(scores_path, np.asarray(scores[:]), geo.boxes((H, W), step=steps),
+                         info, force=force)
     return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
             "geometry": info, "max_prob": [float(peak[c]) for c in chosen]}
 

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .convert import _check_input_size
-from .errors import NofcError
+from .conversion import as_fcn
+from .errors import NofcError, check_input_size, first_line
+from .windows import cached_geometry
 
 __all__ = ["tiled_predict", "open_image_array", "plan_tiles"]
 
@@ -51,7 +52,7 @@ class _TiffSource:
                 self.dtype = np.dtype(page.dtype)
                 self.axes = page.axes
         except Exception as exc:  # noqa: BLE001
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise NofcError(f"cannot read TIFF {path}: {first}") from None
         self._zarr = zarr
         self._arr = None
@@ -193,21 +194,9 @@ def plan_tiles(geo, image_hw: tuple[int, int], *, tile: int, step=None) -> tuple
     """
     H, W = image_hw
     stride = geo.stride
-    fine = [1, 1]
-    if step is not None:
-        sy, sx = (step, step) if isinstance(step, int) else step
-        fine = [stride[0] // sy, stride[1] // sx]
-    h, w = geo.output_shape((H, W))
-    if fine != [1, 1]:
-        # shift-and-stitch: pass k (shifted by k steps) gives fine cells k, k + f, ...; the
-        # map is the prefix that every pass fills (as dense_predict computes it)
-        st = [stride[0] // fine[0], stride[1] // fine[1]]
-        h = min(geo.output_shape((H - k * st[0], W))[0] * fine[0] + k for k in range(fine[0]))
-        w = min(geo.output_shape((H, W - k * st[1]))[1] * fine[1] + k for k in range(fine[1]))
-    if h <= 0 or w <= 0:
-        raise NofcError(f"image {H}x{W} is smaller than the window {geo.window[0]}x"
-                        f"{geo.window[1]}; it needs at least {geo.min_size()[0]}x"
-                        f"{geo.min_size()[1]} pixels")
+    fine = geo.factors(step)
+    geo.check_fits((H, W))
+    h, w = geo.output_shape((H, W), step=step)
     rf, rf_off = geo.receptive_field, geo.rf_offset
     per = [max(1, tile // stride[a]) * fine[a] for a in (0, 1)]  # map cells per block
     tiles = []
@@ -352,15 +341,13 @@ def tiled_predict(
     >>> nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=64, progress=False).shape
     (10, 68, 43)
     """
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     if backend not in ("local", "dask"):
         raise NofcError(f"backend must be 'local' or 'dask', got {backend!r}")
     if not isinstance(tile, int) or tile < 1:
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
-    from .dense import _as_fcn, _geometry
-
-    fcn = _as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
-    geo = _geometry(fcn, size)
+    fcn = as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
+    geo = cached_geometry(fcn, size)
     context = list(getattr(getattr(fcn, "_nofc_record", None), "global_context", []) or [])
     if context or any("global context" in r for r in geo.reasons):
         raise NofcError(
@@ -375,7 +362,7 @@ def tiled_predict(
     lay = _layout(tuple(src.shape), size[0], layout)
     H, W = _spatial_shape(tuple(src.shape), lay)
     if step is not None:
-        _check_step(step, geo.stride)
+        geo.check_step(step)
     tiles, (h, w) = plan_tiles(geo, (H, W), tile=tile, step=step)
     if scale is None:
         scale = _default_scale(np.dtype(getattr(src, "dtype", np.float32)))
@@ -424,18 +411,10 @@ def _jsonable(v):
     return [float(t) for t in np.atleast_1d(np.asarray(v, dtype=np.float64))]
 
 
-def _check_step(step, stride):
-    sy, sx = (step, step) if isinstance(step, int) else tuple(step)
-    if sy < 1 or sx < 1 or stride[0] % sy or stride[1] % sx:
-        divs = [d for d in range(1, stride[0] + 1) if stride[0] % d == 0]
-        raise NofcError(f"step {step} does not divide the network stride {stride}; steps that "
-                        f"work: {', '.join(map(str, divs))}")
-
-
 def _num_outputs(fcn, size) -> int:
-    from .convert import _param_like, _probe
+    from ._fx import probe
 
-    rec = _probe(fcn, (1, *size), dtype=_param_like(fcn)[1])
+    rec = probe(fcn, (1, *size))
     shape = rec.shapes.get("output")
     if shape is None or len(shape) != 4:
         raise NofcError(f"the network's output is {shape}, not a (B, K, h, w) map")

@@ -13,9 +13,7 @@ Shapes are found by running the graph on fake tensors (no arithmetic, no memory)
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,132 +23,23 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import NofcError
+from ._fx import (
+    PROBE_BATCH as _BATCH,
+    NodeFailure,
+    ShapeRecorder,
+    describe_node,
+    fmt_shape,
+    global_pool,
+    pair,
+    param_like,
+    probe,
+    trace,
+)
+from .errors import NofcError, check_input_size, first_line
+from .layers import FullConv2d
 
 __all__ = ["convert"]
 
-_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _check_input_size(input_size) -> tuple[int, int, int]:
-    try:
-        size = tuple(int(s) for s in input_size)
-    except (TypeError, ValueError):
-        raise NofcError(f"input_size must be (C, H, W) integers, got {input_size!r}") from None
-    if len(size) != 3 or min(size) < 1:
-        raise NofcError(f"input_size must be three positive integers (C, H, W), got {input_size!r}")
-    return size  # type: ignore[return-value]
-
-
-def _fmt_shape(shape) -> str:
-    if shape is None:
-        return "?"
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
-def _param_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs a graph on fake tensors and records every tensor node's shape."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.shapes: dict[str, tuple[int, ...] | None] = {}
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node):
-        try:
-            result = super().run_node(n)
-        except NofcError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - re-raised with the node's context
-            raise _NodeFailure(n, exc) from None
-        if isinstance(result, torch.Tensor):
-            self.shapes[n.name] = tuple(result.shape)
-        else:
-            self.shapes[n.name] = None
-            if isinstance(result, (int, float, bool)):
-                self.values[n.name] = result
-        return result
-
-
-class _NodeFailure(Exception):
-    def __init__(self, node: fx.Node, exc: Exception):
-        super().__init__(str(exc))
-        self.node = node
-        self.exc = exc
-
-
-@contextlib.contextmanager
-def _fake_mode():
-    """FakeTensorMode that does not log a traceback for an op that fails (we raise instead).
-
-    PyTorch logs ``failed while attempting to run meta`` with a full traceback on stderr
-    before re-raising; on the command line that buries the one-line error.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    drop = logging.Filter("nofc-silenced")  # matches no logger name: drops every record
-    log.addFilter(drop)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            yield
-    finally:
-        log.removeFilter(drop)
-
-
-def _probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None) -> _ShapeRecorder:
-    """Shape-only run of ``gm`` on a fake input of ``shape``; raises _NodeFailure.
-
-    The input is made on the network's own device (CPU, CUDA or meta) in ``dtype``
-    (default: the network's).
-    """
-    device, own = _param_like(gm)
-    rec = _ShapeRecorder(gm)
-    with _fake_mode():
-        rec.run(torch.empty(shape, dtype=dtype or own, device=device))
-    return rec
-
-
-def _describe_node(gm: fx.GraphModule, n: fx.Node) -> str:
-    if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
-        return f"'{n.target}' ({type(mod).__name__})"
-    if n.op == "call_function":
-        name = getattr(n.target, "__name__", str(n.target))
-        return f"node '{n.name}' (function {name})"
-    if n.op == "call_method":
-        return f"node '{n.name}' (method .{n.target})"
-    return f"node '{n.name}' ({n.op})"
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with nofc's own FullConv2d kept whole like any nn.Conv2d."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, FullConv2d) or super().is_leaf_module(m, qualname)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-        name = type(model).__name__
-        return fx.GraphModule(model, graph, name)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NofcError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {first}); "
-            "nofc needs a model whose forward has no data-dependent control flow"
-        ) from None
 
 
 # --------------------------------------------------------------------------- op tables
@@ -181,106 +70,6 @@ _BINARY_OPS = {
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
 _SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _SOFTMAX_METHODS = {"softmax", "log_softmax"}
-
-
-def _is_global_mean(n: fx.Node) -> tuple[bool, bool]:
-    """(is a mean/amax over both spatial dims, keepdim) for call_method/call_function nodes."""
-    if not (
-        (n.op == "call_method" and n.target in ("mean", "amax"))
-        or (n.op == "call_function" and n.target in (torch.mean, torch.amax))
-    ):
-        return False, False
-    args = list(n.args[1:])
-    dim = n.kwargs.get("dim", args[0] if args else None)
-    keepdim = n.kwargs.get("keepdim", args[1] if len(args) > 1 else False)
-    if isinstance(dim, int):
-        dim = (dim,)
-    if not isinstance(dim, (tuple, list)):
-        return False, False
-    dims = {d % 4 if isinstance(d, int) else None for d in dim}
-    return dims == {2, 3}, bool(keepdim)
-
-
-def _pool_kind(gm: fx.GraphModule, n: fx.Node) -> tuple[str, Any] | None:
-    """("avg" | "max", output_size) when ``n`` is adaptive or global pooling of a 4D map."""
-    if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
-        if isinstance(mod, nn.AdaptiveAvgPool2d):
-            return "avg", mod.output_size
-        if isinstance(mod, nn.AdaptiveMaxPool2d):
-            if mod.return_indices:
-                return None
-            return "max", mod.output_size
-        return None
-    if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        if name == "adaptive_avg_pool2d":
-            return "avg", n.kwargs.get("output_size", n.args[1] if len(n.args) > 1 else None)
-        if name in ("adaptive_max_pool2d", "adaptive_max_pool2d_with_indices"):
-            if n.kwargs.get("return_indices", len(n.args) > 2 and n.args[2]):
-                return None
-            return "max", n.kwargs.get("output_size", n.args[1] if len(n.args) > 1 else None)
-    is_mean, _ = _is_global_mean(n)
-    if is_mean:
-        kind = "max" if n.target in ("amax", torch.amax) else "avg"
-        return kind, 1
-    return None
-
-
-def _pair(v, like: tuple[int, int]) -> tuple[int, int]:
-    if v is None:
-        return like
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (like[0] if a is None else int(a), like[1] if b is None else int(b))
-
-
-# --------------------------------------------------------------------------- modules
-
-
-class FullConv2d(nn.Conv2d):
-    """The Conv2d a flattened Linear becomes: a kernel as large as the feature map.
-
-    Numerically an ordinary ``nn.Conv2d`` (same parameters, same state_dict). In eager mode
-    on the CPU it computes through unfold + matmul when the unfolded input stays under
-    ``unfold_budget`` bytes: for a 7x7x512 kernel over a small map that is about twice as
-    fast as oneDNN's direct convolution. Scripted, exported or compiled, it is plain
-    ``F.conv2d``.
-
-    >>> conv = FullConv2d(4, 3, (2, 2))
-    >>> conv(torch.randn(1, 4, 5, 5)).shape
-    torch.Size([1, 3, 4, 4])
-    """
-
-    unfold_budget: int = 256 << 20
-
-    def forward(self, x):
-        if not torch.jit.is_scripting():
-            if self._unfold_ok(x):
-                return self._unfold_forward(x)
-        return self._conv_forward(x, self.weight, self.bias)
-
-    def _unfold_ok(self, x) -> bool:
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() != 4:
-            return False
-        if self.padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1:
-            return False
-        kh, kw = self.kernel_size
-        oh = (x.shape[2] - kh) // self.stride[0] + 1
-        ow = (x.shape[3] - kw) // self.stride[1] + 1
-        cols = x.shape[0] * x.shape[1] * kh * kw * max(oh, 0) * max(ow, 0)
-        return oh > 0 and ow > 0 and cols * x.element_size() <= self.unfold_budget
-
-    def _unfold_forward(self, x):
-        kh, kw = self.kernel_size
-        oh = (x.shape[2] - kh) // self.stride[0] + 1
-        ow = (x.shape[3] - kw) // self.stride[1] + 1
-        cols = F.unfold(x, self.kernel_size, stride=self.stride)  # (B, C*kh*kw, oh*ow)
-        out = self.weight.flatten(1) @ cols  # (B, O, oh*ow)
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.view(x.shape[0], self.out_channels, oh, ow)
 
 
 # --------------------------------------------------------------------------- records
@@ -347,10 +136,23 @@ def convert(
     return fcn
 
 
+def as_fcn(model: nn.Module, size) -> fx.GraphModule:
+    """``model`` itself when nofc converted it for ``size``; else its conversion."""
+    if not isinstance(model, nn.Module):
+        raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    have = getattr(model, "_nofc_input_size", None)
+    if have is not None:
+        if tuple(have) != tuple(size):
+            raise NofcError(f"the network was converted for input_size={tuple(have)}, not "
+                            f"{tuple(size)}")
+        return model
+    return convert(model, size)
+
+
 def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order="chw"):
     if not isinstance(model, nn.Module):
         raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     if pooling not in ("window", "global"):
         raise NofcError(f"pooling must be 'window' or 'global', got {pooling!r}")
     if flatten_order not in ("chw", "hwc"):
@@ -359,7 +161,7 @@ def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order=
         raise NofcError(f"fc_stride must be a positive integer, got {fc_stride!r}")
 
     work = copy.deepcopy(model).eval()
-    gm = _trace(work)
+    gm = trace(work)
     ref = (_BATCH, *size)
     rec = _probe_or_explain(gm, ref, size, model_name=type(model).__name__)
     record = ConversionRecord(size, pooling, fc_stride, flatten_order)
@@ -374,19 +176,19 @@ def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order=
 
     # Check the rewritten graph: same output at the reference size, and it runs larger.
     try:
-        after = _probe(gm, ref, dtype=_param_like(gm)[1])
-    except _NodeFailure as f:  # pragma: no cover - a bug in the rewrite, not user input
-        raise NofcError(f"internal: converted graph fails at {_describe_node(gm, f.node)}: "
+        after = probe(gm, ref, dtype=param_like(gm)[1])
+    except NodeFailure as f:  # pragma: no cover - a bug in the rewrite, not user input
+        raise NofcError(f"internal: converted graph fails at {describe_node(gm, f.node)}: "
                         f"{f.exc}") from None
     record.shapes_after = dict(after.shapes)
     _check_outputs(rec, after)
     big = (_BATCH, size[0], 2 * size[1], 2 * size[2])
     try:
-        _probe(gm, big, dtype=_param_like(gm)[1])
-    except _NodeFailure as f:
+        probe(gm, big, dtype=param_like(gm)[1])
+    except NodeFailure as f:
         raise NofcError(
-            f"{_describe_node(gm, f.node)} only works at the reference size: on a "
-            f"{size[0]}x{big[2]}x{big[3]} input it fails ({str(f.exc).splitlines()[0]}); "
+            f"{describe_node(gm, f.node)} only works at the reference size: on a "
+            f"{size[0]}x{big[2]}x{big[3]} input it fails ({first_line(f.exc)}); "
             "it depends on the spatial size, so the model cannot be made fully convolutional"
         ) from None
     gm._nofc_record = record  # read by explain(); ignored by TorchScript
@@ -394,12 +196,12 @@ def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order=
     return gm, record
 
 
-def _probe_or_explain(gm, ref, size, model_name) -> _ShapeRecorder:
+def _probe_or_explain(gm, ref, size, model_name) -> ShapeRecorder:
     """Probe at the reference size; a failure becomes a NofcError with a suggestion."""
     try:
-        return _probe(gm, ref, dtype=_param_like(gm)[1])
-    except _NodeFailure as f:
-        msg = str(f.exc).strip().splitlines()[0] if str(f.exc).strip() else type(f.exc).__name__
+        return probe(gm, ref, dtype=param_like(gm)[1])
+    except NodeFailure as f:
+        msg = first_line(f.exc)
         node = f.node
         detail = ""
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
@@ -415,7 +217,7 @@ def _probe_or_explain(gm, ref, size, model_name) -> _ShapeRecorder:
         else:
             detail = f": {msg}"
         raise NofcError(
-            f"{model_name} does not run on input_size={size}: {_describe_node(gm, node)} "
+            f"{model_name} does not run on input_size={size}: {describe_node(gm, node)} "
             f"fails{detail}"
         ) from None
 
@@ -425,12 +227,7 @@ def _linear_mismatch(gm, node, lin: nn.Linear, size) -> str:
     src = node.all_input_nodes[0]
     feat = None
     try:
-        rec = _ShapeRecorder(gm)
-        with _fake_mode():
-            try:
-                rec.run(torch.empty((_BATCH, *size), device=_param_like(gm)[0]))
-            except _NodeFailure:
-                pass
+        rec = probe(gm, (_BATCH, *size), torch.float32, partial=True)
         feat = rec.shapes.get(src.name)
         # the 4D map the vector was flattened from, for the message
         spatial = None
@@ -454,12 +251,7 @@ def _suggest_size(gm, node, in_features, size):
     src = node.all_input_nodes[0]
 
     def feat_at(s):
-        rec = _ShapeRecorder(gm)
-        with _fake_mode():
-            try:
-                rec.run(torch.empty((_BATCH, size[0], s, s), device=_param_like(gm)[0]))
-            except _NodeFailure:
-                pass
+        rec = probe(gm, (_BATCH, size[0], s, s), torch.float32, partial=True)
         shp = rec.shapes.get(src.name)
         return None if shp is None else shp[-1]
 
@@ -472,18 +264,18 @@ def _suggest_size(gm, node, in_features, size):
     return None
 
 
-def _check_outputs(before: _ShapeRecorder, after: _ShapeRecorder) -> None:
+def _check_outputs(before: ShapeRecorder, after: ShapeRecorder) -> None:
     """The classifier's (B, K) output must have become (B, K, 1, 1) at the reference size."""
     sb, sa = before.shapes.get("output"), after.shapes.get("output")
     if sb is not None and sa is not None and len(sb) == 2:
         if not (len(sa) == 4 and sa[:2] == sb and sa[2:] == (1, 1)):
-            raise NofcError(f"internal: output {_fmt_shape(sb)} became {_fmt_shape(sa)}")
+            raise NofcError(f"internal: output {fmt_shape(sb)} became {fmt_shape(sa)}")
 
 
 class _Rewriter:
     """One pass over the graph: classify nodes, then rewrite the head."""
 
-    def __init__(self, gm: fx.GraphModule, rec: _ShapeRecorder, record: ConversionRecord):
+    def __init__(self, gm: fx.GraphModule, rec: ShapeRecorder, record: ConversionRecord):
         self.gm = gm
         self.shapes = rec.shapes
         self.values = rec.values
@@ -502,9 +294,9 @@ class _Rewriter:
     def fail(self, n: fx.Node, why: str):
         ins = [self.shape(a) for a in n.all_input_nodes]
         raise NofcError(
-            f"cannot convert {_describe_node(self.gm, n)}: {why} "
-            f"(input {', '.join(_fmt_shape(s) for s in ins) or '-'}, "
-            f"output {_fmt_shape(self.shape(n))}); nothing was converted"
+            f"cannot convert {describe_node(self.gm, n)}: {why} "
+            f"(input {', '.join(fmt_shape(s) for s in ins) or '-'}, "
+            f"output {fmt_shape(self.shape(n))}); nothing was converted"
         )
 
     def set_module(self, target: str, new: nn.Module):
@@ -631,8 +423,8 @@ class _Rewriter:
         return False
 
     def _try_pool(self, n: fx.Node) -> bool:
-        kind = _pool_kind(self.gm, n)
-        if kind is None or not n.args or not isinstance(n.args[0], fx.Node):
+        kind = global_pool(self.gm, n)
+        if kind is None or kind[0] == "sum" or not n.args or not isinstance(n.args[0], fx.Node):
             return False
         if self._mixes_with_map(n):
             self.record.global_context.append(n.target if n.op == "call_module" else n.name)
@@ -645,13 +437,13 @@ class _Rewriter:
             self.fail(n, "pooling over a flattened vector")
         op, out_size = kind
         h, w = s_in[2:]
-        oh, ow = _pair(out_size, (h, w))
+        oh, ow = pair(out_size, (h, w))
         label = n.target if n.op == "call_module" else n.name
         before = (f"{'Adaptive' if n.op == 'call_module' else 'global '}{op}pool "
-                  f"-> {oh}x{ow}  {_fmt_shape(s_in)} -> {_fmt_shape(s_out)}")
-        global_pool = (oh, ow) == (1, 1)
+                  f"-> {oh}x{ow}  {fmt_shape(s_in)} -> {fmt_shape(s_out)}")
+        is_global = (oh, ow) == (1, 1)
         if self.record.pooling == "global":
-            if global_pool:
+            if is_global:
                 new = nn.AdaptiveAvgPool2d(1) if op == "avg" else nn.AdaptiveMaxPool2d(1)
                 m = self._replace_with_module(n, src, new, "pool")
                 self.record.changes.append(Change(label, before, f"kept global: {new}"))
@@ -670,7 +462,7 @@ class _Rewriter:
                          f"size; choose an input size whose feature map here is a multiple of "
                          f"{oh}x{ow} (e.g. the one the model was trained on)")
         k = (h // oh, w // ow)
-        if global_pool:
+        if is_global:
             stride: Any = self.next_stride()
         else:
             stride = k
@@ -729,7 +521,7 @@ class _Rewriter:
                                     affine=mod.affine,
                                     track_running_stats=mod.track_running_stats)
                 bn.load_state_dict(mod.state_dict())
-                bn.to(*_param_like(mod)).eval()
+                bn.to(*param_like(mod)).eval()
                 self.set_module(n.target, bn)
                 self.record.changes.append(Change(n.target, f"{mod}", f"{bn}"))
                 self.vec[n.name] = layout

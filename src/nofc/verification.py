@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .convert import _check_input_size, _param_like
-from .errors import NofcError
+from ._fx import param_like
+from .conversion import as_fcn
+from .dense import as_batch, dense_predict, sliding_window_predict
+from .errors import NofcError, check_input_size
+from .windows import cached_geometry
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -89,7 +92,7 @@ def verify(
     >>> r.cells, r.exact
     (4, False)
     """
-    size = _check_input_size(input_size)
+    size = check_input_size(input_size)
     if dtype not in _DEFAULT_TOL:
         raise NofcError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     kind, default = _DEFAULT_TOL[dtype]
@@ -99,7 +102,7 @@ def verify(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, *size), generator=gen, dtype=torch.float64)
     if device is None:
-        device = _param_like(model)[0]
+        device = param_like(model)[0]
     x = x.to(device)
     a = _run(model, x, dtype)
     b = _run(fcn, x, dtype)
@@ -122,11 +125,40 @@ def verify(
 
 def _verify_image(model, fcn, size, image, dtype, device, kind, tol) -> VerifyReport:
     """verify(..., image=...): the dense map against crop-by-crop, on the given image."""
-    from .dense import _compare_with_crops
-
     r = _compare_with_crops(model, fcn, image, size, dtype=dtype, device=device)
     measured = r["max_abs"] if kind == "abs" else r["max_rel"]
     ok = bool(measured <= tol) and r["finite"]
     return VerifyReport(r["max_abs"], r["max_rel"], str(dtype).replace("torch.", ""),
                         r["input_shape"], r["output_shape"], f"{kind} {tol:g}", ok,
                         r["cells"], r["exact"], tuple(r["reasons"]))
+
+
+def _compare_with_crops(model, fcn, image, size, *, dtype, device, step=None) -> dict:
+    """Dense map vs crop-by-crop on ``image``, over the cells whose window fits inside.
+
+    Used by ``nofc.verify(..., image=...)``. Returns max abs error, max relative error
+    (normwise over the compared cells), the number of cells, and whether the geometry
+    says the two should be equal.
+    """
+    fcn = as_fcn(fcn, size)
+    geo = cached_geometry(fcn, size)
+    steps = geo.check_step(step)
+    x = as_batch(image, size[0])
+    geo.check_fits(x.shape[-2:])
+    dense = dense_predict(fcn, x, size, steps, device=device, dtype=dtype)
+    naive = sliding_window_predict(model, x, size, steps, device=device, dtype=dtype)
+    h, w = min(dense.shape[2], naive.shape[2]), min(dense.shape[3], naive.shape[3])
+    a, b = naive[:, :, :h, :w], dense[:, :, :h, :w]
+    diff = (a - b).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return {
+        "max_abs": max_abs,
+        "max_rel": max_abs / scale if scale > 0 else max_abs,
+        "cells": int(h * w * x.shape[0]),
+        "input_shape": tuple(x.shape),
+        "output_shape": tuple(dense.shape),
+        "exact": geo.exact,
+        "reasons": geo.reasons,
+        "finite": bool(torch.isfinite(a).all() == torch.isfinite(b).all()),
+    }

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 import torch.nn as nn
 
-from .convert import _convert, _NodeFailure, _probe, _param_like, _trace
-from .errors import NofcError
+from ._fx import NodeFailure, param_like, probe, trace
+from .conversion import _convert
+from .errors import NofcError, first_line
 
 __all__ = ["explain", "Explanation"]
 
@@ -143,7 +144,7 @@ def explain(
     >>> table.output_at
     (1, 1000, 6, 6)
     """
-    original = _trace(model)  # tracing reads the model, it does not change it
+    original = trace(model)  # tracing reads the model, it does not change it
     fcn, record = _convert(model, input_size, pooling=pooling, fc_stride=fc_stride,
                            flatten_order=flatten_order)
     size = record.input_size
@@ -154,10 +155,10 @@ def explain(
         except (TypeError, ValueError, IndexError):
             raise NofcError(f"at must be (H, W), got {at!r}") from None
         try:
-            shapes_at = _probe(fcn, (1, size[0], ah, aw), dtype=_param_like(fcn)[1]).shapes
-        except _NodeFailure as f:
+            shapes_at = probe(fcn, (1, size[0], ah, aw), dtype=param_like(fcn)[1]).shapes
+        except NodeFailure as f:
             raise NofcError(f"the converted model does not run at {ah}x{aw}: node "
-                            f"'{f.node.name}' fails ({str(f.exc).splitlines()[0]}); "
+                            f"'{f.node.name}' fails ({first_line(f.exc)}); "
                             "is the input smaller than the window?") from None
     after_nodes = {n.name: n for n in fcn.graph.nodes}
     changes = {c.name: c for c in record.changes}

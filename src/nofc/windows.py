@@ -1,0 +1,551 @@
+"""Which input window each cell of a fully convolutional map saw.
+
+Convention. A converted network with reference input size ``(C, H, W)`` gives one map
+cell per input window of that size. Cell ``(i, j)`` stands for the window
+
+    ``(y0, x0, y1, x1) = (oy + i*sy, ox + j*sx, oy + i*sy + H, ox + j*sx + W)``
+
+with ``stride = (sy, sx)``, ``offset = (oy, ox)`` and ``window = (H, W)``: the classifier
+run on that crop gives the cell's value whenever ``exact`` is True (no padding, no
+``ceil_mode`` pooling, no global context such as squeeze-and-excitation). With padding the
+cell and the crop differ near the borders the crop does not share with the image; the
+grids still line up, so the box is still the crop to compare with, and
+``nofc.verify(model, fcn, input_size, image=...)`` measures how far apart they are.
+
+``receptive_field`` and ``rf_offset`` are the region of the input that can influence
+cell (0, 0) (``rf_offset`` is negative when padding reaches outside the image); it can be
+larger than the window (VGG16: 404 > 224, padding) or smaller (pooling that floors).
+
+Everything is derived from the layers (kernel, stride, padding, dilation, ceil_mode of
+every convolution and pooling, walking the torch.fx graph; branches must agree on the
+stride) and checked against shape probes on fake tensors at several input sizes.
+
+Steps. A map computed with a step finer than the stride (shift-and-stitch) keeps the same
+windows, ``step`` pixels apart. ``Geometry`` is the one place that knows what a step does:
+``check_step`` validates it, and ``output_shape``, ``boxes``, ``centers`` and ``extent``
+take ``step=`` (default: the stride).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._fx import (
+    NodeFailure,
+    bind,
+    describe_node,
+    get_attr,
+    global_pool,
+    pair,
+    param_like,
+    probe,
+    trace,
+)
+from .errors import NofcError, check_input_size, first_line
+from .layers import conv_output_size
+
+__all__ = ["geometry", "Geometry", "parse_step"]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One sliding operation along one axis pair: kernel, stride, padding (lo, hi), ..."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad_lo: tuple[int, int]
+    pad_hi: tuple[int, int]
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+
+    def out_size(self, n: int, axis: int) -> int:
+        return conv_output_size(n, self.kernel[axis], self.stride[axis], self.pad_lo[axis],
+                                self.pad_hi[axis], self.dilation[axis], self.ceil_mode)
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pad_lo) or any(self.pad_hi)
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Geometry of a node's map along y and x: cell spacing, first cell's field."""
+
+    jump: tuple[int, int] = (1, 1)
+    start: tuple[int, int] = (0, 0)  # top-left of cell (0, 0)'s receptive field
+    size: tuple[int, int] = (1, 1)  # receptive field size
+
+    def then(self, layer: _Layer) -> "_Axis":
+        j, s, r = self.jump, self.start, self.size
+        k = [layer.dilation[a] * (layer.kernel[a] - 1) + 1 for a in (0, 1)]
+        return _Axis(
+            (j[0] * layer.stride[0], j[1] * layer.stride[1]),
+            (s[0] - layer.pad_lo[0] * j[0], s[1] - layer.pad_lo[1] * j[1]),
+            (r[0] + (k[0] - 1) * j[0], r[1] + (k[1] - 1) * j[1]),
+        )
+
+
+def parse_step(step) -> tuple[int, int]:
+    """A positive int or ``(sy, sx)`` as a pair of positive ints, or a NofcError.
+
+    >>> parse_step(4), parse_step((2, 8))
+    ((4, 4), (2, 8))
+    """
+    try:
+        steps = (int(step), int(step)) if np.ndim(step) == 0 else tuple(int(s) for s in step)
+    except (TypeError, ValueError):
+        steps = ()
+    if len(steps) != 2 or min(steps) < 1:
+        raise NofcError(f"step must be a positive integer or (sy, sx), got {step!r}")
+    return steps  # type: ignore[return-value]
+
+
+def _hw(size) -> tuple[int, int]:
+    try:
+        t = tuple(int(s) for s in size)
+    except (TypeError, ValueError):
+        raise NofcError(f"image size must be (H, W) integers, got {size!r}") from None
+    if len(t) != 2:
+        raise NofcError(f"image size must be (H, W), got {size!r}")
+    return t  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Stride, offset and window of a fully convolutional map (see the module docstring).
+
+    >>> import torchvision, nofc
+    >>> fcn = nofc.convert(torchvision.models.vgg16(), input_size=(3, 224, 224))
+    >>> geo = nofc.geometry(fcn, input_size=(3, 224, 224))
+    >>> geo.stride, geo.offset, geo.window, geo.exact
+    ((32, 32), (0, 0), (224, 224), False)
+    >>> geo.output_shape((384, 384)), geo.output_shape((384, 384), step=16)
+    ((6, 6), (11, 11))
+    >>> geo.boxes((384, 384)).shape
+    (6, 6, 4)
+    """
+
+    stride: tuple[int, int]
+    offset: tuple[int, int]
+    window: tuple[int, int]
+    exact: bool
+    receptive_field: tuple[int, int]
+    rf_offset: tuple[int, int]
+    reasons: tuple[str, ...] = ()  # why not exact
+    _nodes: tuple = field(default=(), repr=False, compare=False)
+    _output: str = field(default="", repr=False, compare=False)
+
+    # -- steps
+    def check_step(self, step=None) -> tuple[int, int]:
+        """``(sy, sx)`` for ``step`` (None: the stride); a step must divide the stride.
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> geo.check_step(), geo.check_step(2)
+        ((4, 4), (2, 2))
+        """
+        if step is None:
+            return self.stride
+        steps = parse_step(step)
+        for s, stride, axis in zip(steps, self.stride, "yx"):
+            if stride % s:
+                good = [d for d in range(1, stride + 1) if stride % d == 0]
+                raise NofcError(
+                    f"step {s} ({axis}) does not divide the network stride {stride}: steps "
+                    f"that work are {', '.join(map(str, good))} (shift-and-stitch for the "
+                    "smaller ones)")
+        return steps
+
+    def factors(self, step=None) -> tuple[int, int]:
+        """How many shifted passes per axis a step needs: ``stride // step``."""
+        steps = self.check_step(step)
+        return (self.stride[0] // steps[0], self.stride[1] // steps[1])
+
+    # -- sizes and places
+    def output_shape(self, image_size, *, step=None) -> tuple[int, int]:
+        """``(h, w)`` of the map for an ``(H, W)`` image (0 when the image is too small).
+
+        With a step finer than the stride, the map is what every shifted pass fills:
+        pass ``k`` (the image shifted by ``k`` steps) gives the cells ``k, k + f, ...``.
+        """
+        hw = _hw(image_size)
+        steps = self.check_step(step)
+        f = self.factors(steps)
+        if f == (1, 1):
+            return self._coarse_shape(hw)
+        h = min(self._coarse_shape((hw[0] - k * steps[0], hw[1]))[0] * f[0] + k
+                for k in range(f[0]))
+        w = min(self._coarse_shape((hw[0], hw[1] - k * steps[1]))[1] * f[1] + k
+                for k in range(f[1]))
+        return (max(h, 0), max(w, 0))
+
+    def _coarse_shape(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The map at the network stride, layer by layer (the nodes the walk recorded)."""
+        sizes: dict[str, tuple[int, int]] = {}
+        for name, kind, srcs, layer in self._nodes:
+            if kind == "input":
+                sizes[name] = hw
+            elif kind == "layer":
+                h, w = sizes[srcs[0]]
+                sizes[name] = (layer.out_size(h, 0), layer.out_size(w, 1))
+            else:  # "same" or "merge": the size of its map inputs
+                sizes[name] = sizes[srcs[0]]
+        h, w = sizes[self._output]
+        return (max(h, 0), max(w, 0))
+
+    def _starts(self, image_size, step) -> tuple[np.ndarray, np.ndarray]:
+        h, w = self.output_shape(image_size, step=step)
+        sy, sx = self.check_step(step)
+        return (self.offset[0] + sy * np.arange(h, dtype=np.int64),
+                self.offset[1] + sx * np.arange(w, dtype=np.int64))
+
+    def boxes(self, image_size, *, step=None) -> np.ndarray:
+        """Integer array ``(h, w, 4)``: the window ``(y0, x0, y1, x1)`` of every map cell.
+
+        Boxes can reach past the image only for networks with padding or ``ceil_mode``
+        pooling whose map has cells for windows that do not fit.
+        """
+        y0, x0 = self._starts(image_size, step)
+        out = np.empty((len(y0), len(x0), 4), dtype=np.int64)
+        out[..., 0] = y0[:, None]
+        out[..., 1] = x0[None, :]
+        out[..., 2] = y0[:, None] + self.window[0]
+        out[..., 3] = x0[None, :] + self.window[1]
+        return out
+
+    def centers(self, image_size, *, step=None) -> tuple[np.ndarray, np.ndarray]:
+        """Window centres ``(ys, xs)`` in pixel coordinates (pixel i spans [i, i+1))."""
+        y0, x0 = self._starts(image_size, step)
+        return y0 + self.window[0] / 2, x0 + self.window[1] / 2
+
+    def extent(self, map_shape, *, step=None) -> tuple[float, float, float, float]:
+        """matplotlib ``extent`` (left, right, bottom, top) of an ``(h, w)`` map in pixels:
+        each cell a ``step``-sized square centred on its window's centre. Any step works
+        here: a map drawn every f-th cell has ``f`` times the step it was computed with.
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> geo.extent((9, 3))
+        (14.0, 26.0, 50.0, 14.0)
+        """
+        h, w = map_shape
+        ty, tx = self.stride if step is None else parse_step(step)
+        cy0 = self.offset[0] + self.window[0] / 2
+        cx0 = self.offset[1] + self.window[1] / 2
+        return (cx0 - tx / 2, cx0 + (w - 1) * tx + tx / 2,
+                cy0 + (h - 1) * ty + ty / 2, cy0 - ty / 2)
+
+    def min_size(self) -> tuple[int, int]:
+        """The smallest ``(H, W)`` with at least one map cell."""
+        return tuple(self.offset[a] + self.window[a] for a in (0, 1))  # type: ignore[return-value]
+
+    def check_fits(self, image_size, what: str = "image") -> None:
+        """Raise when an ``(H, W)`` image is smaller than one window."""
+        hw, need = _hw(image_size), self.min_size()
+        if hw[0] < need[0] or hw[1] < need[1]:
+            raise NofcError(f"{what} is {hw[0]}x{hw[1]}, smaller than the {need[0]}x{need[1]} "
+                            f"window; pad or resize it to at least {need[0]}x{need[1]}")
+
+    def as_dict(self) -> dict:
+        """Plain-Python form (for JSON next to saved score maps)."""
+        return {
+            "stride": list(self.stride), "offset": list(self.offset),
+            "window": list(self.window), "exact": self.exact,
+            "receptive_field": list(self.receptive_field), "rf_offset": list(self.rf_offset),
+            "reasons": list(self.reasons),
+            "box_convention": "cell (i, j) -> (y0, x0, y1, x1) = (oy + i*sy, ox + j*sx, "
+                              "y0 + window_h, x0 + window_w), pixel rows y0..y1-1",
+        }
+
+
+# --------------------------------------------------------------------------- layer rules
+
+
+def _conv_layer(kernel, stride, padding, dilation) -> _Layer:
+    k, s, d = pair(kernel), pair(stride), pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            lo = hi = (0, 0)
+        else:  # "same": PyTorch puts the extra pixel at the end
+            total = [d[a] * (k[a] - 1) for a in (0, 1)]
+            lo = (total[0] // 2, total[1] // 2)
+            hi = (total[0] - lo[0], total[1] - lo[1])
+    else:
+        lo = hi = pair(padding)
+    return _Layer(k, s, lo, hi, d)
+
+
+def _pool_layer(kernel, stride, padding, dilation=1, ceil_mode=False) -> _Layer:
+    k = pair(kernel)
+    s = k if stride is None or (not isinstance(stride, int) and len(stride) == 0) else pair(stride)
+    p = pair(padding)
+    return _Layer(k, s, p, p, pair(dilation), bool(ceil_mode))
+
+
+def _pad_layer(left, right, top, bottom) -> _Layer:
+    return _Layer((1, 1), (1, 1), (top, left), (bottom, right))
+
+
+_PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+
+
+def _module_layer(m: nn.Module) -> _Layer | None:
+    if isinstance(m, nn.Conv2d):
+        return _conv_layer(m.kernel_size, m.stride, m.padding, m.dilation)
+    if isinstance(m, nn.MaxPool2d):
+        return _pool_layer(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    if isinstance(m, nn.AvgPool2d):
+        return _pool_layer(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode)
+    if isinstance(m, _PAD_MODULES):
+        return _pad_layer(*m.padding)
+    return None
+
+
+def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
+    if n.target is F.conv2d or n.target is torch.conv2d:
+        a = bind(F.conv2d, n) if n.target is F.conv2d else {}
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        if not a or not isinstance(w, fx.Node) or w.op != "get_attr":
+            return None
+        kernel = tuple(get_attr(gm, w.target).shape[2:])
+        return _conv_layer(kernel, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1))
+    if n.target in (F.max_pool2d, torch.max_pool2d):
+        a = bind(F.max_pool2d, n)
+        if not a:
+            return None
+        return _pool_layer(a["kernel_size"], a.get("stride"), a.get("padding", 0),
+                           a.get("dilation", 1), a.get("ceil_mode", False))
+    if n.target in (F.avg_pool2d, torch._C._nn.avg_pool2d):
+        a = bind(F.avg_pool2d, n) if n.target is F.avg_pool2d else {}
+        if not a:
+            return None
+        return _pool_layer(a["kernel_size"], a.get("stride"), a.get("padding", 0), 1,
+                           a.get("ceil_mode", False))
+    if n.target is F.pad:
+        pad = tuple(bind(F.pad, n).get("pad", ()))
+        if len(pad) in (2, 4):
+            return _pad_layer(*(pad + (0, 0) * ((4 - len(pad)) // 2)))
+    return None
+
+
+def _layer_of(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
+    """The sliding-window layer ``n`` is, or None when it is not one."""
+    if n.op == "call_module":
+        return _module_layer(gm.get_submodule(n.target))
+    if n.op == "call_function":
+        return _function_layer(gm, n)
+    return None
+
+
+def _spatial(shape, dims=(2, 3)) -> tuple[int, int] | None:
+    """The (H, W) of a 4D shape whose spatial axes are at ``dims`` (NCHW: (2, 3))."""
+    if shape is None or len(shape) != 4:
+        return None
+    return (shape[dims[0]], shape[dims[1]])
+
+
+def _permuted(n: fx.Node, dims: tuple[int, int]) -> tuple[int, int]:
+    """Where the spatial axes ``dims`` of the input go through ``n`` (a permute keeps
+    NHWC blocks such as ConvNeXt's understandable); other ops keep them in place."""
+    perm = None
+    if n.op == "call_method" and n.target == "permute":
+        perm = n.args[1:] if len(n.args) > 2 else n.args[1] if len(n.args) > 1 else None
+    elif n.op == "call_function" and n.target is torch.permute:
+        perm = n.args[1] if len(n.args) > 1 else n.kwargs.get("dims")
+    if perm is None or len(perm) != 4 or not all(isinstance(d, int) for d in perm):
+        return dims
+    perm = [d % 4 for d in perm]
+    return (perm.index(dims[0]), perm.index(dims[1]))
+
+
+# --------------------------------------------------------------------------- geometry()
+
+
+def geometry(fcn: nn.Module, input_size) -> Geometry:
+    """Derive stride, offset, window and exactness of a converted network.
+
+    Three phases: probe the network's shapes at three input sizes, walk the graph layer
+    by layer, and check the result against the probes.
+
+    Args:
+        fcn: the result of ``nofc.convert`` (any fully convolutional module that torch.fx
+            can trace works; ``(B, K, h, w)`` output).
+        input_size: ``(C, H, W)`` the classifier was trained on.
+
+    Raises:
+        NofcError: a layer whose geometry is unknown (upsampling, a reshape of the map,
+            ...), branches with different strides, or a map that does not grow with the
+            input (global pooling kept).
+
+    >>> import nofc
+    >>> fcn = nofc.convert(nofc.zoo.LeNet5(), input_size=(1, 32, 32))
+    >>> geo = nofc.geometry(fcn, input_size=(1, 32, 32))
+    >>> geo.stride, geo.window, geo.exact, geo.output_shape((64, 40))
+    ((4, 4), (32, 32), True, (9, 3))
+    """
+    size = check_input_size(input_size)
+    gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
+    record = getattr(fcn, "_nofc_record", None)
+    sizes, probes = _probe_sizes(gm, size)
+    walk = _Walk(gm, probes, set(getattr(record, "global_context", []) or []))
+    walk.run()
+    geo = walk.result(size)
+    for hw, p in zip(sizes, probes):
+        got = walk.spatial(p, walk.out_name)
+        if got != geo.output_shape(hw):
+            raise NofcError(f"internal: geometry predicts {geo.output_shape(hw)} cells for a "
+                            f"{hw[0]}x{hw[1]} input, the network gives {got}")
+    return geo
+
+
+def cached_geometry(fcn: nn.Module, size) -> Geometry:
+    """geometry() remembered on the module, so repeated calls do not re-probe."""
+    cache = fcn.__dict__.setdefault("_nofc_geometry_cache", {})
+    if size not in cache:
+        cache[size] = geometry(fcn, size)
+    return cache[size]
+
+
+def _probe_sizes(gm: fx.GraphModule, size) -> tuple[list, list]:
+    """Shapes of every node at the reference size and at two larger sizes the map must
+    follow (odd ones, so that a layer that needs even sizes shows itself)."""
+    sizes = [size[1:], (2 * size[1] + 3, 2 * size[2] + 5), (3 * size[1] + 1, 3 * size[2])]
+    probes = []
+    for hw in sizes:
+        try:
+            probes.append(probe(gm, (1, size[0], *hw), param_like(gm)[1]))
+        except NodeFailure as f:
+            raise NofcError(f"cannot derive the geometry: {describe_node(gm, f.node)} fails on "
+                            f"a {size[0]}x{hw[0]}x{hw[1]} input ({first_line(f.exc)})"
+                            ) from None
+    return sizes, probes
+
+
+class _Walk:
+    """Walks the graph once, giving every node with a spatial map its ``_Axis``."""
+
+    def __init__(self, gm: fx.GraphModule, probes: list, global_context: set[str]):
+        self.gm = gm
+        self.probes = probes
+        self.global_context = global_context
+        self.axes: dict[str, _Axis | None] = {}  # None: no spatial geometry
+        self.layout: dict[str, tuple[int, int]] = {}  # where H and W are, when not (2, 3)
+        self.nodes: list = []
+        self.reasons: list[str] = []
+        self.out_name = ""
+
+    def spatial(self, p, name: str, dims=None) -> tuple[int, int] | None:
+        """(H, W) of node ``name`` in probe ``p``."""
+        return _spatial(p.shapes.get(name), dims or self.layout.get(name, (2, 3)))
+
+    def run(self) -> None:
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                if self.axes:
+                    raise NofcError("cannot derive the geometry of a network with several "
+                                    "inputs")
+                self.axes[n.name] = _Axis()
+                self.nodes.append((n.name, "input", (), None))
+            elif n.op == "get_attr":
+                self.axes[n.name] = None
+            elif n.op == "output":
+                self._output(n)
+            else:
+                self._node(n)
+
+    def _output(self, n: fx.Node) -> None:
+        src = n.args[0]
+        while isinstance(src, (tuple, list)) and src:
+            src = src[0]
+        if not isinstance(src, fx.Node) or self.axes.get(src.name) is None:
+            raise NofcError("cannot derive the geometry: the network's output is not a map")
+        self.out_name = src.name
+
+    def _node(self, n: fx.Node) -> None:
+        ins = [a for a in n.all_input_nodes if self.axes.get(a.name) is not None]
+        if not ins:
+            self.axes[n.name] = None
+            return
+        label = describe_node(self.gm, n)
+        if self._global(n, label):
+            return
+        layer = _layer_of(self.gm, n)
+        if layer is not None:
+            if len(ins) != 1 or self.layout.get(ins[0].name, (2, 3)) != (2, 3):
+                raise NofcError(f"cannot derive the geometry: {label} has several map inputs "
+                                "or a channels-last input")
+            self.axes[n.name] = self.axes[ins[0].name].then(layer)
+            self.nodes.append((n.name, "layer", (ins[0].name,), layer))
+            if layer.padded:
+                self.reasons.append(f"{label} pads its input")
+            if layer.ceil_mode:
+                self.reasons.append(f"{label} uses ceil_mode (partial windows at the border)")
+            return
+        self._same_size(n, ins, label)
+
+    def _global(self, n: fx.Node, label: str) -> bool:
+        """Global pooling: kept on purpose (squeeze-and-excitation) or a refusal."""
+        name = n.target if n.op == "call_module" else n.name
+        kept = name in self.global_context or n.name in self.global_context
+        if not kept and not (global_pool(self.gm, n) is not None and all(
+                self.spatial(p, n.name) in ((1, 1), None) for p in self.probes)):
+            return False
+        if not kept:
+            raise NofcError(
+                f"{label} pools over the whole map, so the output does not grow with the "
+                "input; convert with pooling='window' to get one cell per window")
+        self.axes[n.name] = None
+        self.reasons.append(f"{label} pools over the whole image (global context)")
+        return True
+
+    def _same_size(self, n: fx.Node, ins: list, label: str) -> None:
+        """Any other op must keep the spatial size of its map inputs at every probe size."""
+        maps = [a for a in ins if all(self.spatial(p, a.name) is not None for p in self.probes)]
+        spatial_maps = [a for a in maps
+                        if any(self.spatial(p, a.name) != (1, 1) for p in self.probes)] or maps
+        dims = (_permuted(n, self.layout.get(spatial_maps[0].name, (2, 3)))
+                if spatial_maps else (2, 3))
+        for p in self.probes:
+            out = self.spatial(p, n.name, dims)
+            if out is None or any(self.spatial(p, a.name) != out for a in maps
+                                  if self.spatial(p, a.name) != (1, 1) or out == (1, 1)):
+                raise NofcError(
+                    f"cannot derive the geometry: {label} changes the map in a way nofc does "
+                    "not know (only convolutions, pooling, padding, permutes and elementwise "
+                    "or concatenating ops are understood)")
+        self.layout[n.name] = dims
+        geo = [self.axes[a.name] for a in spatial_maps]
+        if len({g.jump for g in geo}) > 1:
+            raise NofcError(
+                f"cannot derive the geometry: the inputs of {label} have different strides "
+                f"({', '.join(str(g.jump) for g in geo)})")
+        lo = tuple(min(g.start[a] for g in geo) for a in (0, 1))
+        hi = tuple(max(g.start[a] + g.size[a] for g in geo) for a in (0, 1))
+        self.axes[n.name] = _Axis(geo[0].jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
+        self.nodes.append((n.name, "merge" if len(spatial_maps) > 1 else "same",
+                           tuple(a.name for a in spatial_maps), None))
+
+    def result(self, size) -> Geometry:
+        """The Geometry of the output, once the map is 1 x 1 at the reference size."""
+        final = self.axes[self.out_name]
+        ref = self.spatial(self.probes[0], self.out_name)
+        if ref != (1, 1):
+            raise NofcError(f"the map at the reference size {size[1]}x{size[2]} is {ref}, not "
+                            f"1x1: is input_size={size} the size the classifier was converted "
+                            "for?")
+        # the grids of crop and image line up when a crop starts at a multiple of the stride
+        window = (size[1], size[2])
+        reasons = self.reasons
+        exact = not reasons
+        if exact and any(final.start[a] < 0 or final.start[a] + final.size[a] > window[a]
+                         for a in (0, 1)):  # pragma: no cover - cannot happen without padding
+            exact = False
+            reasons = [*reasons, "the receptive field reaches outside the window"]
+        return Geometry(final.jump, (0, 0), window, exact, final.size, final.start,
+                        tuple(dict.fromkeys(reasons)), tuple(self.nodes), self.out_name)
