@@ -116,8 +116,12 @@ def test_errors():
         nofc.geometry(glob, (3, 64, 64))
     up = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 4),
                        nn.AdaptiveAvgPool2d(1))
-    with pytest.raises(NofcError, match="pools over the whole map|does not know"):
+    with pytest.raises(NofcError, match=r"'1' \(Upsample\) changes the map in a way nofc "
+                                        "does not know"):
         nofc.geometry(up, (1, 8, 8))
+    pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(NofcError, match=r"'1' \(AdaptiveAvgPool2d\) pools over the whole map"):
+        nofc.geometry(pooled, (1, 8, 8))
     with pytest.raises(NofcError, match=r"image size must be \(H, W\)"):
         nofc.geometry(fcn, (1, 32, 32)).output_shape((1, 2, 3))
 
