@@ -47,7 +47,7 @@ def _dense_flops(fcn, size, image_shape, step, geo) -> int:
     """FLOPs of dense_predict: one pass per shift of the image (shift-and-stitch)."""
     B, C, H, W = image_shape
     ty, tx = step
-    fy, fx = geo.stride[0] // ty, geo.stride[1] // tx
+    fy, fx = geo.factors(step)  # shifted passes per axis
     total = 0
     for a in range(fy):
         for b in range(fx):

@@ -197,20 +197,21 @@ def train(images, labels, *, epochs: int, pages: int, seed: int, log=print) -> n
 # --------------------------------------------------------------------------- reading
 
 
-def read_page(scores: torch.Tensor, geo, *, threshold: float = 0.5):
-    """Detections ``(cy, cx, label, p)`` from a ``(11, h, w)`` map: peaks of P(digit).
+def read_page(scores: torch.Tensor, geo, image_hw, *, step=None, threshold: float = 0.5):
+    """Detections ``(cy, cx, label, p)`` from the ``(11, h, w)`` map of an ``image_hw``
+    page computed with ``step`` (default: the stride): peaks of P(digit).
 
     A cell is a candidate when P(background) < 1 - threshold; candidates are taken by
     decreasing probability, each suppressing the others within half a digit around it.
     """
     probs = torch.softmax(scores.double(), dim=0)
     fg = 1.0 - probs[BACKGROUND]
+    ys, xs = geo.centers(image_hw, step=step)  # window centre of each map row / column
     cand = torch.nonzero(fg > threshold)
     order = fg[cand[:, 0], cand[:, 1]].argsort(descending=True)
     taken = []
     for i, j in cand[order].tolist():
-        cy = geo.offset[0] + i * geo.stride[0] + geo.window[0] / 2
-        cx = geo.offset[1] + j * geo.stride[1] + geo.window[1] / 2
+        cy, cx = float(ys[i]), float(xs[j])
         if any(abs(cy - ty) < 12 and abs(cx - tx) < 10 for ty, tx, *_ in taken):
             continue
         label = int(probs[:BACKGROUND, i, j].argmax())
@@ -314,7 +315,7 @@ def run(*, pages: int = 5, digits: int = 100, epochs: int = 8, train_pages: int 
         page = make_page(test_x[chunk], test_y[chunk], rng, n_digits=digits)
         t1 = time.perf_counter()
         scores = nofc.dense_predict(fcn, page.image[None], INPUT_SIZE)[0]  # (11, h, w)
-        dets = read_page(scores, geo)
+        dets = read_page(scores, geo, page.image.shape)
         t_read += time.perf_counter() - t1
         correct, false, blank = score_page(page, dets)
         read = group_lines(dets)

@@ -261,7 +261,7 @@ def test_global_context_networks_are_refused():
 def test_heatmap_cli_tiles_large_images(tmp_path, capsys, monkeypatch):
     tifffile = pytest.importorskip("tifffile")
     zarr = pytest.importorskip("zarr")
-    import nofc.render as render
+    import nofc.heatmap as heatmap_job
     from nofc.cli import main
 
     img = np.random.default_rng(11).integers(0, 256, (150, 130), dtype=np.uint8)
@@ -281,7 +281,7 @@ def test_heatmap_cli_tiles_large_images(tmp_path, capsys, monkeypatch):
     stored = zarr.open_array(str(store), mode="r")
     assert stored.shape == (10, 30, 25)
     # automatic tiling above the size limit, same numbers as the explicit run
-    monkeypatch.setattr(render, "TILE_ABOVE", 100 * 100)
+    monkeypatch.setattr(heatmap_job, "TILE_ABOVE", 100 * 100)
     png2 = tmp_path / "heat2.png"
     scores = tmp_path / "s.npz"
     assert main(["heatmap", *model, str(path), "--input-size", "1x32x32", "-o", str(png2),
@@ -309,10 +309,10 @@ def test_heatmap_cli_large_map_is_drawn_downsampled_with_workers(tmp_path, capsy
     pytest.importorskip("distributed")
     from PIL import Image
 
-    import nofc.render as render
+    import nofc.heatmap as heatmap_job
     from nofc.cli import main
 
-    monkeypatch.setattr(render, "_THUMB", 16)  # pretend 30x25 cells is more than a picture
+    monkeypatch.setattr(heatmap_job, "_THUMB", 16)  # pretend 30x25 cells is more than a picture
     img = np.random.default_rng(13).integers(0, 256, (150, 130), dtype=np.uint8)
     path = tmp_path / "page.png"
     Image.fromarray(img).save(path)
@@ -324,3 +324,32 @@ def test_heatmap_cli_large_map_is_drawn_downsampled_with_workers(tmp_path, capsy
     assert "backend dask" in capsys.readouterr().err
     assert np.load(scores)["scores"].shape == (10, 30, 25)
     assert Image.open(png).size[0] > 200
+
+
+def test_sinks_count_their_own_nan_cells_and_report_done_blocks(tmp_path):
+    pytest.importorskip("zarr")
+    from nofc.sinks import MemorySink, ZarrSink, open_sink
+    from nofc.tiling import plan_tiles
+
+    geo = nofc.geometry(_fcn(LeNet5(), (1, 32, 32)), (1, 32, 32))
+    tiles, (h, w) = plan_tiles(geo, (100, 80), tile=32)
+    block = np.ones((10, 8, 8), np.float32)
+    block[:, 0, :3] = np.nan
+    first = open_sink(None, (10, h, w), np.float32)
+    assert isinstance(first, MemorySink) and first.done == set()
+    first.aggregate(tiles[0], block)
+    second = open_sink(None, (10, h, w), np.float32)
+    second.aggregate(tiles[0], np.ones_like(block))
+    assert (first.nan_cells, second.nan_cells) == (3, 0) and first.done == {(0, 0)}
+    np.testing.assert_array_equal(first.finalize()[:, :8, :8], block)
+    store = tmp_path / "m.zarr"
+    args = {"input_size": [1, 32, 32], "tile": 32}
+    opened = open_sink(store, (10, h, w), np.float32, chunks=(8, 8), geo=geo,
+                       arguments=lambda: args)
+    assert isinstance(opened, ZarrSink)
+    opened.aggregate(tiles[1], np.zeros((10, 8, 5), np.float32))
+    again = open_sink(store, (10, h, w), np.float32, chunks=(8, 8), geo=geo,
+                      arguments=lambda: args)
+    assert again.done == {(0, 1)} and again.nan_cells == 0
+    stored = again.finalize()
+    assert not np.isnan(stored[:, :8, 8:]).any() and np.isnan(stored[:, 8:]).all()

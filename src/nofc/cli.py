@@ -194,7 +194,7 @@ def _add_heatmap(sub) -> None:
 
 
 def _cmd_heatmap(args) -> int:
-    from .render import heatmap
+    from .heatmap import heatmap
 
     model, size = _load(args)
     info = heatmap(model, args.image, size, args.output, spec=args.model, cls=args.cls,

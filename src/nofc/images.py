@@ -11,17 +11,23 @@ TIFF files, whatever their pixel format, with each case decided explicitly:
 * CMYK and YCbCr are converted to RGB;
 * the channel count is then matched to the network: gray -> 3 identical channels,
   RGB -> 1 channel (ITU-R 601 luma); anything else is refused with a NofcError.
+
+Images too large to load go through ``open_image_array`` instead: a source sliceable by
+region (a TIFF is read lazily), whose pixels ``read_region`` returns as stored, for
+tiling to scale and normalise per tile.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .errors import NofcError
+from .errors import NofcError, first_line
 
-__all__ = ["load_image", "normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["load_image", "normalize", "open_image_array", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,3 +160,160 @@ def normalize(image: np.ndarray, mean=None, std=None) -> np.ndarray:
         else:
             out /= v[:, None, None]
     return out
+
+
+# --------------------------------------------------------------------------- region sources
+#
+# Large images are not loaded whole: tiling reads them region by region through these.
+
+
+class TiffSource:
+    """A TIFF page read lazily, region by region, through tifffile's zarr view."""
+
+    def __init__(self, path: str):
+        try:
+            import tifffile
+            import zarr
+        except ImportError:  # pragma: no cover - part of nofc[scale]
+            raise NofcError("reading TIFF needs the scale extra: pip install 'nofc[scale]'"
+                            ) from None
+        self.path = str(path)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                page = tif.series[0]
+                self.shape = tuple(page.shape)
+                self.dtype = np.dtype(page.dtype)
+                self.axes = page.axes
+        except Exception as exc:  # noqa: BLE001
+            raise NofcError(f"cannot read TIFF {path}: {first_line(exc)}") from None
+        self._zarr = zarr
+        self._arr = None
+
+    def _open(self):
+        if self._arr is None:
+            import tifffile
+
+            store = tifffile.imread(self.path, aszarr=True)
+            arr = self._zarr.open(store, mode="r")
+            if hasattr(arr, "keys") and not hasattr(arr, "shape"):  # a multiscale group
+                arr = arr[sorted(arr.keys())[0]]
+            self._arr = arr
+        return self._arr
+
+    def __getitem__(self, key):
+        return np.asarray(self._open()[key])
+
+    def __getstate__(self):  # ship the path, not an open file, to Dask workers
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "axes": self.axes}
+
+    def __setstate__(self, state):
+        import zarr
+
+        self.__dict__.update(state)
+        self._zarr = zarr
+        self._arr = None
+
+
+def open_image_array(image):
+    """Wrap what the user gives as something sliceable ``[y0:y1, x0:x1]`` with ``.shape``.
+
+    Accepts a numpy array or memmap, a zarr array, a dask array, a torch tensor, or a path
+    to a TIFF (read lazily, tiled and BigTIFF included). PNG and JPEG paths are read whole
+    into memory (those formats cannot be read by region).
+
+    >>> open_image_array(np.zeros((5, 7, 3), np.uint8)).shape
+    (5, 7, 3)
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise NofcError(f"image file not found: {image}")
+        if path.stat().st_size == 0:
+            raise NofcError(f"image file is empty: {image}")
+        if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
+            return TiffSource(str(path))
+        from PIL import Image, UnidentifiedImageError
+
+        Image.MAX_IMAGE_PIXELS = None  # a large scan is the point here
+        try:
+            with Image.open(path) as im:
+                if im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                return np.asarray(im)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise NofcError(f"cannot read image {image}: {exc}") from None
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().numpy()
+    if hasattr(image, "shape") and hasattr(image, "__getitem__"):
+        return image
+    raise NofcError(f"image must be an array, a tensor or a file path, got {type(image).__name__}")
+
+
+def image_layout(shape: tuple[int, ...], channels: int, layout: str = "auto") -> str:
+    """``"hw"``, ``"hwc"`` or ``"chw"``: where the ``channels`` of an array of ``shape`` are.
+
+    >>> image_layout((40, 50, 3), 3), image_layout((3, 40, 50), 3), image_layout((40, 50), 1)
+    ('hwc', 'chw', 'hw')
+    """
+    if len(shape) == 2:
+        if channels != 1:
+            raise NofcError(f"image is grayscale {shape} but the model expects {channels} "
+                            "channels")
+        return "hw"
+    if len(shape) != 3:
+        raise NofcError(f"image must be (H, W), (H, W, C) or (C, H, W), got shape {shape}")
+    if layout in ("hwc", "chw"):
+        c = shape[2] if layout == "hwc" else shape[0]
+        if c != channels:
+            raise NofcError(f"image has {c} channels ({layout} {shape}) but the model expects "
+                            f"{channels}")
+        return layout
+    if shape[2] == channels:
+        return "hwc"
+    if shape[0] == channels:
+        return "chw"
+    raise NofcError(f"image of shape {shape} has no axis of {channels} channels; pass "
+                    "layout='hwc' or 'chw' and the right number of channels")
+
+
+def spatial_shape(shape, layout: str) -> tuple[int, int]:
+    """``(H, W)`` of an array of ``shape`` in ``layout``."""
+    return (shape[1], shape[2]) if layout == "chw" else (shape[0], shape[1])
+
+
+def read_region(src, layout: str, rows: slice, cols: slice) -> np.ndarray:
+    """The pixels ``[rows, cols]`` of a source as a ``(C, h, w)`` array, as stored.
+
+    >>> read_region(np.zeros((40, 50, 3)), "hwc", slice(0, 10), slice(0, 50, 5)).shape
+    (3, 10, 10)
+    """
+    region = src[:, rows, cols] if layout == "chw" else src[rows, cols]
+    region = np.asarray(region.compute() if hasattr(region, "compute") else region)
+    if layout == "hw":
+        return region[None]
+    if layout == "hwc":
+        return np.moveaxis(region, -1, 0)
+    return region
+
+
+def default_scale(dtype) -> float:
+    """What brings pixels of ``dtype`` to [0, 1]: ``1 / max`` for integers, else 1.
+
+    >>> default_scale(np.uint8) == 1 / 255, default_scale(np.float32)
+    (True, 1.0)
+    """
+    if np.issubdtype(dtype, np.integer):
+        return 1.0 / float(np.iinfo(dtype).max)
+    return 1.0
+
+
+def to_tensor(region: np.ndarray, scale, mean, std, dtype, device) -> torch.Tensor:
+    """A ``(C, h, w)`` region as a tensor, normalised: ``(x * scale - mean) / std``."""
+    x = torch.from_numpy(np.ascontiguousarray(region)).to(device=device, dtype=dtype)
+    if scale != 1.0:
+        x = x * scale
+    if mean is not None:
+        x = x - torch.as_tensor(mean, dtype=dtype, device=device).view(-1, 1, 1)
+    if std is not None:
+        x = x / torch.as_tensor(std, dtype=dtype, device=device).view(-1, 1, 1)
+    return x

@@ -1,0 +1,351 @@
+"""The heatmap job, what ``nofc heatmap`` does: load, normalise, convert, predict, draw.
+
+Two ways to the map, one way on from it. An image up to ``TILE_ABOVE`` pixels is loaded
+whole and predicted in one ``dense_predict``; a larger one (or one with ``tile``, ``out``,
+``scheduler`` or ``workers``) goes through ``tiled_predict``, read by region, and is drawn
+on a thumbnail. Either gives a ``_Map``; the classes to draw, the PNG, the saved scores
+and the summary are then made the same way for both.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import NofcError, refuse_overwrite
+from .io import atomic_output
+from .render import render_heatmap
+
+__all__ = ["heatmap"]
+
+TILE_ABOVE = 4096 * 4096  # pixels: larger images are tiled automatically
+_THUMB = 2048  # longest side of the image drawn under a tiled map
+_BLOCK_BYTES = 64 << 20  # softmax over the map in row blocks of about this size
+
+
+@dataclass
+class _Map:
+    """A computed map and what it is drawn on, whichever way it was computed."""
+
+    scores: object  # (K, h, w) raw logits: a numpy array or a zarr array
+    geo: object  # the network's Geometry
+    steps: tuple[int, int]  # pixels between windows
+    picture: np.ndarray  # (C, h', w') in [0, 1]: the image, or a thumbnail of it
+    image_shape: tuple[int, int, int]  # (C, H, W) at full resolution
+    info: dict  # geometry and run facts: printed, and saved with the scores
+    every: int = 1  # draw every f-th cell (a map larger than the picture can show)
+
+    @property
+    def tiled(self) -> bool:
+        return "tile" in self.info
+
+
+def heatmap(
+    model,
+    image_path,
+    input_size,
+    output,
+    *,
+    spec: str = "",
+    cls: int | None = None,
+    top: int | None = None,
+    step=None,
+    scores_path=None,
+    mean=None,
+    std=None,
+    labels_file=None,
+    device=None,
+    force: bool = False,
+    progress: bool = True,
+    tile: int | None = None,
+    out=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    verify: bool = False,
+) -> dict:
+    """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
+
+    Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, ``scheduler`` or
+    ``workers`` given) go through :func:`nofc.tiled_predict`: TIFF is read lazily, the map
+    can be written to a zarr store ``out``, and the PNG is drawn on a downsampled image.
+
+    Writes ``output`` (PNG) and, when given, ``scores_path``: ``.npz`` with ``scores``
+    (K, h, w) raw logits, ``boxes`` (h, w, 4) window of every cell, ``step``, ``stride``,
+    ``offset``, ``window``, ``exact``, ``image_shape`` and ``geometry`` (JSON text); or
+    ``.npy`` with the scores and the same fields in a ``.json`` file next to it.
+    With ``verify``, the original classifier also runs crop by crop (float32, at the
+    network stride) and ``info["verify"]`` is ``nofc.verify``'s report of the measured
+    difference between the map and the crops (whole images only).
+    Returns a summary (classes drawn, map shape, geometry).
+    """
+    _check_outputs(output, scores_path, force=force)
+    if top is not None and top < 1:
+        raise NofcError(f"--top must be at least 1, got {top}")
+    size = tuple(input_size)
+    if tile is not None or out is not None or scheduler is not None or workers is not None \
+            or _pixels(image_path) > TILE_ABOVE:
+        computed = _tiled_map(model, image_path, size, spec=spec, step=step, mean=mean,
+                              std=std, device=device, progress=progress, tile=tile or 2048,
+                              out=out, scheduler=scheduler, workers=workers)
+    else:
+        computed = _whole_map(model, image_path, size, spec=spec, step=step, mean=mean,
+                              std=std, device=device, progress=progress, verify=verify)
+    return _draw(computed, model, image_path, output, cls=cls, top=top,
+                 labels_file=labels_file, scores_path=scores_path, force=force)
+
+
+def _check_outputs(output, scores_path, *, force: bool) -> None:
+    """Refuse bad or existing output paths before the long part."""
+    outputs = [Path(output)] + ([Path(scores_path)] if scores_path else [])
+    if scores_path and Path(scores_path).suffix.lower() == ".npy":
+        outputs.append(Path(scores_path).with_suffix(".json"))
+    if scores_path and Path(scores_path).suffix.lower() not in (".npz", ".npy"):
+        raise NofcError(f"--scores must end in .npz or .npy, got {scores_path}")
+    if Path(output).suffix.lower() != ".png":
+        raise NofcError(f"the heatmap is a PNG: give an output ending in .png, got {output}")
+    for p in outputs:
+        refuse_overwrite(p, force=force)
+
+
+# --------------------------------------------------------------------------- the two ways
+
+
+def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progress,
+               verify) -> _Map:
+    """The image loaded whole, one dense pass."""
+    from .dense import dense_predict
+    from .images import load_image, normalize
+
+    raw = load_image(image_path, channels=size[0])  # (C, H, W) in [0, 1]
+    mean, std = _norm(model, spec, size[0], mean, std)
+    x = torch.from_numpy(normalize(raw, mean, std))
+    fcn, geo, steps = _network(model, size, step)
+    logits = dense_predict(fcn, x, size, steps, device=device, progress=progress)[0]
+    scores = logits.float().cpu().numpy()  # (K, h, w)
+    extra = {}
+    if verify:
+        from .verification import verify as _verify
+
+        extra["verify"] = str(_verify(model, fcn, size, image=x, dtype=torch.float32,
+                                      device=device))
+    info = _info(geo, steps, raw.shape, scores.shape[1:], mean, std, **extra)
+    return _Map(scores, geo, steps, raw, raw.shape, info)
+
+
+def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progress, tile, out,
+               scheduler, workers) -> _Map:
+    """The image read by region, tile by tile (optionally to a zarr store, or on Dask)."""
+    from .images import image_layout, open_image_array, spatial_shape
+    from .tiling import tiled_predict
+
+    src = open_image_array(image_path)
+    layout = image_layout(tuple(src.shape), size[0], "auto")
+    H, W = spatial_shape(tuple(src.shape), layout)
+    mean, std = _norm(model, spec, size[0], mean, std)
+    fcn, geo, steps = _network(model, size, step)
+    backend = "dask" if scheduler is not None or workers is not None else "local"
+    print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix): tiled with tile {tile} (tiling is "
+          f"automatic above {TILE_ABOVE / 1e6:.1f} Mpix), backend {backend}"
+          + (f", map to {out}" if out else ""), file=sys.stderr)
+    scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
+                           step=None if steps == geo.stride else steps, layout=layout,
+                           mean=mean, std=std, scheduler=scheduler, workers=workers,
+                           device=device, progress=progress)
+    h, w = scores.shape[1:]
+    info = _info(geo, steps, (size[0], H, W), (h, w), mean, std, tile=tile)
+    return _Map(scores, geo, steps, _thumbnail(src, layout, (H, W)), (size[0], H, W), info,
+                every=_every((h, w)))
+
+
+def _norm(model, spec, channels: int, mean, std):
+    """The normalisation given, or the one the model was trained with when neither is."""
+    if mean is None and std is None:
+        return _default_norm(model, spec, channels)
+    return mean, std
+
+
+def _network(model, size, step):
+    """The converted network, its geometry and the map step ``(sy, sx)``."""
+    from .conversion import convert
+    from .windows import cached_geometry
+
+    fcn = convert(model, size)
+    geo = cached_geometry(fcn, size)
+    return fcn, geo, geo.check_step(step)
+
+
+def _info(geo, steps, image_shape, map_shape, mean, std, **extra) -> dict:
+    """The geometry and the facts of the run, as plain Python (saved as JSON)."""
+    info = geo.as_dict()
+    info.update(step=list(steps), image_shape=list(image_shape), map_shape=list(map_shape),
+                mean=None if mean is None else list(map(float, np.ravel(mean))),
+                std=None if std is None else list(map(float, np.ravel(std))), **extra)
+    return info
+
+
+# --------------------------------------------------------------------------- one way on
+
+
+def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_path,
+          force) -> dict:
+    """Choose the classes, draw the PNG, save the scores; the summary."""
+    k, h, w = m.scores.shape
+    peaks = _peaks(m.scores)
+    chosen, labels = _choose_classes(cls, top, peaks, _class_names(model, k, labels_file))
+    probs = _drawn(m.scores, chosen, m.every)
+    f = m.every
+    with atomic_output(output, force=force) as tmp:
+        render_heatmap(tmp, m.picture, probs, labels, m.geo, (m.steps[0] * f, m.steps[1] * f),
+                       title=_title(image_path, m), image_hw=m.image_shape[1:])
+        if scores_path:
+            _save_scores(scores_path, np.asarray(m.scores[:]),
+                         m.geo.boxes(m.image_shape[1:], step=m.steps), m.info, force=force)
+    return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
+            "geometry": m.info, "max_prob": [float(peaks[c]) for c in chosen]}
+
+
+def _title(image_path, m: _Map) -> str:
+    h, w = m.scores.shape[1:]
+    return (f"{Path(str(image_path)).name}: {h}x{w} windows of {m.geo.window[0]}x"
+            f"{m.geo.window[1]}, step {m.steps[0]}x{m.steps[1]}"
+            + (", tiled" if m.tiled else "")
+            + ("" if m.geo.exact else " (padded net: not exact)")
+            + (f", drawn every {m.every}th cell" if m.every > 1 else ""))
+
+
+def _probabilities(scores, chosen=slice(None)):
+    """Softmax of a ``(K, h, w)`` logit map in blocks of rows, so that a map on disk is
+    never in memory whole: ``(first row, (N, rows, w) probabilities)`` for the ``chosen``
+    classes of each block."""
+    k, h, w = scores.shape
+    rows = max(1, _BLOCK_BYTES // max(1, 4 * k * w))
+    for r in range(0, h, rows):
+        block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
+        yield r, torch.softmax(block, 0)[chosen]
+
+
+def _peaks(scores) -> np.ndarray:
+    """``(K,)`` highest probability of each class over the finite cells (NaN cells saw
+    NaN or Inf pixels); NaN for a class without any."""
+    peak = np.full(scores.shape[0], -np.inf, dtype=np.float32)
+    for _, probs in _probabilities(scores):
+        peak = np.fmax(peak, probs.nan_to_num(nan=-np.inf).amax((1, 2)).numpy())
+    return np.where(np.isfinite(peak), peak, np.nan)
+
+
+def _drawn(scores, chosen, f: int) -> np.ndarray:
+    """``(N, ceil(h / f), ceil(w / f))`` probabilities of the ``chosen`` classes, every
+    ``f``-th cell."""
+    k, h, w = scores.shape
+    out = np.zeros((len(chosen), -(-h // f), -(-w // f)), dtype=np.float32)
+    for r, probs in _probabilities(scores, [int(c) for c in chosen]):
+        first = (-r) % f  # first row of this block on the f-grid
+        kept = probs.numpy()[:, first::f, ::f]
+        out[:, (r + first) // f:(r + first) // f + kept.shape[1]] = kept
+    return out
+
+
+def _every(map_shape) -> int:
+    """Draw every f-th cell of a map with more cells than the picture has pixels."""
+    return max(1, -(-max(map_shape) // _THUMB))
+
+
+def _thumbnail(src, layout: str, hw) -> np.ndarray:
+    """``(C, h, w)`` float image in [0, 1], every f-th pixel, for drawing under the map."""
+    from .images import default_scale, read_region
+
+    f = _every(hw)
+    region = read_region(src, layout, slice(None, None, f), slice(None, None, f))
+    return (region.astype(np.float32) * default_scale(region.dtype)).clip(0, 1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _choose_classes(cls, top, peaks, names):
+    """The classes to draw (``--class`` or the ``--top`` peaks) and their panel titles."""
+    k = len(names)
+    if cls is not None:
+        if not 0 <= cls < k:
+            raise NofcError(f"--class {cls} is out of range: the model has classes 0..{k - 1}")
+        chosen = [cls]
+    else:
+        chosen = list(np.argsort(-np.nan_to_num(peaks, nan=-1.0), kind="stable")[: top or 1])
+    labels = [f"{names[c]} ({c})" if names[c] != str(c) else f"class {c}" for c in chosen]
+    return chosen, labels
+
+
+def _class_names(model, k: int, labels_file=None) -> list[str]:
+    """Names for the K outputs: a labels file, torchvision's ImageNet list, or indices."""
+    if labels_file is not None:
+        p = Path(labels_file)
+        if not p.is_file():
+            raise NofcError(f"labels file not found: {labels_file}")
+        names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if len(names) != k:
+            raise NofcError(f"{labels_file} has {len(names)} names, the model {k} classes")
+        return names
+    if k == 1000 and type(model).__module__.startswith("torchvision."):
+        try:
+            from torchvision.models import ResNet50_Weights
+
+            return list(ResNet50_Weights.DEFAULT.meta["categories"])
+        except Exception:  # noqa: BLE001 - names are a nicety
+            pass
+    return [str(i) for i in range(k)]
+
+
+def _default_norm(model, spec: str, channels: int):
+    """The normalisation the model was trained with, when it is known."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    if str(spec).startswith("torchvision:") and channels == 3:
+        from .images import IMAGENET_MEAN, IMAGENET_STD
+
+        return IMAGENET_MEAN, IMAGENET_STD
+    return None, None
+
+
+def _pixels(image_path) -> int:
+    """Pixel count of an image file without decoding it (0 when unknown)."""
+    p = Path(image_path)
+    try:
+        if p.suffix.lower() in (".tif", ".tiff", ".btf"):
+            import tifffile
+
+            with tifffile.TiffFile(p) as tif:
+                shape = tif.series[0].shape
+                axes = tif.series[0].axes
+            return int(np.prod([n for n, a in zip(shape, axes) if a in "YX"]))
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(p) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # noqa: BLE001 - unreadable files fail later with a clear message
+        return 0
+
+
+def _save_scores(path, scores, boxes, info, *, force) -> None:
+    """``.npz`` with the scores, the boxes and the geometry; or ``.npy`` and a ``.json``."""
+    if Path(path).suffix.lower() == ".npz":
+        with atomic_output(path, force=force) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, scores=scores, boxes=boxes,
+                         step=np.array(info["step"]), stride=np.array(info["stride"]),
+                         offset=np.array(info["offset"]), window=np.array(info["window"]),
+                         exact=np.array(info["exact"]), image_shape=np.array(info["image_shape"]),
+                         geometry=np.array(json.dumps(info)))
+        return
+    side = Path(path).with_suffix(".json")
+    with atomic_output(side, force=force) as tmp_json:
+        Path(tmp_json).write_text(json.dumps(info, indent=2))
+        with atomic_output(path, force=force) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, scores)
