@@ -341,8 +341,8 @@ def test_no_head_and_bad_files(tmp_path):
     out.write_text("keep me")
     assert "exists" in _error(_hand_graph(), output=str(out))
     assert out.read_text() == "keep me"
-    with pytest.raises(NofcError, match="pooling"):
-        convert_onnx(_hand_graph(), (3, 9, 9), pooling="mean")
+    assert _error(_hand_graph(), pooling="mean") == \
+        "pooling must be 'window' or 'global', got 'mean'"
 
 
 def test_cli_converts_onnx_file(tmp_path, capsys):
@@ -365,3 +365,94 @@ def test_cli_converts_onnx_file(tmp_path, capsys):
                  str(tmp_path / "bad_fcn.onnx")]) == 2
     assert "'am' (ArgMax)" in capsys.readouterr().err
     assert not (tmp_path / "bad_fcn.onnx").exists()
+
+
+def _head_graph(head, inits, outputs=("y",)):
+    """Conv (stride 2) to a 5 x 4 x 4 map at 3 x 9 x 9 -> Flatten 'f' -> ``head`` nodes."""
+    rng = np.random.default_rng(7)
+    arrays = {"cw": rng.standard_normal((5, 3, 3, 3)), **inits}
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", strides=[2, 2]),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"), *head]
+    g = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", None]) for o in outputs],
+        [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in arrays.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_class_score_ops_become_per_channel():
+    """BatchNormalization, Reshape, PRelu, Clip and a per-class Sum on the class scores."""
+    rng = np.random.default_rng(8)
+    k = 4
+    head = [helper.make_node("Gemm", ["f", "w", "b"], ["g"], name="fc", transB=1),
+            helper.make_node("BatchNormalization", ["g", "s", "b", "mu", "v"], ["bn"], name="bn"),
+            helper.make_node("Reshape", ["bn", "shape"], ["rs"], name="same_shape"),
+            helper.make_node("PRelu", ["rs", "slope"], ["pr"], name="prelu"),
+            helper.make_node("Clip", ["pr", "lo", ""], ["cl"], name="clip"),
+            helper.make_node("Sum", ["cl", "rs", "per_class"], ["y"], name="sum")]
+    inits = {"w": rng.standard_normal((k, 80)) * 0.1, "b": rng.standard_normal(k),
+             "s": rng.uniform(0.5, 2, k), "mu": rng.standard_normal(k), "v": np.ones(k),
+             "slope": np.full(k, 0.2), "lo": np.array(-1.0),
+             "per_class": rng.standard_normal((1, k))}
+    original = _head_graph(head, inits)
+    original.graph.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64),
+                                                              "shape"))
+    fcn = convert_onnx(original, (3, 9, 9))
+    assert [n.op_type for n in fcn.graph.node] == [
+        "Conv", "Conv", "BatchNormalization", "Identity", "PRelu", "Clip", "Sum"]
+    x = np.random.default_rng(9).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    dense = _run(fcn, x)
+    assert dense.shape == (2, k, 3, 2)
+    assert _rel(_sliding(original, x, (3, 9, 9), stride=2), dense) <= 1e-5
+
+
+_W = {"w": np.ones((4, 80))}
+
+
+@pytest.mark.parametrize("head,inits,message", [
+    ([helper.make_node("Mul", ["f", "s"], ["m"], name="mul"),
+      helper.make_node("Gemm", ["m", "w"], ["y"], name="fc", transB=1)], {**_W, "s": np.ones(80)},
+     ("ONNX node 'mul' (Mul): its constant 's' has shape (80,); nofc handles scalars and one "
+      "value per feature of the class scores")),
+    ([helper.make_node("Softmax", ["f"], ["y"], name="sm")], {},
+     "ONNX node 'sm' (Softmax): it runs on the flattened feature map, not on class scores"),
+    ([helper.make_node("BatchNormalization", ["f", "v", "v", "v", "v"], ["y"], name="bn")],
+     {"v": np.ones(80)},
+     ("ONNX node 'bn' (BatchNormalization): it normalises the flattened feature map feature "
+      "by feature")),
+    ([helper.make_node("Relu", ["f"], ["y"], name="relu")], {},
+     ("the graph output 'y' is the flattened feature map itself, which has no convolutional "
+      "form")),
+    ([helper.make_node("Gemm", ["f", "w", "b"], ["y"], name="fc", transB=1)],
+     {**_W, "b": np.ones((2, 4))},
+     "ONNX node 'fc' (Gemm): its bias has shape (2, 4); nofc needs one value per output (4,)"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Gemm", ["g", "w2"], ["y"], name="fc2", transB=1)],
+     {**_W, "w2": np.ones((3, 5))}, "ONNX node 'fc2' (Gemm): it expects 5 features but gets 4"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Softmax", ["g"], ["y"], name="sm", axis=0)], _W,
+     "ONNX node 'sm' (Softmax): it does not run over the class axis"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Clip", ["g", "lo", ""], ["y"], name="clip")], {**_W, "lo": np.ones(4)},
+     "ONNX node 'clip' (Clip): its extra inputs are not scalar constants"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Add", ["g", "x"], ["y"], name="add")], _W,
+     "ONNX node 'add' (Add): its input 'x' is neither constant nor from the head"),
+], ids=["map-per-feature-mul", "map-softmax", "map-batchnorm", "map-output", "bias-shape",
+        "feature-count", "softmax-axis", "clip-bounds", "add-body-tensor"])
+def test_head_node_without_map_form_is_refused(head, inits, message):
+    assert _error(_head_graph(head, inits)) == message
+
+
+def test_initializers_listed_as_inputs_leave_size_free():
+    """Old exports list initializers as graph inputs; the converted input must stay free."""
+    original = _head_graph([helper.make_node("Gemm", ["f", "w"], ["y"], name="fc", transB=1)],
+                           _W)
+    for t in original.graph.initializer:
+        original.graph.input.append(helper.make_tensor_value_info(
+            t.name, TensorProto.FLOAT, list(t.dims)))
+    fcn = convert_onnx(original, (3, 9, 9))
+    assert [i.name for i in fcn.graph.input] == ["x", "cw"]
+    dims = [d.dim_param or d.dim_value for d in fcn.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "height", "width"]
+    assert _run(fcn, np.zeros((1, 3, 13, 11), np.float32)).shape == (1, 4, 3, 2)

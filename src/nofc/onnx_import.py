@@ -14,13 +14,22 @@ MatMul + Add layers with activations between them. ``convert_onnx`` rewrites it:
 
 The result needs only an ONNX runtime: input ``batch x C x height x width``, outputs
 ``batch x K x h x w``.
+
+It runs in two steps, as ``convert`` does for PyTorch: ``_Planner`` reads a frozen
+``_GraphIndex`` of the graph and decides every edit, each with its reason (a ``_Plan``;
+nothing is changed and it can be printed), then ``_apply`` makes the edits. Head nodes
+are handled by a rule table keyed by op type (``_RULES``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +54,10 @@ _NCHW = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "Aver
          "SpaceToDepth", "DeformConv"}
 _GLOBAL_POOL = {"GlobalAveragePool": "AveragePool", "GlobalMaxPool": "MaxPool",
                 "ReduceMean": "AveragePool", "ReduceMax": "MaxPool"}
+_REDUCE_TO_GLOBAL = {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}
+_REDUCE = ("ReduceMean", "ReduceMax")
+# Reshapes that the class scores may pass through unchanged (they become Identity).
+_RESHAPE = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 
 
 def _onnx():
@@ -69,8 +82,12 @@ def _load(model):
         raise NofcError(f"cannot read {model} as an ONNX model: {first}") from None
 
 
+def _label(node) -> str:
+    return f"'{node.name or node.output[0]}' ({node.op_type})"
+
+
 def _node_label(node) -> str:
-    return f"ONNX node '{node.name or node.output[0]}' ({node.op_type})"
+    return f"ONNX node {_label(node)}"
 
 
 def _attr(node, name, default=None):
@@ -157,27 +174,32 @@ def _constants(g) -> dict:
     return out
 
 
-def _shapes(model, size, batch, layout) -> dict:
-    """Static shapes of every tensor at the reference size, by onnx shape inference."""
+def _dims(vi) -> tuple:
+    """A value's static shape: a dim without a fixed size is None."""
+    return tuple(d.dim_value if d.HasField("dim_value") else None
+                 for d in vi.type.tensor_type.shape.dim)
+
+
+def _inferred(model, input_dims, *, strict: bool = False):
+    """A copy of ``model`` whose input has ``input_dims``, shapes inferred (may raise)."""
     onnx = _onnx()
     probe = copy.deepcopy(model)
     del probe.graph.value_info[:]
-    _set_input_dims(_graph_input(probe.graph), _image_dims(layout, batch, *size))
+    _set_input_dims(_graph_input(probe.graph), input_dims)
+    return onnx.shape_inference.infer_shapes(probe, strict_mode=strict, data_prop=True)
+
+
+def _shapes(model, size, batch, layout) -> dict:
+    """Static shapes of every tensor at the reference size, by onnx shape inference."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+        g = _inferred(model, _image_dims(layout, batch, *size)).graph
     except Exception as exc:  # noqa: BLE001
         first = first_line(exc)
         raise NofcError(f"onnx shape inference fails at input size "
                         f"{'x'.join(map(str, size))}: {first}") from None
-    shapes = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                    for d in t.shape.dim)
-    for t in g.initializer:
-        shapes[t.name] = tuple(t.dims)
+    shapes = {vi.name: _dims(vi) for vi in list(g.input) + list(g.value_info) + list(g.output)
+              if vi.type.tensor_type.HasField("shape")}
+    shapes.update((t.name, tuple(t.dims)) for t in g.initializer)
     return shapes
 
 
@@ -191,329 +213,549 @@ def _axes(node, consts) -> tuple | None:
     return tuple(int(a) % 4 for a in axes) if axes is not None else None
 
 
-class _Converter:
-    def __init__(self, model, size, pooling, layout):
-        self.model = model
-        self.layout = layout
-        self.g = model.graph
-        self.size = size
-        self.pooling = pooling
+def _transpose_perm(node) -> list[int]:
+    return list(_attr(node, "perm", [3, 2, 1, 0]))  # no perm: reverse the axes
+
+
+# --------------------------------------------------------------------------- the index
+
+
+@dataclass(frozen=True)
+class _GraphIndex:
+    """What the conversion reads off the graph, gathered once; nothing in it changes.
+
+    Nodes are named by their position in ``nodes`` (NodeProtos are not hashable).
+    """
+
+    nodes: tuple  # the graph's NodeProtos, in (topological) order
+    producer: Mapping[str, int]  # tensor -> the node that writes it
+    consumers: Mapping[str, tuple[int, ...]]  # tensor -> the nodes that read it (per input)
+    consts: Mapping[str, np.ndarray]  # initializers and Constant outputs
+    shapes: Mapping[str, tuple]  # static shapes at the reference size
+    outputs: tuple[str, ...]  # graph output names, in order
+    names: frozenset[str]  # taken tensor names (initializers, node outputs)
+    size: tuple[int, int, int]  # the reference (C, H, W)
+    layout: str  # of the graph input: "nchw" or "nhwc"
+    opset: int  # of the default domain
+
+    @classmethod
+    def build(cls, model, size, layout) -> _GraphIndex:
+        g = model.graph
         opsets = {o.domain: o.version for o in model.opset_import}
-        self.opset = opsets.get("", opsets.get("ai.onnx", 0))
-        self.consts = _constants(self.g)
-        dims = _graph_input(self.g).type.tensor_type.shape.dim
+        dims = _graph_input(g).type.tensor_type.shape.dim
         batch = dims[0].dim_value if len(dims) and dims[0].dim_value else 1
-        self.batch = batch
-        self.shapes = _shapes(model, size, batch, layout)
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.g.node:
+        consumers: dict[str, list[int]] = {}
+        for at, n in enumerate(g.node):
             for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.kind: dict[str, tuple] = {}  # tensor -> ("map", C, H, W, perm) | ("vec", K)
-        self.new_inits = []
-        self.drop: set[tuple] = set()  # (op_type, first output) of nodes to remove
-        self.extra_nodes = []  # Transposes before the first Conv, Identity to an output
-        self.names = {t.name for t in self.g.initializer} | {o for n in self.g.node
-                                                            for o in n.output}
+                consumers.setdefault(i, []).append(at)
+        return cls(
+            nodes=tuple(g.node),
+            producer=MappingProxyType({o: at for at, n in enumerate(g.node) for o in n.output}),
+            consumers=MappingProxyType({k: tuple(v) for k, v in consumers.items()}),
+            consts=MappingProxyType(_constants(g)),
+            shapes=MappingProxyType(_shapes(model, size, batch, layout)),
+            outputs=tuple(o.name for o in g.output),
+            names=frozenset({t.name for t in g.initializer} | {o for n in g.node
+                                                               for o in n.output}),
+            size=size, layout=layout, opset=opsets.get("", opsets.get("ai.onnx", 0)))
 
-    # ------------------------------------------------------------------ helpers
-
-    def shape(self, name):
+    def shape(self, name: str) -> tuple | None:
         return self.shapes.get(name)
+
+    def producer_of(self, name: str):
+        at = self.producer.get(name)
+        return None if at is None else self.nodes[at]
+
+
+def _is_entry(ix: _GraphIndex, n) -> bool:
+    """Does ``n`` turn a 4D feature map into (N, features): a flatten or a global pooling?"""
+    if not n.input:
+        return False
+    src, out = ix.shape(n.input[0]), ix.shape(n.output[0])
+    if src is None or out is None or len(src) != 4 or len(out) != 2:
+        return False
+    if n.op_type in ("Flatten", "Reshape", "Squeeze"):
+        if n.op_type == "Flatten" and _attr(n, "axis", 1) != 1:
+            return False
+        return None not in src[1:] and out[1] == math.prod(src[1:])
+    if n.op_type in _REDUCE:  # global pooling without keepdims
+        axes = _axes(n, ix.consts)
+        return axes is not None and len(set(axes)) == 2 and 0 not in axes and \
+            not _attr(n, "keepdims", 1)
+    return False
+
+
+def _find_entry(ix: _GraphIndex) -> int:
+    """The one node where the classifier head starts (see ``_is_entry``)."""
+    entries = [at for at, n in enumerate(ix.nodes) if _is_entry(ix, n)]
+    if len(entries) == 1:
+        return entries[0]
+    if len(entries) > 1:
+        names = ", ".join(f"'{ix.nodes[at].name or ix.nodes[at].output[0]}'" for at in entries)
+        raise NofcError(f"found {len(entries)} flattens of feature maps ({names}); nofc "
+                        "converts a graph with one classifier head")
+    for n in ix.nodes:  # a flatten of a known map into the wrong number of features
+        src = ix.shape(n.input[0]) if n.input else None
+        if n.op_type in ("Flatten", "Reshape") and src and len(src) == 4 and None not in src[1:]:
+            c, h, w = src[1:]
+            out = ix.shape(n.output[0])
+            into = f" into {out[1:]}" if out and len(out) > 1 else ""
+            raise NofcError(f"{_node_label(n)} flattens a {c}x{h}x{w} feature map "
+                            f"({c * h * w} values){into} at input size "
+                            f"{'x'.join(map(str, ix.size))}; is input_size the size the "
+                            "classifier was trained on?")
+    ops = sorted({n.op_type for n in ix.nodes})
+    raise NofcError("found no Flatten/Reshape of a 4D feature map into (N, features) "
+                    f"in the ONNX graph (its ops: {', '.join(ops)}); is it a "
+                    "classifier, and is input_size its training size?")
+
+
+def _trace_layout(ix: _GraphIndex, entry) -> tuple[list[int], int | None]:
+    """Follow the flatten's input back to an NCHW tensor X; returns (perm, pooling).
+
+    ``perm`` is the permutation the graph applied to X before flattening (through
+    Transposes and elementwise ops), so that flat = transpose(X, perm).flatten(1);
+    ``pooling`` is the index of a global pooling that made X, if any.
+    """
+    cur, perm = entry.input[0], [0, 1, 2, 3]
+    while True:
+        at = ix.producer.get(cur)
+        if at is None:  # the graph input: NCHW, or NHWC = transpose(NCHW, (0, 2, 3, 1))
+            if ix.layout == "nhwc":
+                perm = [(0, 2, 3, 1)[i] for i in perm]
+            return perm, None
+        p = ix.nodes[at]
+        op = p.op_type
+        if op == "Transpose":
+            q = _transpose_perm(p)
+            perm = [q[i] for i in perm]
+            cur = p.input[0]
+        elif op in _ELEMENTWISE or op in _BINARY:
+            tensors = [i for i in p.input if i and i not in ix.consts
+                       and len(ix.shape(i) or ()) == 4]
+            if not tensors:
+                return perm, None
+            cur = tensors[0]
+        elif op in _NCHW or (op == "Concat" and _attr(p, "axis") in (1, -3)):
+            return perm, at if op in _GLOBAL_POOL else None
+        elif op in _REDUCE and _attr(p, "keepdims", 1) and \
+                set(_axes(p, ix.consts) or ()) == {2, 3}:
+            return perm, at
+        else:
+            raise NofcError(
+                f"cannot tell which axis of '{cur}' (flattened by {_node_label(entry)}) "
+                f"holds the channels: it comes from {_node_label(p)}, which is not a "
+                "convolution, pooling, Transpose or elementwise op")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class _MapLayout:
+    """A flattened C x H x W feature map: flat = transpose(X, perm).flatten(1), X NCHW."""
+
+    c: int
+    h: int
+    w: int
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _VectorLayout:
+    """K values per position: class scores, or a 1 x 1 map (the head keeps them as K x h x w)."""
+
+    k: int
+
+
+_Layout = _MapLayout | _VectorLayout
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """One planned change: a node's new form (None: removed) and why."""
+
+    what: str  # the node it concerns, e.g. "'fc' (Gemm)"
+    node: Any  # the NodeProto as it will be, or None
+    why: str
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What a rule decides for one head node."""
+
+    node: Any  # the node as it will be (a copy; the graph is not touched)
+    layout: _Layout  # of its outputs
+    why: str
+    absorbs: int | None = None  # a node folded into this one (the Add after a MatMul)
+
+
+@dataclass
+class _Plan:
+    """Every change the conversion makes, with its reason; the graph is not touched yet.
+
+    >>> from onnx import helper as h, numpy_helper, TensorProto as T
+    >>> w = numpy_helper.from_array(np.ones((2 * 3 * 3, 4), np.float32), "w")
+    >>> b = numpy_helper.from_array(np.zeros(4, np.float32), "b")
+    >>> mlp = h.make_model(h.make_graph(
+    ...     [h.make_node("Flatten", ["x"], ["f"], name="flat"),
+    ...      h.make_node("MatMul", ["f", "w"], ["m"], name="fc"),
+    ...      h.make_node("Add", ["m", "b"], ["y"], name="bias"),
+    ...      h.make_node("Relu", ["y"], ["r"], name="relu")],
+    ...     "mlp", [h.make_tensor_value_info("x", T.FLOAT, [1, 2, 3, 3])],
+    ...     [h.make_tensor_value_info("r", T.FLOAT, [1, 4])], [w, b]))
+    >>> print(_Planner(_GraphIndex.build(mlp, (2, 3, 3), "nchw"), "window").run())
+    'flat' (Flatten): removed: the head reads the 2x3x3 map 'x'
+    'fc' (MatMul): becomes Conv 2->4, kernel 3x3 (4x2x3x3 weights), bias from 'bias'
+    'bias' (Add): removed: folded into 'fc' (MatMul) as its bias
+    'relu' (Relu): kept: it acts on each value alone
+    outputs: 'r' (4 channels)
+    """
+
+    edits: dict[int, _Edit] = field(default_factory=dict)  # node index -> its edit
+    inserted: list[_Edit] = field(default_factory=list)  # new nodes (Transpose, Identity)
+    inits: list = field(default_factory=list)  # new initializers (kernels, constants)
+    layouts: dict[str, _Layout] = field(default_factory=dict)  # head tensor -> layout
+    outputs: list[str] = field(default_factory=list)  # graph outputs that become maps
+
+    def __str__(self) -> str:
+        lines = [f"{e.what}: {e.why}" for _, e in sorted(self.edits.items())]
+        lines += [f"new {e.what}: {e.why}" for e in self.inserted]
+        scores = ", ".join(f"'{o}' ({self.layouts[o].k} channels)" for o in self.outputs)
+        return "\n".join(lines + [f"outputs: {scores or '-'}"])
+
+
+class _Planner:
+    """Decides the conversion from a ``_GraphIndex``: ``run()`` returns the ``_Plan``."""
+
+    def __init__(self, ix: _GraphIndex, pooling: str):
+        self.ix = ix
+        self.pooling = pooling
+        self.plan = _Plan()
+        self.taken = set(ix.names)
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
-        while name in self.names:
+        while name in self.taken:
             name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
+        self.taken.add(name)
         return name
 
     def const(self, base: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
         name = self.fresh(base)
-        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.plan.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def fail(self, node, why: str):
         raise NofcError(f"{_node_label(node)}: {why}")
 
+    def edit(self, at: int, node, why: str) -> None:
+        self.plan.edits[at] = _Edit(_label(self.ix.nodes[at]), node, why)
+
+    def insert(self, node, why: str) -> None:
+        self.plan.inserted.append(_Edit(_label(node), node, why))
+
+    def run(self) -> _Plan:
+        flat, src = self.plan_entry()
+        self.plan_head(flat, src)
+        return self.plan
+
     # ------------------------------------------------------------------ the entry
 
-    def _is_entry(self, n) -> bool:
-        if not n.input:
-            return False
-        src, out = self.shape(n.input[0]), self.shape(n.output[0])
-        if src is None or out is None or len(src) != 4 or len(out) != 2:
-            return False
-        if n.op_type in ("Flatten", "Reshape", "Squeeze"):
-            if n.op_type == "Flatten" and _attr(n, "axis", 1) != 1:
-                return False
-            return None not in src[1:] and out[1] == math.prod(src[1:])
-        if n.op_type in ("ReduceMean", "ReduceMax"):  # global pooling without keepdims
-            axes = _axes(n, self.consts)
-            return axes is not None and len(set(axes)) == 2 and 0 not in axes and \
-                not _attr(n, "keepdims", 1)
-        return False
-
-    def find_entry(self):
-        entries = [n for n in self.g.node if self._is_entry(n)]
-        near = [n for n in self.g.node if n.op_type in ("Flatten", "Reshape") and n.input
-                and len(self.shape(n.input[0]) or ()) == 4 and None not in self.shape(
-                    n.input[0])[1:]]
-        if not entries and near:
-            c, h, w = self.shape(near[0].input[0])[1:]
-            out = self.shape(near[0].output[0])
-            into = f" into {out[1:]}" if out and len(out) > 1 else ""
-            raise NofcError(f"{_node_label(near[0])} flattens a {c}x{h}x{w} feature map "
-                            f"({c * h * w} values){into} at input size "
-                            f"{'x'.join(map(str, self.size))}; is input_size the size the "
-                            "classifier was trained on?")
-        if not entries:
-            ops = sorted({n.op_type for n in self.g.node})
-            raise NofcError("found no Flatten/Reshape of a 4D feature map into (N, features) "
-                            f"in the ONNX graph (its ops: {', '.join(ops)}); is it a "
-                            "classifier, and is input_size its training size?")
-        if len(entries) > 1:
-            names = ", ".join(f"'{n.name or n.output[0]}'" for n in entries)
-            raise NofcError(f"found {len(entries)} flattens of feature maps ({names}); nofc "
-                            "converts a graph with one classifier head")
-        return entries[0]
-
-    def trace_layout(self, entry):
-        """Follow the flatten's input back to an NCHW tensor; returns (X, perm, pool node).
-
-        ``perm`` is the permutation the graph applied to X before flattening (through
-        Transposes and elementwise ops), so that flat = transpose(X, perm).flatten(1).
-        """
-        cur, perm = entry.input[0], [0, 1, 2, 3]
-        while True:
-            p = self.producer.get(cur)
-            if p is None:  # the graph input: NCHW, or NHWC = transpose(NCHW, (0, 2, 3, 1))
-                if self.layout == "nhwc":
-                    perm = [(0, 2, 3, 1)[i] for i in perm]
-                return cur, perm, None
-            op = p.op_type
-            if op == "Transpose":
-                q = list(_attr(p, "perm", [3, 2, 1, 0]))
-                perm = [q[i] for i in perm]
-                cur = p.input[0]
-            elif op in _ELEMENTWISE or op in _BINARY:
-                tensors = [i for i in p.input if i and i not in self.consts
-                           and len(self.shape(i) or ()) == 4]
-                if not tensors:
-                    return cur, perm, None
-                cur = tensors[0]
-            elif op in _NCHW or (op == "Concat" and _attr(p, "axis") in (1, -3)):
-                return cur, perm, p if op in _GLOBAL_POOL else None
-            elif op in ("ReduceMean", "ReduceMax") and _attr(p, "keepdims", 1) and \
-                    set(_axes(p, self.consts) or ()) == {2, 3}:
-                return cur, perm, p
-            else:
-                raise NofcError(
-                    f"cannot tell which axis of '{cur}' (flattened by {_node_label(entry)}) "
-                    f"holds the channels: it comes from {_node_label(p)}, which is not a "
-                    "convolution, pooling, Transpose or elementwise op")
-
-    def window_pool(self, pool) -> None:
-        """Global pooling -> the (h, w) window it covers at the reference size, stride 1."""
-        from onnx import helper
-
-        src = self.shape(pool.input[0])
-        if src is None or None in src[2:]:
-            self.fail(pool, "its input's height and width are unknown at the reference size")
-        kind = _GLOBAL_POOL[pool.op_type]
-        new = helper.make_node(kind, [pool.input[0]], [pool.output[0]],
-                               name=pool.name or None, kernel_shape=list(src[2:]),
-                               strides=[1, 1])
-        pool.CopyFrom(new)
-
-    # ------------------------------------------------------------------ the head
-
-    def run(self):
-        entry = self.find_entry()
-        t, flat = entry.input[0], entry.output[0]
-        x, perm, pool = self.trace_layout(entry)
+    def plan_entry(self) -> tuple[str, str]:
+        """Plan away the flatten; returns (flattened tensor, 4D tensor the head reads)."""
+        ix = self.ix
+        at = _find_entry(ix)
+        entry = ix.nodes[at]
+        t = entry.input[0]
+        perm, pool = _trace_layout(ix, entry)
         if perm[0] != 0:
             self.fail(entry, f"the flattened tensor moves the batch axis (perm {perm})")
-        ts = self.shape(t)
+        ts = ix.shape(t)
         xs = tuple(ts[perm.index(j)] for j in range(4))  # (N, C, H, W) of the NCHW source
         if None in xs[1:]:
             self.fail(entry, f"the shape of its input '{t}' is unknown at the reference size")
         src = self.nchw(t, perm)
-        if entry.op_type in ("ReduceMean", "ReduceMax"):  # pooling and flatten in one
-            if {perm[a] for a in _axes(entry, self.consts)} != {2, 3}:
-                self.fail(entry, "it does not reduce over height and width")
-            pooled = self.fresh(flat + "_map")
-            entry.CopyFrom(_onnx().helper.make_node(
-                {"ReduceMean": "GlobalAveragePool", "ReduceMax": "GlobalMaxPool"}[entry.op_type],
-                [src], [pooled],
-                name=entry.name or None))
-            if self.pooling == "window":
-                self.shapes[src] = xs  # src may be a new Transpose that inference never saw
-                self.window_pool(entry)
-            self.kind[pooled] = ("vec", xs[1])
-            return self.propagate(flat, pooled)
+        if entry.op_type in _REDUCE:  # pooling and flatten in one
+            return entry.output[0], self.plan_reduce(at, src, xs, perm)
         if pool is not None and self.pooling == "window":
             self.window_pool(pool)
-        self.drop.add((entry.op_type, entry.output[0]))
+        self.edit(at, None, f"removed: the head reads the {'x'.join(map(str, xs[1:]))} "
+                            f"map '{src}'")
         # a 1 x 1 map flattens to its C channels in any order: plain class-score vector
-        self.kind[src] = ("vec", xs[1]) if xs[2:] == (1, 1) else ("map", *xs[1:], perm)
-        return self.propagate(flat, src)
+        self.plan.layouts[src] = _VectorLayout(xs[1]) if xs[2:] == (1, 1) else \
+            _MapLayout(*xs[1:], tuple(perm))
+        return entry.output[0], src
+
+    def plan_reduce(self, at: int, src: str, xs: tuple, perm: list[int]) -> str:
+        """A ReduceMean/Max over height and width without keepdims becomes a pooling
+        that keeps them; returns the pooled tensor."""
+        entry = self.ix.nodes[at]
+        if {perm[a] for a in _axes(entry, self.ix.consts)} != {2, 3}:
+            self.fail(entry, "it does not reduce over height and width")
+        pooled = self.fresh(entry.output[0] + "_map")
+        if self.pooling == "window":
+            new = self.pool_node(entry, src, pooled, xs[2:])
+        else:
+            new = _onnx().helper.make_node(_REDUCE_TO_GLOBAL[entry.op_type], [src], [pooled],
+                                           name=entry.name or None)
+        self.edit(at, new, f"becomes {new.op_type}{_kernel_text(new)}, keeping height and width")
+        self.plan.layouts[pooled] = _VectorLayout(xs[1])
+        return pooled
+
+    def window_pool(self, at: int) -> None:
+        """Global pooling -> the (h, w) window it covers at the reference size, stride 1."""
+        pool = self.ix.nodes[at]
+        src = self.ix.shape(pool.input[0])
+        if src is None or None in src[2:]:
+            self.fail(pool, "its input's height and width are unknown at the reference size")
+        new = self.pool_node(pool, pool.input[0], pool.output[0], src[2:])
+        self.edit(at, new, f"becomes {new.op_type}{_kernel_text(new)}: the window of the "
+                           "reference size")
+
+    @staticmethod
+    def pool_node(pool, src: str, out: str, window):
+        return _onnx().helper.make_node(_GLOBAL_POOL[pool.op_type], [src], [out],
+                                        name=pool.name or None, kernel_shape=list(window),
+                                        strides=[1, 1])
 
     def nchw(self, t: str, perm) -> str:
         """The NCHW tensor X with t = transpose(X, perm): t itself, a Transpose's input or
         a new Transpose that undoes ``perm``."""
         if perm == [0, 1, 2, 3]:
             return t
-        p = self.producer.get(t)
-        if p is not None and p.op_type == "Transpose" and list(_attr(p, "perm")) == perm:
+        p = self.ix.producer_of(t)
+        if p is not None and p.op_type == "Transpose" and _transpose_perm(p) == perm:
             return p.input[0]
         src = self.fresh(t + "_nchw")
-        self.extra_nodes.append(_onnx().helper.make_node(
-            "Transpose", [t], [src], name=src, perm=[perm.index(i) for i in range(4)]))
+        self.insert(_onnx().helper.make_node(
+            "Transpose", [t], [src], name=src, perm=[perm.index(i) for i in range(4)]),
+            f"undoes the permutation {perm} before the flatten")
         return src
 
-    def propagate(self, flat: str, src: str):
-        """Rewrite every node downstream of the flatten; they then read ``src`` instead."""
-        self.kind[flat] = self.kind[src]
-        if flat in {o.name for o in self.g.output}:  # squeezenet: pool, flatten, done
-            self.extra_nodes.append(_onnx().helper.make_node("Identity", [src], [flat],
-                                                             name=self.fresh(flat + "_map")))
-        vector = {flat}  # src itself may also feed the body (the Transpose before a flatten)
-        for n in list(self.g.node):
-            if (n.op_type, n.output[0]) in self.drop or not any(i in vector for i in n.input):
+    # ------------------------------------------------------------------ the head
+
+    def plan_head(self, flat: str, src: str) -> None:
+        """Plan every node downstream of the flatten; they then read ``src`` instead."""
+        ix, plan = self.ix, self.plan
+        plan.layouts[flat] = plan.layouts[src]
+        if flat in ix.outputs:  # squeezenet: pool, flatten, done
+            self.insert(_onnx().helper.make_node("Identity", [src], [flat],
+                                                 name=self.fresh(flat + "_map")),
+                        f"keeps the graph output '{flat}', now a map")
+        # The head: the nodes that read the flattened tensor or what is computed from it.
+        # src has a layout too, but a node that reads only src belongs to the body (the
+        # Transpose before a flatten may feed both).
+        reached = {flat}
+        for at, n in enumerate(ix.nodes):
+            # planned already: the flatten, an Add folded into its MatMul
+            if at in plan.edits or not any(i in reached for i in n.input):
                 continue
-            ins = [src if i == flat else i for i in n.input]
-            del n.input[:]
-            n.input.extend(ins)
-            self.head_node(n, vector | {src})
-            vector.update(o for o in n.output if o)
-        g_out = {o.name for o in self.g.output}
-        for name in vector & g_out:
-            if self.kind[name][0] == "map":
+            node = copy.deepcopy(n)
+            del node.input[:]
+            node.input.extend(src if i == flat else i for i in n.input)
+            layout = next(plan.layouts[i] for i in node.input if i in plan.layouts)
+            step = _RULES.get(node.op_type, _Planner.unsupported)(self, node, layout)
+            self.edit(at, step.node, step.why)
+            if step.absorbs is not None:
+                self.edit(step.absorbs, None, f"removed: folded into {_label(n)} as its bias")
+            for o in step.node.output:
+                if o:
+                    plan.layouts[o] = step.layout
+                    reached.add(o)
+        plan.outputs = [o for o in ix.outputs if o in reached]
+        for name in plan.outputs:
+            if isinstance(plan.layouts[name], _MapLayout):
                 raise NofcError(f"the graph output '{name}' is the flattened feature map "
                                 "itself, which has no convolutional form")
-        return [o for o in self.g.output if o.name in vector]
 
-    def head_node(self, n, vector):
-        op = n.op_type
-        kinds = [self.kind.get(i) for i in n.input if i in vector]
-        k = kinds[0]
-        if op in _DENSE:
-            return self.dense(n, k)
-        if op in _ELEMENTWISE:
-            extra = [i for i in n.input[1:] if i]
-            if any(i not in self.consts or self.consts[i].size != 1 for i in extra):
-                self.fail(n, "its extra inputs are not scalar constants")
-        elif op in _BINARY:
-            return self.binary(n, vector, k)
-        elif op in _SOFTMAX:
-            if k[0] != "vec":
-                self.fail(n, "it runs on the flattened feature map, not on class scores")
-            if self.opset < 13:
-                self.fail(n, f"in opset {self.opset} Softmax flattens its input; "
-                             "re-export the model with opset 13 or later")
-            if _attr(n, "axis", -1 if self.opset >= 13 else 1) not in (1, -1):
-                self.fail(n, "it does not run over the class axis")
-            _set_attr(n, "axis", 1)
-        elif op == "BatchNormalization":
-            if k[0] != "vec":
-                self.fail(n, "it normalises the flattened feature map feature by feature")
-        elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
-            if k[0] != "vec" or self.shape(n.output[0]) != self.shape(n.input[0]):
-                self.fail(n, "it changes the shape of the class scores")
-            del n.input[1:]
-            del n.attribute[:]
-            n.op_type = "Identity"
-        else:
-            what = "class scores" if k[0] == "vec" else "flattened feature map"
-            self.fail(n, f"it reads the {what} and has no fully convolutional form; nofc "
-                         "converts Gemm, MatMul(+Add), elementwise activations, "
-                         "BatchNormalization and Softmax there")
-        for o in n.output:
-            self.kind[o] = k
+    # The rules, one per kind of head node (see _RULES): each gets the node (a copy that
+    # reads src where the graph read the flattened tensor) and the layout it reads, and
+    # returns what the node becomes.
 
-    def dense(self, n, k):
-        from onnx import helper
-
+    def dense(self, n, layout: _Layout) -> _Step:
+        """Gemm, or MatMul (with the constant Add after it): a Conv."""
         a, b = n.input[0], n.input[1]
-        if a not in self.kind or b not in self.consts:
+        if a not in self.plan.layouts or b not in self.ix.consts:
             self.fail(n, "nofc needs the features as its first input and constant weights "
                          "as its second")
-        w = self.consts[b]
+        w = self.ix.consts[b]
         if w.ndim != 2:
             self.fail(n, f"its weight has shape {w.shape}, not (in, out)")
-        bias, out_name, fold = None, n.output[0], None
         if n.op_type == "Gemm":
-            if _attr(n, "transA", 0):
-                self.fail(n, "transA=1 transposes the features; nofc converts transA=0 only")
-            w = w if _attr(n, "transB", 0) else w.T  # (out, in)
-            w = w * np.asarray(_attr(n, "alpha", 1.0), dtype=w.dtype)
-            if len(n.input) > 2 and n.input[2]:
-                if n.input[2] not in self.consts:
-                    self.fail(n, "its bias C is not a constant")
-                bias = self.consts[n.input[2]] * np.asarray(_attr(n, "beta", 1.0), w.dtype)
+            (w, bias), fold = self.gemm(n, w), None
         else:
-            w = w.T
-            users = self.consumers.get(n.output[0], [])
-            if len(users) == 1 and users[0].op_type == "Add" and \
-                    n.output[0] not in {o.name for o in self.g.output}:
-                other = [i for i in users[0].input if i != n.output[0]]
-                if len(other) == 1 and other[0] in self.consts:
-                    bias, out_name, fold = self.consts[other[0]], users[0].output[0], users[0]
-        out = w.shape[0]
-        if bias is not None:
-            if bias.size == 1:
-                bias = np.full(out, bias.reshape(()), dtype=w.dtype)
-            elif bias.shape not in ((out,), (1, out)):
-                self.fail(fold or n, f"its bias has shape {bias.shape}; nofc needs one "
-                                     f"value per output ({out},)")
-            bias = bias.reshape(out).astype(w.dtype)
-        if k[0] == "map":
-            _, c, h, wd, perm = k
-            if w.shape[1] != c * h * wd:
-                self.fail(n, f"it expects {w.shape[1]} features but the feature map is "
-                             f"{c}x{h}x{wd} = {c * h * wd}; is input_size the training size?")
-            t_dims = [(c, h, wd)[p - 1] for p in perm[1:]]
-            kernel = w.reshape(out, *t_dims).transpose([0] + [perm.index(j) for j in (1, 2, 3)])
-        else:
-            if w.shape[1] != k[1]:
-                self.fail(n, f"it expects {w.shape[1]} features but gets {k[1]}")
-            kernel, h, wd = w.reshape(out, k[1], 1, 1), 1, 1
+            w, (fold, bias) = w.T, self.matmul_bias(n)
+        fold_node = None if fold is None else self.ix.nodes[fold]
+        bias = self.check_bias(fold_node or n, bias, w)
+        kernel = self.kernel(n, w, layout)
         base = n.name or n.output[0]
         inputs = [a, self.const(f"{base}_conv_weight", kernel)]
         if bias is not None:
             inputs.append(self.const(f"{base}_conv_bias", bias))
-        conv = helper.make_node("Conv", inputs, [out_name], name=n.name or None,
-                                kernel_shape=[h, wd], strides=[1, 1])
-        n.CopyFrom(conv)
-        self.kind[out_name] = ("vec", out)
-        if fold is not None:
-            self.drop.add((fold.op_type, fold.output[0]))
+        out_name = (fold_node or n).output[0]
+        conv = _onnx().helper.make_node("Conv", inputs, [out_name], name=n.name or None,
+                                        kernel_shape=list(kernel.shape[2:]), strides=[1, 1])
+        why = (f"becomes Conv {kernel.shape[1]}->{kernel.shape[0]}, kernel "
+               f"{'x'.join(map(str, kernel.shape[2:]))} ({'x'.join(map(str, kernel.shape))} "
+               "weights)" + (f", bias from '{fold_node.name or out_name}'" if fold_node else ""))
+        return _Step(conv, _VectorLayout(kernel.shape[0]), why, absorbs=fold)
 
-    def binary(self, n, vector, k):
+    def gemm(self, n, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A Gemm's weight as (out, in), alpha applied, and its bias C (beta applied)."""
+        if _attr(n, "transA", 0):
+            self.fail(n, "transA=1 transposes the features; nofc converts transA=0 only")
+        w = w if _attr(n, "transB", 0) else w.T  # (out, in)
+        w = w * np.asarray(_attr(n, "alpha", 1.0), dtype=w.dtype)
+        if len(n.input) < 3 or not n.input[2]:
+            return w, None
+        if n.input[2] not in self.ix.consts:
+            self.fail(n, "its bias C is not a constant")
+        return w, self.ix.consts[n.input[2]] * np.asarray(_attr(n, "beta", 1.0), w.dtype)
+
+    def matmul_bias(self, n) -> tuple[int | None, np.ndarray | None]:
+        """The Add of a constant right after a MatMul: (its index, the constant)."""
+        out = n.output[0]
+        users = self.ix.consumers.get(out, ())
+        if len(users) != 1 or out in self.ix.outputs:
+            return None, None
+        add = self.ix.nodes[users[0]]
+        other = [i for i in add.input if i != out]
+        if add.op_type == "Add" and len(other) == 1 and other[0] in self.ix.consts:
+            return users[0], self.ix.consts[other[0]]
+        return None, None
+
+    def check_bias(self, n, bias, w: np.ndarray) -> np.ndarray | None:
+        """The bias as one value per output, in the weight's dtype."""
+        if bias is None:
+            return None
+        out = w.shape[0]
+        if bias.size == 1:
+            bias = np.full(out, bias.reshape(()), dtype=w.dtype)
+        elif bias.shape not in ((out,), (1, out)):
+            self.fail(n, f"its bias has shape {bias.shape}; nofc needs one value per output "
+                         f"({out},)")
+        return bias.reshape(out).astype(w.dtype)
+
+    def kernel(self, n, w: np.ndarray, layout: _Layout) -> np.ndarray:
+        """The (out, in) weight as a Conv kernel (out, C, H, W) for the layout it reads."""
+        out = w.shape[0]
+        if isinstance(layout, _VectorLayout):
+            if w.shape[1] != layout.k:
+                self.fail(n, f"it expects {w.shape[1]} features but gets {layout.k}")
+            return w.reshape(out, layout.k, 1, 1)
+        c, h, wd, perm = layout.c, layout.h, layout.w, layout.perm
+        if w.shape[1] != c * h * wd:
+            self.fail(n, f"it expects {w.shape[1]} features but the feature map is "
+                         f"{c}x{h}x{wd} = {c * h * wd}; is input_size the training size?")
+        # the weight reads transpose(X, perm) flattened; the kernel reads X itself
+        t_dims = [(c, h, wd)[p - 1] for p in perm[1:]]
+        return w.reshape(out, *t_dims).transpose([0] + [perm.index(j) for j in (1, 2, 3)])
+
+    def elementwise(self, n, layout: _Layout) -> _Step:
+        extra = [i for i in n.input[1:] if i]
+        consts = self.ix.consts
+        if any(i not in consts or consts[i].size != 1 for i in extra):
+            self.fail(n, "its extra inputs are not scalar constants")
+        return _Step(n, layout, "kept: it acts on each value alone")
+
+    def binary(self, n, layout: _Layout) -> _Step:
+        """Tensors of the head with the same layout, scalars, or one constant per class."""
+        why = "kept: its other inputs are scalars or of the same layout"
+        vector = isinstance(layout, _VectorLayout)
         for i, name in enumerate(n.input):
-            if name in vector:
-                if self.kind[name][:2] != k[:2]:
+            if name in self.plan.layouts:  # from the head
+                if self.plan.layouts[name] != layout:
                     self.fail(n, "it combines tensors of different shapes")
                 continue
-            c = self.consts.get(name)
+            c = self.ix.consts.get(name)
             if c is None:
                 self.fail(n, f"its input '{name}' is neither constant nor from the head")
-            if c.size == 1:
+            if c.size == 1 or (n.op_type == "PRelu" and vector and c.shape == (layout.k, 1, 1)):
                 continue
-            if k[0] == "vec" and c.shape in ((k[1],), (1, k[1])):
-                new = self.const(f"{name}_per_channel", c.reshape(k[1], 1, 1))
-                n.input[i] = new
-            elif n.op_type == "PRelu" and k[0] == "vec" and c.shape == (k[1], 1, 1):
-                continue
-            else:
+            if not vector or c.shape not in ((layout.k,), (1, layout.k)):
                 self.fail(n, f"its constant '{name}' has shape {c.shape}; nofc handles "
                              "scalars and one value per feature of the class scores")
-        for o in n.output:
-            self.kind[o] = k
+            n.input[i] = self.const(f"{name}_per_channel", c.reshape(layout.k, 1, 1))
+            why = "its per-class constants become (K, 1, 1)"
+        return _Step(n, layout, why)
+
+    def scores_only(self, n, layout: _Layout, why: str) -> None:
+        if not isinstance(layout, _VectorLayout):
+            self.fail(n, why)
+
+    def softmax(self, n, layout: _Layout) -> _Step:
+        self.scores_only(n, layout, "it runs on the flattened feature map, not on class scores")
+        if self.ix.opset < 13:
+            self.fail(n, f"in opset {self.ix.opset} Softmax flattens its input; "
+                         "re-export the model with opset 13 or later")
+        if _attr(n, "axis", -1) not in (1, -1):
+            self.fail(n, "it does not run over the class axis")
+        _set_attr(n, "axis", 1)
+        return _Step(n, layout, "runs over the channel axis (axis=1)")
+
+    def batch_norm(self, n, layout: _Layout) -> _Step:
+        self.scores_only(n, layout, "it normalises the flattened feature map feature by feature")
+        return _Step(n, layout, "kept: it normalises each channel")
+
+    def reshape(self, n, layout: _Layout) -> _Step:
+        if not isinstance(layout, _VectorLayout) or \
+                self.ix.shape(n.output[0]) != self.ix.shape(n.input[0]):
+            self.fail(n, "it changes the shape of the class scores")
+        del n.input[1:]
+        del n.attribute[:]
+        n.op_type = "Identity"
+        return _Step(n, layout, "becomes Identity: the class scores keep their shape")
+
+    def unsupported(self, n, layout: _Layout) -> _Step:
+        what = "class scores" if isinstance(layout, _VectorLayout) else "flattened feature map"
+        self.fail(n, f"it reads the {what} and has no fully convolutional form; nofc "
+                     "converts Gemm, MatMul(+Add), elementwise activations, "
+                     "BatchNormalization and Softmax there")
+
+
+_RULES = {
+    **dict.fromkeys(_DENSE, _Planner.dense),
+    **dict.fromkeys(_ELEMENTWISE, _Planner.elementwise),
+    **dict.fromkeys(_BINARY, _Planner.binary),
+    **dict.fromkeys(_SOFTMAX, _Planner.softmax),
+    "BatchNormalization": _Planner.batch_norm,
+    **dict.fromkeys(_RESHAPE, _Planner.reshape),
+}
+
+
+def _kernel_text(node) -> str:
+    k = _attr(node, "kernel_shape")
+    return f", kernel {'x'.join(map(str, k))}, stride 1" if k else ""
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _apply(model, plan: _Plan, size, layout) -> None:
+    """Make the planned edits in ``model``: nodes, initializers, free dims."""
+    g = model.graph
+    nodes = [copy.deepcopy(plan.edits[at].node if at in plan.edits else n)
+             for at, n in enumerate(g.node)
+             if at not in plan.edits or plan.edits[at].node is not None]
+    # inserted nodes go right after their input's producer (topological order)
+    for extra in plan.inserted:
+        at = next((i + 1 for i, n in enumerate(nodes) if extra.node.input[0] in n.output), 0)
+        nodes.insert(at, extra.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(plan.inits)
+    _clean(g)
+    del g.value_info[:]
+    inp = _graph_input(g)  # after _clean, which may rebuild the input list
+    dims = inp.type.tensor_type.shape.dim
+    batch = dims[0].dim_param if len(dims) and dims[0].dim_param else "batch"
+    _set_input_dims(inp, _image_dims(layout, batch, size[0], "height", "width"))
+    for o in g.output:
+        if o.name in plan.outputs:
+            _set_input_dims(o, (batch, plan.layouts[o.name].k, "map_height", "map_width"))
 
 
 def _clean(g) -> None:
@@ -539,26 +781,43 @@ def _clean(g) -> None:
 
 def _check_runs(model, size, names, layout) -> dict:
     """Shape inference at the reference size and at twice it; returns output shapes there."""
-    onnx = _onnx()
     found = {}
     for scale in (1, 2):
-        probe = copy.deepcopy(model)
-        _set_input_dims(_graph_input(probe.graph), _image_dims(
-            layout, 1, size[0], size[1] * scale, size[2] * scale))
+        c, h, w = size[0], size[1] * scale, size[2] * scale
         try:
-            inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=True,
-                                                         data_prop=True)
+            g = _inferred(model, _image_dims(layout, 1, c, h, w), strict=True).graph
         except Exception as exc:  # noqa: BLE001
             first = first_line(exc)
-            raise NofcError(f"the converted graph does not run on a {size[0]}x"
-                            f"{size[1] * scale}x{size[2] * scale} input: {first}; some node "
-                            "before the head depends on the input size") from None
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-            if vi.name in names:
-                found[(vi.name, scale)] = tuple(d.dim_value if d.HasField("dim_value")
-                                                else None
-                                                for d in vi.type.tensor_type.shape.dim)
+            raise NofcError(f"the converted graph does not run on a {c}x{h}x{w} input: "
+                            f"{first}; some node before the head depends on the input "
+                            "size") from None
+        found.update(((vi.name, scale), _dims(vi)) for vi in list(g.value_info) + list(g.output)
+                     if vi.name in names)
     return found
+
+
+def _check_result(model, size, names, layout, pooling) -> None:
+    """The converted graph passes onnx.checker, gives 1 x 1 maps at the reference size and
+    (with window pooling) larger maps at twice it."""
+    try:
+        _onnx().checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001
+        if model.ByteSize() < 2**31:
+            first = first_line(exc)
+            raise NofcError(f"internal: the converted graph fails onnx.checker: {first}"
+                            ) from None
+    found = _check_runs(model, size, names, layout)
+    for name in names:
+        ref = found.get((name, 1))
+        if ref is not None and ref[2:] != (1, 1):
+            raise NofcError(f"internal: output '{name}' is {ref} at the reference size")
+        big = found.get((name, 2))
+        if pooling == "window" and big is not None and None not in big and (
+                big[0] != 1 or 1 in big[2:]):
+            raise NofcError(
+                f"on a {size[0]}x{2 * size[1]}x{2 * size[2]} input the converted graph gives "
+                f"'{name}' the shape {big}, not a map of windows: a node before the head "
+                "fixes the size (a Reshape, Resize or Slice with constant shapes?)")
 
 
 def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
@@ -592,53 +851,19 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
     >>> [d.dim_param or d.dim_value for d in fcn.graph.output[0].type.tensor_type.shape.dim]
     ['batch', 10, 'map_height', 'map_width']
     """
-    onnx = _onnx()
+    _onnx()  # a missing extra is the first thing to say
     size = check_input_size(input_size)
     if pooling not in ("window", "global"):
         raise NofcError(f"pooling must be 'window' or 'global', got {pooling!r}")
     if output is not None:
         refuse_overwrite(output, force=force)
     m = _load(model)
-    g = m.graph
-    inp = _graph_input(g)
+    inp = _graph_input(m.graph)
     layout = _input_layout(inp, size)
     _check_input(inp, size, layout)
-    conv = _Converter(m, size, pooling, layout)
-    outs = conv.run()
-    nodes = [copy.deepcopy(n) for n in g.node if (n.op_type, n.output[0]) not in conv.drop]
-    # inserted nodes go right after their input's producer (topological order)
-    for extra in conv.extra_nodes:
-        at = next((i + 1 for i, n in enumerate(nodes) if extra.input[0] in n.output), 0)
-        nodes.insert(at, extra)
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(conv.new_inits)
-    _clean(g)
-    del g.value_info[:]
-    dims = inp.type.tensor_type.shape.dim
-    batch = dims[0].dim_param if len(dims) and dims[0].dim_param else "batch"
-    _set_input_dims(inp, _image_dims(layout, batch, size[0], "height", "width"))
-    for o in outs:
-        _set_input_dims(o, (batch, conv.kind[o.name][1], "map_height", "map_width"))
-    try:
-        onnx.checker.check_model(m)
-    except Exception as exc:  # noqa: BLE001
-        if m.ByteSize() < 2**31:
-            first = first_line(exc)
-            raise NofcError(f"internal: the converted graph fails onnx.checker: {first}"
-                            ) from None
-    found = _check_runs(m, size, {o.name for o in outs}, layout)
-    for o in outs:
-        ref = found.get((o.name, 1))
-        if ref is not None and ref[2:] != (1, 1):
-            raise NofcError(f"internal: output '{o.name}' is {ref} at the reference size")
-        big = found.get((o.name, 2))
-        if pooling == "window" and big is not None and None not in big and (
-                big[0] != 1 or 1 in big[2:]):
-            raise NofcError(
-                f"on a {size[0]}x{2 * size[1]}x{2 * size[2]} input the converted graph gives "
-                f"'{o.name}' the shape {big}, not a map of windows: a node before the head "
-                "fixes the size (a Reshape, Resize or Slice with constant shapes?)")
+    plan = _Planner(_GraphIndex.build(m, size, layout), pooling).run()
+    _apply(m, plan, size, layout)
+    _check_result(m, size, plan.outputs, layout, pooling)
     if output is not None:
         from .export import save_onnx
 
