@@ -62,10 +62,12 @@ def test_global_pooling_mode_keeps_one_vector(models):
     model = models("resnet18")
     fcn = nofc.convert(model, input_size=(3, 224, 224), pooling="global")
     assert nofc.verify(model, fcn, input_size=(3, 224, 224)).ok
-    with torch.no_grad():
-        out = fcn(torch.randn(1, 3, 320, 320)).flatten(1)
-        ref = model(torch.randn(1, 3, 320, 320) * 0 + 0)  # same code path, any size
-    assert out.shape == ref.shape == (1, 1000)
+    x = torch.randn(1, 3, 320, 320, dtype=torch.float64)
+    with torch.no_grad():  # copies: the cached model stays float32
+        out = copy.deepcopy(fcn).double()(x)
+        ref = copy.deepcopy(model).double()(x)
+    assert out.shape == (1, 1000, 1, 1)  # one vector at any size: the original's
+    torch.testing.assert_close(out.flatten(1), ref, rtol=0, atol=1e-10)
 
 
 def test_global_mode_equals_original_at_any_size(models):
@@ -234,9 +236,12 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("cls, match", [
     (LayerNormHead, r"'norm' \(LayerNorm\).*\(2, 144\)"),
-    (SequenceHead, r"fc.*\(2, 8\)|sequence"),
+    (SequenceHead, r"'fc' \(Linear\): its input is a vector that does not come from "
+                   r"flattening a C x H x W feature map .*\(input \(2, 8\), output \(2, 2\)\)"),
     (WidthLinear, r"'fc' \(Linear\).*reference size"),
-    (Attention, r"matmul|node"),
+    # v @ v.t() mixes the samples of the batch: the transpose is refused
+    (Attention, r"node 't' \(method \.t\): this op on the flattened feature vector has no "
+                r"per-window equivalent \(input \(2, 144\), output \(144, 2\)\)"),
 ])
 def test_unconvertible_heads_are_refused(cls, match):
     model = cls().eval()
@@ -244,6 +249,71 @@ def test_unconvertible_heads_are_refused(cls, match):
     with pytest.raises(NofcError, match=match):
         nofc.convert(model, input_size=(3, 8, 8))
     assert state_hash(model) == before
+
+
+class SharedLinear(nn.Module):
+    """One Linear called twice on vectors of the same layout (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 8)
+        self.tied = nn.Linear(8, 8)
+
+    def forward(self, x):
+        v = self.fc(torch.flatten(self.conv(x), 1))
+        return self.tied(torch.relu(self.tied(v)))
+
+
+class SharedAcrossLayouts(nn.Module):
+    """One Linear reading a pooled 4x1x1 vector and a flattened 1x2x2 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(3, 1, 7)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.a(x).mean((2, 3))) + self.fc(torch.flatten(self.b(x), 1))
+
+
+def test_shared_linear_converts_once():
+    model = SharedLinear().eval().double()
+    fcn = nofc.convert(model, input_size=(3, 8, 8))
+    assert isinstance(fcn.tied, nn.Conv2d) and fcn.tied.kernel_size == (1, 1)
+    assert [c.name for c in fcn._nofc_record.changes] == ["flatten", "fc", "tied"]
+    x = torch.randn(1, 3, 10, 9, dtype=torch.float64)
+    with torch.no_grad():
+        out = fcn(x)
+        assert out.shape == (1, 8, 3, 2)
+        torch.testing.assert_close(out[0, :, 2, 1], model(x[:, :, 2:10, 1:9])[0], rtol=0,
+                                   atol=1e-10)
+
+
+def test_shared_linear_on_two_layouts_is_refused():
+    with pytest.raises(NofcError, match=r"'fc' \(Linear\): a shared Linear reads vectors of "
+                                        r"different layouts"):
+        nofc.convert(SharedAcrossLayouts().eval(), input_size=(3, 8, 8))
+
+
+def test_plan_changes_nothing_and_says_why(models):
+    from nofc._fx import probe, trace
+    from nofc.conversion import Layout, Options, _plan
+
+    model = models("resnet18")
+    gm = trace(model)  # shares the model's modules: a change would show in the model
+    code, before = gm.code, state_hash(model)
+    plan = _plan(gm, probe(gm, (2, 3, 224, 224)).shapes, Options((3, 224, 224), fc_stride=2))
+    assert gm.code == code and state_hash(model) == before and isinstance(model.fc, nn.Linear)
+    assert [(r.kind, r.name) for r in plan.replacements] == [
+        ("pool", "avgpool"), ("drop", "flatten"), ("linear_to_conv", "fc")]
+    assert all(r.reason for r in plan.replacements)
+    assert plan.layouts["layer4_1_relu_1"] == Layout(512, 7, 7)
+    assert plan.layouts["flatten"] == Layout(512, 1, 1, flat=True)
+    text = str(plan)
+    assert "avgpool: Adaptiveavgpool -> 1x1 -> AvgPool2d(kernel_size=(7, 7), stride=2" in text
+    assert "fc: Linear 512 -> 1000 -> Conv2d 512 -> 1000, kernel 1x1" in text
 
 
 def test_wrong_input_size_suggests_the_right_one(models):

@@ -1,6 +1,7 @@
 """Rewrite a classifier so that its fully-connected layers become convolutions.
 
-The rewrite runs on a torch.fx graph of a deep copy of the model:
+The rewrite runs on a torch.fx graph of a deep copy of the model, in two steps.
+``_plan`` reads the graph and its shapes and decides, changing nothing:
 
 * a Linear that reads a flattened C x H x W volume becomes ``Conv2d(C, out, (H, W))``;
 * every later Linear becomes a 1x1 ``Conv2d``; BatchNorm1d becomes BatchNorm2d;
@@ -8,7 +9,8 @@ The rewrite runs on a torch.fx graph of a deep copy of the model:
 * adaptive pooling that is the identity at the reference size is removed, and global
   pooling becomes the windowed pooling it stands for (or stays global on request).
 
-Shapes are found by running the graph on fake tensors (no arithmetic, no memory).
+``_apply`` then makes those edits. Shapes are found by running the graph on fake tensors
+(no arithmetic, no memory).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable, NoReturn
 
 import torch
 import torch.fx as fx
@@ -38,14 +40,13 @@ from ._fx import (
 from .errors import NofcError, check_input_size, first_line
 from .layers import FullConv2d
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_with_record"]
 
 
-
-# --------------------------------------------------------------------------- op tables
+# --------------------------------------------------------------------------- op sets
 
 _RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze}
-_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "contiguous"}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}
 
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -72,31 +73,94 @@ _SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _SOFTMAX_METHODS = {"softmax", "log_softmax"}
 
 
-# --------------------------------------------------------------------------- records
+# --------------------------------------------------------------------------- plan records
+
+
+@dataclass(frozen=True)
+class Options:
+    """What :func:`convert` was asked for, checked."""
+
+    input_size: tuple[int, int, int]
+    pooling: str = "window"
+    fc_stride: int = 1
+    flatten_order: str = "chw"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a node holds: a ``(B, C, H, W)`` map, or (``flat``) that map as ``(B, C*H*W)``.
+
+    ``order`` says how a flattened vector's features run: ``"chw"`` (PyTorch) or ``"hwc"``.
+    """
+
+    c: int
+    h: int
+    w: int
+    flat: bool = False
+    order: str = "chw"
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One planned edit: the node, what it was, what it becomes, and why.
+
+    ``kind`` is ``"linear_to_conv"``, ``"bn1d_to_bn2d"``, ``"softmax_dim"`` (over the
+    channels now), ``"drop"`` (a flatten, identity pooling or same-shape reshape: its readers
+    take its input), ``"pool"`` (a new pooling module) or ``"squeeze_pair"`` (the first of two
+    squeezes of a ``(B, C, 1, 1)`` map; the second is dropped as the flatten).
+    """
+
+    kind: str
+    node: str  # fx node name in the traced graph
+    name: str  # module path, or the node name for a function or method: explain's row
+    before: str
+    after: str
+    reason: str
+    shown: bool = True  # a row of explain's table (internal squeezes and reshapes are not)
+    module: nn.Module | None = None  # pool, softmax module: the new parameter-free module
+    layout: Layout | None = None  # linear_to_conv: the flattened vector the Linear reads
+    stride: int = 1  # linear_to_conv
+    dim_at: int | str | None = None  # softmax_dim of a call: where its dim argument goes
 
 
 @dataclass
-class Change:
-    """One rewritten layer, for explain()."""
+class Plan:
+    """Everything the conversion will do, decided before the graph is touched."""
 
-    name: str  # module path or node name
-    before: str
-    after: str
-    note: str = ""
+    options: Options
+    layouts: dict[str, Layout] = field(default_factory=dict)  # node name -> what it holds
+    replacements: list[Replacement] = field(default_factory=list)  # in graph order
+    # pooling inside the body (squeeze-and-excitation): kept, map cells see the whole image
+    global_context: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{r.kind} {r.name}: {r.before} -> {r.after} ({r.reason})"
+                 for r in self.replacements]
+        lines += [f"kept global {name}: pooling inside the body" for name in self.global_context]
+        return "\n".join(lines) or "nothing to change"
 
 
 @dataclass
 class ConversionRecord:
-    input_size: tuple[int, int, int]
-    pooling: str
-    fc_stride: int
-    flatten_order: str
-    changes: list[Change] = field(default_factory=list)
+    """The plan and the shapes around it; kept on the converted module as ``_nofc_record``."""
+
+    plan: Plan
     shapes_before: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     shapes_after: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
     replaced: dict[str, str] = field(default_factory=dict)  # function node -> new module node
-    # pooling inside the body (squeeze-and-excitation): map cells see the whole image
-    global_context: list[str] = field(default_factory=list)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.plan.options.input_size
+
+    @property
+    def global_context(self) -> list[str]:
+        return self.plan.global_context
+
+    @property
+    def changes(self) -> list[Replacement]:
+        """The rewritten layers, as explain() lists them."""
+        return [r for r in self.plan.replacements if r.shown]
 
 
 # --------------------------------------------------------------------------- convert
@@ -131,8 +195,8 @@ def convert(
     >>> fcn(torch.randn(1, 3, 288, 288)).shape
     torch.Size([1, 1000, 3, 3])
     """
-    fcn, _ = _convert(model, input_size, pooling=pooling, fc_stride=fc_stride,
-                      flatten_order=flatten_order)
+    fcn, _ = convert_with_record(model, input_size, pooling=pooling, fc_stride=fc_stride,
+                                 flatten_order=flatten_order)
     return fcn
 
 
@@ -149,7 +213,31 @@ def as_fcn(model: nn.Module, size) -> fx.GraphModule:
     return convert(model, size)
 
 
-def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order="chw"):
+def convert_with_record(
+    model: nn.Module, input_size, *, pooling: str = "window", fc_stride: int = 1,
+    flatten_order: str = "chw",
+) -> tuple[fx.GraphModule, ConversionRecord]:
+    """:func:`convert`, also returning its :class:`ConversionRecord` (the plan, the shapes).
+
+    >>> from nofc.zoo import LeNet5
+    >>> fcn, record = convert_with_record(LeNet5(), (1, 32, 32))
+    >>> [r.name for r in record.changes], record.shapes_after["output"]
+    (['view', 'f6', 'output'], (2, 10, 1, 1))
+    """
+    options = _options(model, input_size, pooling, fc_stride, flatten_order)
+    gm = trace(copy.deepcopy(model).eval())
+    ref = (_BATCH, *options.input_size)
+    before = _probe_or_explain(gm, ref, options.input_size, model_name=type(model).__name__)
+    record = ConversionRecord(_plan(gm, before.shapes, options), dict(before.shapes))
+    record.replaced = _apply(gm, record.plan)
+    record.shapes_after = _check_converted(gm, before, options.input_size)
+    gm._nofc_record = record  # read by explain(); ignored by TorchScript
+    gm._nofc_input_size = options.input_size
+    return gm, record
+
+
+def _options(model, input_size, pooling, fc_stride, flatten_order) -> Options:
+    """The arguments of convert() checked, or a NofcError naming the bad one."""
     if not isinstance(model, nn.Module):
         raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     size = check_input_size(input_size)
@@ -159,29 +247,18 @@ def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order=
         raise NofcError(f"flatten_order must be 'chw' or 'hwc', got {flatten_order!r}")
     if not isinstance(fc_stride, int) or isinstance(fc_stride, bool) or fc_stride < 1:
         raise NofcError(f"fc_stride must be a positive integer, got {fc_stride!r}")
+    return Options(size, pooling, fc_stride, flatten_order)
 
-    work = copy.deepcopy(model).eval()
-    gm = trace(work)
+
+def _check_converted(gm: fx.GraphModule, before: ShapeRecorder, size) -> dict:
+    """Same output at the reference size, and it runs larger; return the shapes after."""
     ref = (_BATCH, *size)
-    rec = _probe_or_explain(gm, ref, size, model_name=type(model).__name__)
-    record = ConversionRecord(size, pooling, fc_stride, flatten_order)
-    record.shapes_before = dict(rec.shapes)
-
-    _Rewriter(gm, rec, record).run()
-
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    gm.eval()
-
-    # Check the rewritten graph: same output at the reference size, and it runs larger.
     try:
         after = probe(gm, ref, dtype=param_like(gm)[1])
     except NodeFailure as f:  # pragma: no cover - a bug in the rewrite, not user input
         raise NofcError(f"internal: converted graph fails at {describe_node(gm, f.node)}: "
                         f"{f.exc}") from None
-    record.shapes_after = dict(after.shapes)
-    _check_outputs(rec, after)
+    _check_outputs(before, after)
     big = (_BATCH, size[0], 2 * size[1], 2 * size[2])
     try:
         probe(gm, big, dtype=param_like(gm)[1])
@@ -191,9 +268,7 @@ def _convert(model, input_size, *, pooling="window", fc_stride=1, flatten_order=
             f"{size[0]}x{big[2]}x{big[3]} input it fails ({first_line(f.exc)}); "
             "it depends on the spatial size, so the model cannot be made fully convolutional"
         ) from None
-    gm._nofc_record = record  # read by explain(); ignored by TorchScript
-    gm._nofc_input_size = size
-    return gm, record
+    return dict(after.shapes)
 
 
 def _probe_or_explain(gm, ref, size, model_name) -> ShapeRecorder:
@@ -272,26 +347,62 @@ def _check_outputs(before: ShapeRecorder, after: ShapeRecorder) -> None:
             raise NofcError(f"internal: output {fmt_shape(sb)} became {fmt_shape(sa)}")
 
 
-class _Rewriter:
-    """One pass over the graph: classify nodes, then rewrite the head."""
+# --------------------------------------------------------------------------- plan
 
-    def __init__(self, gm: fx.GraphModule, rec: ShapeRecorder, record: ConversionRecord):
+
+class _Planner:
+    """Reads the graph and its shapes (never edits them) and builds the :class:`Plan`."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: dict, options: Options):
         self.gm = gm
-        self.shapes = rec.shapes
-        self.values = rec.values
-        self.record = record
-        # node name -> (C, H, W): the node is a flattened feature vector of that layout
-        self.vec: dict[str, tuple[int, int, int]] = {}
+        self.shapes = shapes
+        self.plan = Plan(options)
+        self.swapped: dict[str, Layout] = {}  # module path -> the layout its first call reads
+        self.alias: dict[str, fx.Node] = {}  # squeeze planned away -> the map it squeezed
         self.stride_used = False
-        self.converted_modules: dict[str, tuple[int, int, int]] = {}
-        self.counter = 0
-        self.dropped: list[fx.Node] = []
 
-    # -- small utilities
+    @property
+    def options(self) -> Options:
+        return self.plan.options
+
     def shape(self, n) -> tuple[int, ...] | None:
         return self.shapes.get(n.name) if isinstance(n, fx.Node) else None
 
-    def fail(self, n: fx.Node, why: str):
+    def module(self, n: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(n.target)
+
+    def vector(self, n: fx.Node) -> Layout | None:
+        """The layout of ``n`` when it is a flattened feature vector."""
+        layout = self.plan.layouts.get(n.name)
+        return layout if layout is not None and layout.flat else None
+
+    def flat(self, c: int, h: int = 1, w: int = 1) -> Layout:
+        return Layout(c, h, w, flat=True, order=self.options.flatten_order)
+
+    def add(self, n: fx.Node, kind: str, before: str, after: str, reason: str, **kw) -> None:
+        name = n.target if n.op == "call_module" else n.name
+        self.plan.replacements.append(Replacement(kind, n.name, name, before, after, reason,
+                                                  **kw))
+
+    def first_call(self, n: fx.Node, layout: Layout) -> bool:
+        """True for the first call of module ``n``; a later call (a shared module, already
+        planned) must read the same layout."""
+        if n.target in self.swapped:
+            if self.swapped[n.target] != layout:
+                self.fail(n, f"a shared {type(self.module(n)).__name__} reads vectors of "
+                             "different layouts")
+            return False
+        self.swapped[n.target] = layout
+        return True
+
+    def next_stride(self) -> int:
+        """``fc_stride`` for the first layer that slides over the features, 1 after it."""
+        if self.stride_used:
+            return 1
+        self.stride_used = True
+        return self.options.fc_stride
+
+    def fail(self, n: fx.Node, why: str) -> NoReturn:
         ins = [self.shape(a) for a in n.all_input_nodes]
         raise NofcError(
             f"cannot convert {describe_node(self.gm, n)}: {why} "
@@ -299,350 +410,426 @@ class _Rewriter:
             f"output {fmt_shape(self.shape(n))}); nothing was converted"
         )
 
-    def set_module(self, target: str, new: nn.Module):
-        parent_name, _, leaf = target.rpartition(".")
-        parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
-        setattr(parent, leaf, new)
-
-    def add_module(self, base: str, new: nn.Module) -> str:
-        name = f"nofc_{base}"
-        while hasattr(self.gm, name):
-            self.counter += 1
-            name = f"nofc_{base}_{self.counter}"
-        self.gm.add_submodule(name, new)
-        return name
-
-    def next_stride(self) -> int:
-        if self.stride_used:
-            return 1
-        self.stride_used = True
-        return self.record.fc_stride
-
-    # -- the pass
-    def run(self):
-        for n in list(self.gm.graph.nodes):
-            if n.op in ("placeholder", "get_attr", "output"):
-                continue
-            vin = [a for a in n.all_input_nodes if a.name in self.vec]
-            if self._try_pool(n):
-                continue
-            if not vin:
-                self._check_plain(n)
-                self._try_flatten(n)
-                continue
-            self._vector_op(n, vin)
-        if not self.stride_used and self.record.fc_stride != 1:
-            raise NofcError(
-                f"fc_stride={self.record.fc_stride} has no layer to act on: the model has no "
-                "flattened Linear or global pooling"
-            )
-        self.finish()
-
-    def _check_plain(self, n: fx.Node):
-        """A Linear reading something other than a flattened feature map."""
-        if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), nn.Linear):
-            s = self.shape(n.all_input_nodes[0]) if n.all_input_nodes else None
-            if s is not None and len(s) == 2:
-                self.fail(n, "its input is a vector that does not come from flattening a "
-                             "C x H x W feature map (a reshape into a sequence, a token or "
-                             "an index in between?)")
-        if n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), nn.BatchNorm1d):
-            s = self.shape(n.all_input_nodes[0]) if n.all_input_nodes else None
-            if s is not None and len(s) == 2:
-                self.fail(n, "BatchNorm1d on a vector that is not a flattened feature map")
-
-    def _try_flatten(self, n: fx.Node) -> bool:
-        is_reshape = (
-            (n.op == "call_function" and n.target in _RESHAPE_FUNCS)
-            or (n.op == "call_method" and n.target in _RESHAPE_METHODS)
-            or (n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), nn.Flatten))
-        )
-        if not is_reshape or not n.args or not isinstance(n.args[0], fx.Node):
-            return False
-        src = n.args[0]
-        s_in, s_out = self.shape(src), self.shape(n)
-        if s_in is None or s_out is None:
-            return False
-        # squeeze of (B, C, 1, 1) in two steps: (B, C, 1, 1) -> (B, C, 1) -> (B, C)
-        if len(s_in) == 4 and len(s_out) == 3 and s_in[0] == _BATCH and s_in[2:] == (1, 1):
-            users = list(n.users)
-            if len(users) == 1 and self._is_reshape(users[0]):
-                nxt = users[0]
-                if self.shape(nxt) == (_BATCH, s_in[1]):
-                    n.replace_all_uses_with(src)
-                    self.gm.graph.erase_node(n)
-                    self.shapes[src.name] = s_in
-                    return True
-            return False
-        if len(s_in) == 4 and len(s_out) == 2 and s_in[0] == _BATCH and s_out[0] == _BATCH:
-            c, h, w = s_in[1:]
-            if s_out[1] != c * h * w:
-                return False
-            self.record.changes.append(Change(
-                n.name if n.op != "call_module" else n.target,
-                f"flatten {c}x{h}x{w} -> {c * h * w}",
-                "removed: the map stays (B, C, h, w)",
-            ))
-            # Removed after the pass; its readers see the 4D map as a vector.
-            self.drop_later(n)
-            self.vec[n.name] = (c, h, w)
-            return True
-        return False
-
-    def _is_reshape(self, n: fx.Node) -> bool:
-        return (
-            (n.op == "call_function" and n.target in _RESHAPE_FUNCS)
-            or (n.op == "call_method" and n.target in _RESHAPE_METHODS)
-            or (n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), nn.Flatten))
-        )
-
-    def _mixes_with_map(self, p: fx.Node) -> bool:
-        """True when the pooled result is later combined with a spatial map.
-
-        That is squeeze-and-excitation (a pooled gate multiplied into the map): the pooling
-        is part of the body, not the classifier head, and must stay global.
-        """
-        seen = {p}
-        todo = [p]
-        while todo:
-            cur = todo.pop()
-            for u in cur.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                todo.append(u)
-        for d in seen:
-            if d is p or d.op == "output":
-                continue
-            for a in d.all_input_nodes:
-                if a in seen:
-                    continue
-                s = self.shape(a)
-                if s is not None and len(s) == 4 and s[2] * s[3] > 1:
-                    return True
-        return False
-
-    def _try_pool(self, n: fx.Node) -> bool:
-        kind = global_pool(self.gm, n)
-        if kind is None or kind[0] == "sum" or not n.args or not isinstance(n.args[0], fx.Node):
-            return False
-        if self._mixes_with_map(n):
-            self.record.global_context.append(n.target if n.op == "call_module" else n.name)
-            return True
-        src = n.args[0]
-        s_in, s_out = self.shape(src), self.shape(n)
-        if s_in is None or s_out is None or len(s_in) != 4:
-            return False
-        if src.name in self.vec:
-            self.fail(n, "pooling over a flattened vector")
-        op, out_size = kind
-        h, w = s_in[2:]
-        oh, ow = pair(out_size, (h, w))
-        label = n.target if n.op == "call_module" else n.name
-        before = (f"{'Adaptive' if n.op == 'call_module' else 'global '}{op}pool "
-                  f"-> {oh}x{ow}  {fmt_shape(s_in)} -> {fmt_shape(s_out)}")
-        is_global = (oh, ow) == (1, 1)
-        if self.record.pooling == "global":
-            if is_global:
-                new = nn.AdaptiveAvgPool2d(1) if op == "avg" else nn.AdaptiveMaxPool2d(1)
-                m = self._replace_with_module(n, src, new, "pool")
-                self.record.changes.append(Change(label, before, f"kept global: {new}"))
-                if len(s_out) == 2:
-                    self.vec[m.name] = (s_in[1], 1, 1)
-            return True
-        if (oh, ow) == (h, w):
-            # identity at the reference size (VGG's 7x7, AlexNet's 6x6): remove it
-            self.drop_later(n)
-            self.record.changes.append(Change(label, before, "removed: identity at this size"))
-            if len(s_out) == 2:
-                self.vec[n.name] = (s_in[1], 1, 1)
-            return True
-        if h % oh or w % ow:
-            self.fail(n, f"adaptive pooling from {h}x{w} to {oh}x{ow} has windows of unequal "
-                         f"size; choose an input size whose feature map here is a multiple of "
-                         f"{oh}x{ow} (e.g. the one the model was trained on)")
-        k = (h // oh, w // ow)
-        if is_global:
-            stride: Any = self.next_stride()
-        else:
-            stride = k
-        new = (nn.AvgPool2d(k, stride=stride) if op == "avg"
-               else nn.MaxPool2d(k, stride=stride))
-        m = self._replace_with_module(n, src, new, "pool")
-        self.record.changes.append(Change(label, before, f"{new}"))
-        if len(s_out) == 2:
-            self.vec[m.name] = (s_in[1], 1, 1)
-        return True
-
-    def _replace_with_module(self, n: fx.Node, src: fx.Node, new: nn.Module, base: str):
-        """Swap ``n`` for a call of ``new`` on ``src``; return the node that now holds it."""
+    def unsupported(self, n: fx.Node) -> NoReturn:
         if n.op == "call_module":
-            self.set_module(n.target, new)
-            n.args = (src,)
-            n.kwargs = {}
-            return n
-        name = self.add_module(base, new)
-        with self.gm.graph.inserting_after(n):
-            m = self.gm.graph.call_module(name, (src,))
-        n.replace_all_uses_with(m)
-        self.gm.graph.erase_node(n)
-        self.shapes[m.name] = self.shapes.get(n.name)
-        self.record.replaced[n.name] = m.name
-        return m
-
-    def drop_later(self, n: fx.Node):
-        """Mark ``n`` (a flatten or an identity pool) for removal after the pass."""
-        self.dropped.append(n)
-
-    def finish(self):
-        for n in self.dropped:
-            n.replace_all_uses_with(n.args[0])
-            self.gm.graph.erase_node(n)
-
-    def _vector_op(self, n: fx.Node, vin: list[fx.Node]):
-        layouts = {self.vec[a.name] for a in vin}
-        if len(layouts) != 1:
-            self.fail(n, "it mixes flattened vectors of different layouts")
-        layout = layouts.pop()
-        c, h, w = layout
-        gm = self.gm
-        if n.op == "call_module":
-            mod = gm.get_submodule(n.target)
-            if isinstance(mod, nn.Linear):
-                if n.args[0] not in vin or len(n.all_input_nodes) != 1:
-                    self.fail(n, "Linear with extra tensor inputs")
-                self._linear_to_conv(n, mod, layout)
-                return
-            if isinstance(mod, nn.BatchNorm1d):
-                if (h, w) != (1, 1):
-                    self.fail(n, f"BatchNorm1d over a flattened {c}x{h}x{w} volume normalises "
-                                 "each position separately and cannot slide")
-                bn = nn.BatchNorm2d(mod.num_features, eps=mod.eps, momentum=mod.momentum,
-                                    affine=mod.affine,
-                                    track_running_stats=mod.track_running_stats)
-                bn.load_state_dict(mod.state_dict())
-                bn.to(*param_like(mod)).eval()
-                self.set_module(n.target, bn)
-                self.record.changes.append(Change(n.target, f"{mod}", f"{bn}"))
-                self.vec[n.name] = layout
-                return
-            if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
-                if mod.dim not in (None, 1, -1):
-                    self.fail(n, f"{type(mod).__name__}(dim={mod.dim}) is not over the features")
-                new = type(mod)(dim=1)
-                self.set_module(n.target, new)
-                self.record.changes.append(Change(n.target, f"{mod}", f"{new} (over channels)"))
-                self.vec[n.name] = layout
-                return
-            if isinstance(mod, nn.PReLU):
-                if mod.num_parameters != 1 and (h, w) != (1, 1):
-                    self.fail(n, "PReLU with per-feature slopes on a flattened volume")
-                self.vec[n.name] = layout
-                return
-            if isinstance(mod, nn.Flatten):
-                self.drop_later(n)
-                self.vec[n.name] = layout
-                return
-            if isinstance(mod, _ELEMENTWISE_MODULES):
-                self.vec[n.name] = layout
-                return
-            self.fail(n, f"{type(mod).__name__} cannot be applied window by window to the "
-                         "flattened feature vector")
-        if n.op in ("call_function", "call_method"):
-            # the same rules for torch.relu(x) and x.relu(): only the tables differ
-            tables = ((_SOFTMAX_FUNCS, _ELEMENTWISE_FUNCS, _BINARY_OPS, _RESHAPE_FUNCS)
-                      if n.op == "call_function" else
-                      (_SOFTMAX_METHODS, _ELEMENTWISE_METHODS, _BINARY_METHODS, _RESHAPE_METHODS))
-            softmax, elementwise, binary, reshape = tables
-            if n.target in softmax:
-                self._fix_softmax_dim(n)
-                self.vec[n.name] = layout
-                return
-            if n.target in elementwise:
-                if any(a not in vin for a in n.all_input_nodes):
-                    self.fail(n, "elementwise op with another tensor operand")
-                self.vec[n.name] = layout
-                return
-            if n.target in binary:
-                self._binary(n, vin, layout)
-                return
-            if n.op == "call_method" and n.target == "size" and not n.kwargs \
-                    and n.args[1:] in ((0,), ()):
-                if n.args[1:] == ():
-                    self.fail(n, ".size() of the flattened vector (use .size(0))")
-                return  # batch size: unchanged by the rewrite
-            if n.target in reshape and self._same_vector_shape(n, layout):
-                self.drop_later(n)
-                self.vec[n.name] = layout
-                return
+            self.fail(n, f"{type(self.module(n)).__name__} cannot be applied window by window "
+                         "to the flattened feature vector")
         self.fail(n, "this op on the flattened feature vector has no per-window equivalent")
 
-    def _same_vector_shape(self, n, layout) -> bool:
-        c, h, w = layout
-        return self.shape(n) == (_BATCH, c * h * w)
 
-    def _binary(self, n, vin, layout):
-        for a in n.all_input_nodes:
-            if a in vin:
-                continue
-            s = self.shape(a)
-            if s is not None and len(s) > 0 and int(torch.Size(s).numel()) != 1:
-                self.fail(n, "arithmetic between the flattened vector and a tensor of another "
-                             "shape")
-        self.vec[n.name] = layout
+def _plan(gm: fx.GraphModule, shapes: dict, options: Options) -> Plan:
+    """Decide every edit and each node's layout, changing nothing; refuse what cannot slide.
 
-    def _fix_softmax_dim(self, n: fx.Node):
-        args = list(n.args)
-        dim_pos = 1
-        dim = n.kwargs.get("dim", args[dim_pos] if len(args) > dim_pos else None)
-        if dim not in (None, 1, -1):
-            self.fail(n, f"softmax over dim={dim} is not over the features")
-        if "dim" in n.kwargs:
-            kw = dict(n.kwargs)
-            kw["dim"] = 1
-            n.kwargs = kw
-        elif len(args) > dim_pos:
-            args[dim_pos] = 1
-            n.args = tuple(args)
+    >>> from nofc.zoo import LeNet5
+    >>> gm = trace(LeNet5())
+    >>> plan = _plan(gm, probe(gm, (2, 1, 32, 32)).shapes, Options((1, 32, 32)))
+    >>> [(r.kind, r.name) for r in plan.replacements]
+    [('drop', 'view'), ('linear_to_conv', 'f6'), ('linear_to_conv', 'output')]
+    >>> plan.layouts["view"]
+    Layout(c=120, h=1, w=1, flat=True, order='chw')
+    """
+    p = _Planner(gm, shapes, options)
+    for n in gm.graph.nodes:
+        s = p.shape(n)
+        if s is not None and len(s) == 4:
+            p.plan.layouts[n.name] = Layout(*s[1:])
+        if n.op in ("placeholder", "get_attr", "output") or _plan_pool(p, n):
+            continue
+        vin = [a for a in n.all_input_nodes if p.vector(a) is not None]
+        if vin:
+            _plan_vector_op(p, n, vin)
         else:
-            kw = dict(n.kwargs)
-            kw["dim"] = 1
-            n.kwargs = kw
+            _check_plain(p, n)
+            _plan_flatten(p, n)
+    if not p.stride_used and options.fc_stride != 1:
+        raise NofcError(
+            f"fc_stride={options.fc_stride} has no layer to act on: the model has no "
+            "flattened Linear or global pooling"
+        )
+    return p.plan
 
-    def _linear_to_conv(self, n: fx.Node, lin: nn.Linear, layout):
-        c, h, w = layout
-        if lin.in_features != c * h * w:  # pragma: no cover - the probe would have failed
-            self.fail(n, f"Linear expects {lin.in_features} inputs, the map gives {c * h * w}")
-        prev = self.converted_modules.get(n.target)
-        if prev is not None:
-            if prev != layout:
-                self.fail(n, "a shared Linear reads vectors of different layouts")
-            self.vec[n.name] = (lin.out_features, 1, 1)
-            return
-        stride = self.next_stride() if (h, w) != (1, 1) else 1
-        device, dtype = lin.weight.device, lin.weight.dtype
-        # skip_init: no random initialisation of weights that are overwritten next
-        conv_type = FullConv2d if (h, w) != (1, 1) else nn.Conv2d
-        conv = nn.utils.skip_init(conv_type, c, lin.out_features, (h, w), stride=stride,
-                                  bias=lin.bias is not None, device=device, dtype=dtype)
-        with torch.no_grad():
-            weight = lin.weight
-            if self.record.flatten_order == "hwc" and (h, w) != (1, 1):
-                # the vector was flattened as (H, W, C): reorder to (C, H, W)
-                weight = weight.view(lin.out_features, h, w, c).permute(0, 3, 1, 2)
-            else:
-                weight = weight.view(lin.out_features, c, h, w)
-            conv.weight.copy_(weight)
-            if lin.bias is not None:
-                conv.bias.copy_(lin.bias)
-        conv.weight.requires_grad_(lin.weight.requires_grad)
-        self.set_module(n.target, conv)
-        self.converted_modules[n.target] = layout
-        self.vec[n.name] = (lin.out_features, 1, 1)
+
+def _is_reshape(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """The one reshape recogniser: flatten / reshape / view / squeeze, as call or module."""
+    return (
+        (n.op == "call_function" and n.target in _RESHAPE_FUNCS)
+        or (n.op == "call_method" and n.target in _RESHAPE_METHODS)
+        or (n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Flatten))
+    )
+
+
+def _by_type(table: dict, cls: type):
+    """The entry of ``table`` for ``cls`` or its nearest base class (None if none)."""
+    return next((table[k] for k in cls.__mro__ if k in table), None)
+
+
+# --------------------------------------------------------------------------- plan: pooling
+
+
+def _plan_pool(p: _Planner, n: fx.Node) -> bool:
+    """Plan adaptive or global pooling; True when ``n`` is one (then nothing else applies)."""
+    kind = global_pool(p.gm, n)
+    if kind is None or kind[0] == "sum" or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if _mixes_with_map(p, n):
+        p.plan.global_context.append(n.target if n.op == "call_module" else n.name)
+        return True
+    src = n.args[0]
+    s_in, s_out = p.shape(src), p.shape(n)
+    if s_in is None or s_out is None or len(s_in) != 4:
+        return False
+    if p.vector(src) is not None:
+        p.fail(n, "pooling over a flattened vector")
+    planned = _plan_pool_rewrite(p, n, kind, s_in, s_out)
+    if planned and len(s_out) == 2:  # x.mean((2, 3)): its readers see a (C, 1, 1) vector
+        p.plan.layouts[n.name] = p.flat(s_in[1])
+    return True
+
+
+def _plan_pool_rewrite(p: _Planner, n: fx.Node, kind, s_in, s_out) -> bool:
+    """Remove, keep global or window the pooling ``n``; False when it stays as it is."""
+    op, out_size = kind
+    h, w = s_in[2:]
+    oh, ow = pair(out_size, (h, w))
+    before = f"{'Adaptive' if n.op == 'call_module' else 'global '}{op}pool -> {oh}x{ow}"
+    shapes = f"{fmt_shape(s_in)} -> {fmt_shape(s_out)}"
+    if p.options.pooling == "global":
+        if (oh, ow) != (1, 1):
+            return False
+        new = nn.AdaptiveAvgPool2d(1) if op == "avg" else nn.AdaptiveMaxPool2d(1)
+        p.add(n, "pool", before, f"kept global: {new}",
+              f"pooling='global': one vector for any input size, {shapes}", module=new)
+        return True
+    if (oh, ow) == (h, w):  # VGG's 7x7, AlexNet's 6x6 at the reference size
+        p.add(n, "drop", before, "removed", f"identity at this size, {shapes}")
+        return True
+    if h % oh or w % ow:
+        p.fail(n, f"adaptive pooling from {h}x{w} to {oh}x{ow} has windows of unequal "
+                  f"size; choose an input size whose feature map here is a multiple of "
+                  f"{oh}x{ow} (e.g. the one the model was trained on)")
+    k = (h // oh, w // ow)
+    # global pooling slides (its stride is fc_stride); finer adaptive pooling tiles
+    stride = p.next_stride() if (oh, ow) == (1, 1) else k
+    new = nn.AvgPool2d(k, stride=stride) if op == "avg" else nn.MaxPool2d(k, stride=stride)
+    p.add(n, "pool", before, f"{new}",
+          f"each cell pools one {k[0]}x{k[1]} window of the map, {shapes}", module=new)
+    return True
+
+
+def _mixes_with_map(p: _Planner, pool: fx.Node) -> bool:
+    """True when the pooled result is later combined with a spatial map.
+
+    That is squeeze-and-excitation (a pooled gate multiplied into the map): the pooling
+    is part of the body, not the classifier head, and must stay global.
+    """
+    seen = {pool}
+    todo = [pool]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    for d in seen:
+        if d is pool or d.op == "output":
+            continue
+        for a in d.all_input_nodes:
+            s = p.shape(a)
+            if a not in seen and s is not None and len(s) == 4 and s[2] * s[3] > 1:
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- plan: flatten
+
+# a Linear or BatchNorm1d reading a 2D tensor that is not a flattened map: why it is refused
+_PLAIN_REFUSALS = {
+    nn.Linear: "its input is a vector that does not come from flattening a C x H x W feature "
+               "map (a reshape into a sequence, a token or an index in between?)",
+    nn.BatchNorm1d: "BatchNorm1d on a vector that is not a flattened feature map",
+}
+
+
+def _check_plain(p: _Planner, n: fx.Node) -> None:
+    """Refuse a Linear or BatchNorm1d whose vector input is not a flattened feature map."""
+    if n.op != "call_module":
+        return
+    why = _by_type(_PLAIN_REFUSALS, type(p.module(n)))
+    s = p.shape(n.all_input_nodes[0]) if n.all_input_nodes else None
+    if why is not None and s is not None and len(s) == 2:
+        p.fail(n, why)
+
+
+def _plan_flatten(p: _Planner, n: fx.Node) -> None:
+    """Plan the removal of a reshape of a ``(B, C, H, W)`` map to ``(B, C*H*W)``."""
+    if not _is_reshape(p.gm, n) or not n.args or not isinstance(n.args[0], fx.Node):
+        return
+    src = p.alias.get(n.args[0].name, n.args[0])
+    s_in, s_out = p.shape(src), p.shape(n)
+    if s_in is None or s_out is None or len(s_in) != 4 or s_in[0] != _BATCH:
+        return
+    c, h, w = s_in[1:]
+    if len(s_out) == 3 and (h, w) == (1, 1):
+        _plan_squeeze_pair(p, n, src)
+    elif len(s_out) == 2 and s_out == (_BATCH, c * h * w):
+        p.add(n, "drop", f"flatten {c}x{h}x{w} -> {c * h * w}", "removed",
+              "the map stays (B, C, h, w): the layer that reads it takes it whole")
+        p.plan.layouts[n.name] = p.flat(c, h, w)
+
+
+def _plan_squeeze_pair(p: _Planner, n: fx.Node, src: fx.Node) -> None:
+    """``(B, C, 1, 1) -> (B, C, 1) -> (B, C)``: drop the first squeeze, the second is the
+    flatten."""
+    users = list(n.users)
+    c = p.shape(src)[1]
+    if len(users) == 1 and _is_reshape(p.gm, users[0]) and p.shape(users[0]) == (_BATCH, c):
+        p.add(n, "squeeze_pair", f"squeeze {fmt_shape(p.shape(src))} -> {fmt_shape(p.shape(n))}",
+              "removed", "the first of two squeezes; the second is removed as the flatten",
+              shown=False)
+        p.alias[n.name] = src
+
+
+# --------------------------------------------------------------------------- plan: vector ops
+
+# A rule plans one op that reads the flattened vector: rule(planner, node, layout, vector
+# inputs) returns the layout of the op's result (None: not a tensor) or refuses.
+_Rule = Callable[[_Planner, fx.Node, Layout, list], Layout | None]
+
+
+def _plan_vector_op(p: _Planner, n: fx.Node, vin: list[fx.Node]) -> None:
+    """Plan an op on the flattened vector by its rule; refuse an op without one."""
+    layouts = {p.vector(a) for a in vin}
+    if len(layouts) != 1:
+        p.fail(n, "it mixes flattened vectors of different layouts")
+    if _is_reshape(p.gm, n):
+        rule: _Rule | None = _plan_reshape
+    elif n.op == "call_module":
+        rule = _by_type(_MODULE_RULES, type(p.module(n)))
+    else:
+        rule = _CALL_RULES.get((n.op, n.target))
+    if rule is None:
+        p.unsupported(n)
+    out = rule(p, n, layouts.pop(), vin)
+    if out is not None:
+        p.plan.layouts[n.name] = out
+
+
+def _plan_linear(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """Linear on the vector: a convolution whose kernel covers the flattened H x W."""
+    lin = p.module(n)
+    if n.args[0] not in vin or len(n.all_input_nodes) != 1:
+        p.fail(n, "Linear with extra tensor inputs")
+    c, h, w = layout.c, layout.h, layout.w
+    if lin.in_features != c * h * w:  # pragma: no cover - the probe would have failed
+        p.fail(n, f"Linear expects {lin.in_features} inputs, the map gives {c * h * w}")
+    if p.first_call(n, layout):
+        stride = p.next_stride() if (h, w) != (1, 1) else 1
         s = f", stride {stride}" if stride != 1 else ""
-        self.record.changes.append(Change(
-            n.target,
-            f"Linear {lin.in_features} -> {lin.out_features}",
-            f"Conv2d {c} -> {lin.out_features}, kernel {h}x{w}{s}: "
-            f"{lin.out_features} filters of {c}x{h}x{w}",
-        ))
+        hwc = layout.order == "hwc" and (h, w) != (1, 1)
+        p.add(n, "linear_to_conv", f"Linear {lin.in_features} -> {lin.out_features}",
+              f"Conv2d {c} -> {lin.out_features}, kernel {h}x{w}{s}",
+              f"{lin.out_features} filters of {c}x{h}x{w}, one per window of the map"
+              + ("; rows reordered from (H, W, C)" if hwc else ""),
+              layout=layout, stride=stride)
+    return p.flat(lin.out_features)
+
+
+def _plan_batchnorm1d(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """BatchNorm1d on a C x 1 x 1 vector: BatchNorm2d over the channels."""
+    bn = p.module(n)
+    if (layout.h, layout.w) != (1, 1):
+        p.fail(n, f"BatchNorm1d over a flattened {layout.c}x{layout.h}x{layout.w} volume "
+                  "normalises each position separately and cannot slide")
+    if p.first_call(n, layout):
+        p.add(n, "bn1d_to_bn2d", f"{bn}", f"BatchNorm2d({bn.extra_repr()})",
+              "the same statistics, per channel of the map")
+    return layout
+
+
+def _plan_softmax_module(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """nn.Softmax / nn.LogSoftmax over the features: the same over the channels."""
+    mod = p.module(n)
+    if mod.dim not in (None, 1, -1):
+        p.fail(n, f"{type(mod).__name__}(dim={mod.dim}) is not over the features")
+    if p.first_call(n, layout):
+        new = type(mod)(dim=1)
+        p.add(n, "softmax_dim", f"{mod}", f"{new} (over channels)",
+              "the features are the channels of the map", module=new)
+    return layout
+
+
+def _plan_softmax_call(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """softmax / log_softmax called over the features: its dim becomes 1."""
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    if dim not in (None, 1, -1):
+        p.fail(n, f"softmax over dim={dim} is not over the features")
+    # the dim goes where it was given; a call without one gets the keyword
+    dim_at = 1 if "dim" not in n.kwargs and len(n.args) > 1 else "dim"
+    fn = getattr(n.target, "__name__", n.target)
+    p.add(n, "softmax_dim", f"{fn} over dim={dim}", f"{fn} over dim=1",
+          "the features are the channels of the map", shown=False, dim_at=dim_at)
+    return layout
+
+
+def _plan_prelu(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """PReLU: one slope, or one per channel of a C x 1 x 1 vector."""
+    if p.module(n).num_parameters != 1 and (layout.h, layout.w) != (1, 1):
+        p.fail(n, "PReLU with per-feature slopes on a flattened volume")
+    return layout
+
+
+def _plan_elementwise(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """An activation, dropout or cast of the vector alone: per window as it is."""
+    if any(a not in vin for a in n.all_input_nodes):
+        p.fail(n, "elementwise op with another tensor operand")
+    return layout
+
+
+def _plan_binary(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """Arithmetic between vectors of one layout, or with a scalar."""
+    for a in n.all_input_nodes:
+        s = p.shape(a)
+        if a not in vin and s is not None and len(s) > 0 and int(torch.Size(s).numel()) != 1:
+            p.fail(n, "arithmetic between the flattened vector and a tensor of another shape")
+    return layout
+
+
+def _plan_reshape(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """A reshape that leaves the ``(B, C*H*W)`` vector as it is: dropped."""
+    if p.shape(n) != (_BATCH, layout.c * layout.h * layout.w):
+        p.unsupported(n)
+    p.add(n, "drop", f"reshape to {fmt_shape(p.shape(n))}", "removed",
+          "it keeps the vector's shape", shown=False)
+    return layout
+
+
+def _plan_size(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> None:
+    """``x.size(0)``: the batch size, unchanged; ``x.size()`` would see the map."""
+    if n.kwargs or n.args[1:] not in ((0,), ()):
+        p.unsupported(n)
+    if n.args[1:] == ():
+        p.fail(n, ".size() of the flattened vector (use .size(0))")
+    return None
+
+
+_MODULE_RULES: dict[type, _Rule] = {
+    nn.Linear: _plan_linear,
+    nn.BatchNorm1d: _plan_batchnorm1d,
+    nn.Softmax: _plan_softmax_module,
+    nn.LogSoftmax: _plan_softmax_module,
+    nn.PReLU: _plan_prelu,
+    **dict.fromkeys(_ELEMENTWISE_MODULES, _plan_elementwise),
+}
+# (op, target) -> rule: torch.relu(x) and x.relu() follow the same rule
+_CALL_RULES: dict[tuple, _Rule] = {
+    **{("call_function", f): _plan_binary for f in _BINARY_OPS},
+    **{("call_method", m): _plan_binary for m in _BINARY_METHODS},
+    **{("call_function", f): _plan_elementwise for f in _ELEMENTWISE_FUNCS},
+    **{("call_method", m): _plan_elementwise for m in _ELEMENTWISE_METHODS},
+    **{("call_function", f): _plan_softmax_call for f in _SOFTMAX_FUNCS},
+    **{("call_method", m): _plan_softmax_call for m in _SOFTMAX_METHODS},
+    ("call_method", "size"): _plan_size,
+}
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def _apply(gm: fx.GraphModule, plan: Plan) -> dict[str, str]:
+    """Make the planned edits on ``gm``; return which function nodes became module nodes."""
+    nodes = {n.name: n for n in gm.graph.nodes}  # looked up before any edit
+    replaced: dict[str, str] = {}
+    for rep in plan.replacements:
+        _APPLY[rep.kind](gm, nodes[rep.node], rep, replaced)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.eval()
+    return replaced
+
+
+def _apply_linear(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    _set_module(gm, n.target, _conv_from_linear(gm.get_submodule(n.target), rep.layout,
+                                                rep.stride))
+
+
+def _conv_from_linear(lin: nn.Linear, layout: Layout, stride: int) -> nn.Conv2d:
+    """The convolution that computes ``lin`` on every window of the map ``layout`` describes."""
+    c, h, w = layout.c, layout.h, layout.w
+    full = (h, w) != (1, 1)
+    # skip_init: no random initialisation of weights that are overwritten next
+    conv = nn.utils.skip_init(FullConv2d if full else nn.Conv2d, c, lin.out_features, (h, w),
+                              stride=stride, bias=lin.bias is not None,
+                              device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        if layout.order == "hwc" and full:
+            # the vector was flattened as (H, W, C): reorder to (C, H, W)
+            weight = lin.weight.view(lin.out_features, h, w, c).permute(0, 3, 1, 2)
+        else:
+            weight = lin.weight.view(lin.out_features, c, h, w)
+        conv.weight.copy_(weight)
+        if lin.bias is not None:
+            conv.bias.copy_(lin.bias)
+    conv.weight.requires_grad_(lin.weight.requires_grad)
+    return conv
+
+
+def _apply_batchnorm(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    old = gm.get_submodule(n.target)
+    bn = nn.BatchNorm2d(old.num_features, eps=old.eps, momentum=old.momentum,
+                        affine=old.affine, track_running_stats=old.track_running_stats)
+    bn.load_state_dict(old.state_dict())
+    _set_module(gm, n.target, bn.to(*param_like(old)).eval())
+
+
+def _apply_softmax(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    if rep.module is not None:
+        _set_module(gm, n.target, copy.deepcopy(rep.module))
+    elif isinstance(rep.dim_at, str):
+        n.kwargs = {**n.kwargs, rep.dim_at: 1}
+    else:
+        n.args = (*n.args[:rep.dim_at], 1, *n.args[rep.dim_at + 1:])
+
+
+def _apply_drop(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    """Its readers take its input instead (the map itself)."""
+    n.replace_all_uses_with(n.args[0])
+    gm.graph.erase_node(n)
+
+
+def _apply_pool(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    """Swap ``n`` for a call of the planned pooling module on its input."""
+    new, src = copy.deepcopy(rep.module), n.args[0]
+    if n.op == "call_module":
+        _set_module(gm, n.target, new)
+        n.args, n.kwargs = (src,), {}
+        return
+    with gm.graph.inserting_after(n):
+        m = gm.graph.call_module(_add_module(gm, "pool", new), (src,))
+    n.replace_all_uses_with(m)
+    gm.graph.erase_node(n)
+    replaced[n.name] = m.name
+
+
+def _set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent_name, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, leaf, new)
+
+
+def _add_module(gm: fx.GraphModule, base: str, new: nn.Module) -> str:
+    """Add ``new`` under the first free name ``nofc_<base>``, ``nofc_<base>_1``, ..."""
+    name, k = f"nofc_{base}", 0
+    while hasattr(gm, name):
+        k += 1
+        name = f"nofc_{base}_{k}"
+    gm.add_submodule(name, new)
+    return name
+
+
+_APPLY: dict[str, Callable[[fx.GraphModule, fx.Node, Replacement, dict], None]] = {
+    "linear_to_conv": _apply_linear,
+    "bn1d_to_bn2d": _apply_batchnorm,
+    "softmax_dim": _apply_softmax,
+    "drop": _apply_drop,
+    "squeeze_pair": _apply_drop,
+    "pool": _apply_pool,
+}

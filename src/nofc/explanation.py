@@ -1,4 +1,7 @@
-"""The before/after table: every layer, its shapes, kernel and parameters."""
+"""The before/after table: every layer, its shapes, kernel and parameters.
+
+What changed, and how, is read from the conversion's plan (``record.plan``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._fx import NodeFailure, param_like, probe, trace
-from .conversion import _convert
+from .conversion import ConversionRecord, Replacement, convert_with_record
 from .errors import NofcError, first_line
 
 __all__ = ["explain", "Explanation"]
@@ -28,7 +31,8 @@ def _describe_module(mod: nn.Module) -> tuple[str, str]:
         if any(s != 1 for s in mod.stride):
             extra.append(f"s{_pair_txt(mod.stride)}")
         if isinstance(mod.padding, str) or any(p != 0 for p in mod.padding):
-            extra.append(f"p{mod.padding if isinstance(mod.padding, str) else _pair_txt(mod.padding)}")
+            pad = mod.padding if isinstance(mod.padding, str) else _pair_txt(mod.padding)
+            extra.append(f"p{pad}")
         if mod.groups != 1:
             extra.append(f"g{mod.groups}")
         kernel = f"{mod.out_channels}x{mod.in_channels // mod.groups}x{_pair_txt(mod.kernel_size)}"
@@ -145,64 +149,24 @@ def explain(
     (1, 1000, 6, 6)
     """
     original = trace(model)  # tracing reads the model, it does not change it
-    fcn, record = _convert(model, input_size, pooling=pooling, fc_stride=fc_stride,
-                           flatten_order=flatten_order)
-    size = record.input_size
-    shapes_at: dict[str, tuple[int, ...] | None] = {}
-    if at is not None:
-        try:
-            ah, aw = (int(at[0]), int(at[1]))
-        except (TypeError, ValueError, IndexError):
-            raise NofcError(f"at must be (H, W), got {at!r}") from None
-        try:
-            shapes_at = probe(fcn, (1, size[0], ah, aw), dtype=param_like(fcn)[1]).shapes
-        except NodeFailure as f:
-            raise NofcError(f"the converted model does not run at {ah}x{aw}: node "
-                            f"'{f.node.name}' fails ({first_line(f.exc)}); "
-                            "is the input smaller than the window?") from None
+    fcn, record = convert_with_record(model, input_size, pooling=pooling, fc_stride=fc_stride,
+                                      flatten_order=flatten_order)
+    at_hw, shapes_at = _shapes_at(fcn, record.input_size, at)
+    ex = Explanation(type(model).__name__, record.input_size, at_hw)
+    # the plan's shown replacements, by module path (a shared module has one) or node name
+    planned = {r.name: r for r in record.changes}
     after_nodes = {n.name: n for n in fcn.graph.nodes}
-    changes = {c.name: c for c in record.changes}
-    ex = Explanation(type(model).__name__, size, None if at is None else (ah, aw))
     for n in original.graph.nodes:
-        key = n.target if n.op == "call_module" else n.name
-        ch = changes.get(key)
-        if n.op != "call_module" and ch is None:
-            continue
-        if n.op == "call_module":
-            mod = original.get_submodule(n.target)
-            op_b, k_b = _describe_module(mod)
-            p_b = _n_params(mod)
-        else:
-            op_b, k_b, p_b = ch.before.split("  ")[0], "-", 0
-        s_b = _shape_txt(record.shapes_before.get(n.name))
-        if n.name in after_nodes and n.op == "call_module":
-            mod_a = fcn.get_submodule(n.target)
-            op_a, k_a = _describe_module(mod_a)
-            p_a = _n_params(mod_a)
-            s_a = _shape_txt(record.shapes_after.get(n.name))
-            s_at = _shape_txt(shapes_at.get(n.name)) if at is not None else ""
-        elif ch is not None and ch.after.startswith("removed"):
-            op_a, k_a, p_a, s_a, s_at = "removed", "-", 0, "-", "-" if at is not None else ""
-        else:
-            # a function replaced by a module (global pooling written as a function)
-            new = _find_replacement(fcn, n.name, record)
-            if new is not None:
-                mod_a = fcn.get_submodule(new.target)
-                op_a, k_a = _describe_module(mod_a)
-                p_a = _n_params(mod_a)
-                s_a = _shape_txt(record.shapes_after.get(new.name))
-                s_at = _shape_txt(shapes_at.get(new.name)) if at is not None else ""
-            else:
-                op_a, k_a, p_a, s_a, s_at = "-", "-", 0, "-", ""
-        changed = ch is not None
-        ex.rows.append(Row(key, op_b, k_b, s_b, op_a, k_a, s_a, s_at, p_b, p_a, changed))
+        rep = planned.get(n.target if n.op == "call_module" else n.name)
+        if n.op == "call_module" or rep is not None:
+            ex.rows.append(_row(original, fcn, n, rep, record, after_nodes, shapes_at))
     ex.params_before = sum(p.numel() for p in model.parameters())
     ex.params_after = sum(p.numel() for p in fcn.parameters())
     ex.output_before = record.shapes_before.get("output") or ()
     ex.output_after = record.shapes_after.get("output") or ()
     if at is not None:
         ex.output_at = shapes_at.get("output")
-    if not any(c.after.startswith("Conv2d") for c in record.changes):
+    if not any(r.kind == "linear_to_conv" for r in record.plan.replacements):
         ex.notes.append("no Linear to convert: the classifier already is convolutional; "
                         "only pooling and flatten changed")
     if any("Linear" in r.op_after for r in ex.rows if r.changed):  # pragma: no cover
@@ -210,10 +174,46 @@ def explain(
     return ex
 
 
-def _find_replacement(fcn: fx.GraphModule, old_name: str, record) -> fx.Node | None:
-    target = record.replaced.get(old_name)
-    for n in fcn.graph.nodes:
-        if n.name == target:
-            return n
-    return None
+def _shapes_at(fcn: fx.GraphModule, size, at) -> tuple[tuple[int, int] | None, dict | None]:
+    """``at`` as ``(H, W)`` and the converted model's shapes there (None, None without it)."""
+    if at is None:
+        return None, None
+    try:
+        ah, aw = (int(at[0]), int(at[1]))
+    except (TypeError, ValueError, IndexError):
+        raise NofcError(f"at must be (H, W), got {at!r}") from None
+    try:
+        return (ah, aw), probe(fcn, (1, size[0], ah, aw), dtype=param_like(fcn)[1]).shapes
+    except NodeFailure as f:
+        raise NofcError(f"the converted model does not run at {ah}x{aw}: node "
+                        f"'{f.node.name}' fails ({first_line(f.exc)}); "
+                        "is the input smaller than the window?") from None
 
+
+def _row(original: fx.GraphModule, fcn: fx.GraphModule, n: fx.Node, rep: Replacement | None,
+         record: ConversionRecord, after_nodes: dict, shapes_at: dict | None) -> Row:
+    """The row of node ``n`` of the original graph; ``rep`` is its planned replacement."""
+    if n.op == "call_module":
+        mod = original.get_submodule(n.target)
+        op_b, k_b = _describe_module(mod)
+        p_b = _n_params(mod)
+    else:
+        op_b, k_b, p_b = rep.before, "-", 0
+    if n.op == "call_module" and n.name in after_nodes:
+        new = after_nodes[n.name]
+    elif rep is not None and rep.kind == "drop":
+        return Row(rep.name, op_b, k_b, _shape_txt(record.shapes_before.get(n.name)),
+                   "removed", "-", "-", "" if shapes_at is None else "-", p_b, 0, True)
+    else:  # a function replaced by a module (global pooling written as a function)
+        new = after_nodes.get(record.replaced.get(n.name))
+    if new is None:
+        op_a, k_a, p_a, s_a, s_at = "-", "-", 0, "-", ""
+    else:
+        mod_a = fcn.get_submodule(new.target)
+        op_a, k_a = _describe_module(mod_a)
+        p_a = _n_params(mod_a)
+        s_a = _shape_txt(record.shapes_after.get(new.name))
+        s_at = "" if shapes_at is None else _shape_txt(shapes_at.get(new.name))
+    return Row(n.target if n.op == "call_module" else n.name, op_b, k_b,
+               _shape_txt(record.shapes_before.get(n.name)), op_a, k_a, s_a, s_at, p_b, p_a,
+               rep is not None)
