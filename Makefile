@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/digits_demo.py --cache .cache --out out
 
 test: $(STAMP)
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || echo "make test: skipping the browser tests of nofc view: /usr/bin/chromium or /usr/bin/chromedriver missing (apt-get install -y chromium chromium-driver)"
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -214,10 +214,41 @@ def _cmd_heatmap(args) -> int:
     return 0
 
 
+
+# --------------------------------------------------------------------------- view
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser("view", help="pan and zoom over an image and its map in the browser")
+    p.add_argument("result", help="the zarr store written by nofc heatmap --out or "
+                                  "nofc.tiled_predict(out=...)")
+    p.add_argument("image", nargs="?",
+                   help="the image (default: the path the store records; give it when the "
+                        "image moved)")
+    p.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--export", metavar="DIR",
+                   help="write the viewer, every tile included, to a static folder instead")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --export DIR")
+
+
+def _cmd_view(args) -> int:
+    from .viewer import export_viewer, view
+
+    if args.export:
+        out = export_viewer(args.result, args.export, image=args.image, force=args.force)
+        print(f"wrote {out}: serve it with any static HTTP server, e.g. "
+              f"python -m http.server --directory {out}")
+        return 0
+    view(args.result, args.image, port=args.port, host=args.host)
+    return 0
+
 _COMMANDS = {
     "explain": (_add_explain, _cmd_explain),
     "convert": (_add_convert, _cmd_convert),
     "heatmap": (_add_heatmap, _cmd_heatmap),
+    "view": (_add_view, _cmd_view),
 }
 
 

@@ -1,0 +1,227 @@
+/* nofc view: an image and its nofc map in OpenSeadragon.
+ *
+ * info.json says the sizes and the geometry. The image is image.dzi; the overlay of class K
+ * is overlay/K.dzi, one pixel per map cell, placed so that cell (i, j) is a step-sized
+ * square centred on its window's centre. Overlay tiles hold probability codes (0: no
+ * value, 1 + round(254 p)); they are coloured here, so the threshold and the palette
+ * change without new requests. The readout reads cells/R_C.bin.
+ *
+ * For tests: window.nofcReady is true once every tile the view needs is loaded and drawn
+ * (it turns false on any change); window.nofc holds the viewer and counters.
+ */
+"use strict";
+
+(async function () {
+  const $ = (id) => document.getElementById(id);
+  const info = await (await fetch("info.json", { cache: "no-store" })).json();
+  const version = "?v=" + info.key;
+  const W = info.image.width; // viewport units: the image is 1 wide
+  const state = {
+    info, cls: info.classes[0].index, opacity: 0.6, threshold: 0,
+    palette: Object.keys(info.palettes)[0], image: null, overlay: null, lut: null,
+    tiles: { image: 0, overlay: 0 }, maxLevel: { image: -1, overlay: -1 },
+    pending: 0, animating: false, cell: null,
+  };
+  window.nofc = state; // state.settle(): call after changing the view from a script
+  window.nofcReady = false;
+  document.title = "nofc view: " + info.title;
+  $("title").textContent = info.title;
+
+  const viewer = OpenSeadragon({
+    id: "osd", prefixUrl: "openseadragon/images/", tileSources: "image.dzi" + version,
+    drawer: "canvas", imageSmoothingEnabled: false, showNavigator: true,
+    maxZoomPixelRatio: 16, visibilityRatio: 0.5, animationTime: 0.5,
+    gestureSettingsMouse: { clickToZoom: false },
+  });
+  state.viewer = viewer;
+  const isOverlay = (tiledImage) => tiledImage !== state.image;
+
+  // ---- readiness, for tests and for nothing else
+  let timer = null, generation = 0;
+  function settle() {
+    window.nofcReady = false;
+    generation += 1;
+    clearTimeout(timer);
+    timer = setTimeout(check, 50);
+  }
+  function check() {
+    const items = [];
+    for (let i = 0; i < viewer.world.getItemCount(); i++) items.push(viewer.world.getItemAt(i));
+    const done = state.overlay && items.length === 2 && state.pending === 0 &&
+      !state.animating && items.every((t) => t.getFullyLoaded());
+    if (!done) { timer = setTimeout(check, 50); return; }
+    const mine = generation;
+    viewer.forceRedraw();
+    requestAnimationFrame(() => requestAnimationFrame(() => {
+      if (mine === generation) window.nofcReady = true;
+    }));
+  }
+  state.settle = settle;
+  viewer.addHandler("animation-start", () => { state.animating = true; settle(); });
+  viewer.addHandler("animation-finish", () => { state.animating = false; settle(); });
+  viewer.addHandler("viewport-change", settle);
+  viewer.addHandler("tile-loaded", (e) => {
+    const kind = isOverlay(e.tiledImage) ? "overlay" : "image";
+    state.tiles[kind] += 1;
+    state.maxLevel[kind] = Math.max(state.maxLevel[kind], e.tile.level);
+  });
+
+  // ---- colours
+  function buildLut() {
+    const pal = info.palettes[state.palette], lut = new Uint8ClampedArray(256 * 4);
+    for (let v = 1; v < 256; v++) {
+      const p = (v - 1) / 254;
+      if (p < state.threshold) continue; // transparent
+      const c = Math.round(p * 255) * 3;
+      lut.set([pal[c], pal[c + 1], pal[c + 2], 255], v * 4);
+    }
+    return lut;
+  }
+  function drawColorbar() {
+    const canvas = $("colorbar-canvas"), ctx = canvas.getContext("2d");
+    const pal = info.palettes[state.palette];
+    for (let x = 0; x < 256; x++) {
+      const below = x / 255 < state.threshold;
+      ctx.fillStyle = below ? "#ddd" : `rgb(${pal[3 * x]},${pal[3 * x + 1]},${pal[3 * x + 2]})`;
+      ctx.fillRect(x, 0, 1, canvas.height);
+    }
+  }
+  viewer.addHandler("tile-invalidated", async (e) => {
+    if (!isOverlay(e.tiledImage)) return;
+    const ctx = await e.getData("context2d");
+    if (!ctx || e.outdated()) return;
+    const { width, height } = ctx.canvas;
+    const pixels = ctx.getImageData(0, 0, width, height), d = pixels.data, lut = state.lut;
+    for (let i = 0; i < d.length; i += 4) {
+      const v = d[i] * 4;
+      d[i] = lut[v]; d[i + 1] = lut[v + 1]; d[i + 2] = lut[v + 2]; d[i + 3] = lut[v + 3];
+    }
+    ctx.putImageData(pixels, 0, 0);
+    await e.setData(ctx, "context2d");
+  });
+  function recolour() {
+    state.lut = buildLut();
+    drawColorbar();
+    if (!state.overlay) return;
+    state.pending += 1;
+    settle();
+    Promise.resolve(state.overlay.requestInvalidate(true)).finally(() => {
+      state.pending -= 1;
+      settle();
+    });
+  }
+
+  // ---- the overlay of one class
+  function showClass(k) {
+    state.cls = k;
+    state.pending += 1;
+    settle();
+    const old = state.overlay;
+    viewer.addTiledImage({
+      tileSource: `overlay/${k}.dzi${version}`,
+      x: info.overlay.x / W, y: info.overlay.y / W,
+      width: (info.map.width * info.overlay.cell) / W,
+      opacity: state.opacity,
+      success: (e) => {
+        state.overlay = e.item;
+        if (old) viewer.world.removeItem(old);
+        e.item.addHandler("fully-loaded-change", settle);
+        state.pending -= 1;
+        settle();
+      },
+      error: (e) => { state.pending -= 1; console.warn("overlay", k, e.message); },
+    });
+  }
+
+  // ---- controls
+  const select = $("class");
+  for (const c of info.classes) {
+    const option = document.createElement("option");
+    option.value = c.index;
+    option.textContent = `${c.name} (peak ${c.peak.toFixed(3)})`;
+    select.appendChild(option);
+  }
+  select.addEventListener("change", () => showClass(Number(select.value)));
+  for (const name of Object.keys(info.palettes)) {
+    const option = document.createElement("option");
+    option.value = option.textContent = name;
+    $("palette").appendChild(option);
+  }
+  $("palette").addEventListener("change", () => { state.palette = $("palette").value; recolour(); });
+  $("opacity").addEventListener("input", () => {
+    state.opacity = Number($("opacity").value);
+    $("opacity-value").textContent = state.opacity.toFixed(2);
+    if (state.overlay) state.overlay.setOpacity(state.opacity);
+    settle();
+  });
+  $("threshold").addEventListener("input", () => {
+    state.threshold = Number($("threshold").value);
+    $("threshold-value").textContent = state.threshold.toFixed(2);
+    recolour();
+  });
+
+  // ---- readout: the cell under the pointer
+  const cellTiles = new Map();
+  function cellTile(r, c) {
+    const key = `${r}_${c}`;
+    if (!cellTiles.has(key)) {
+      if (cellTiles.size > 64) cellTiles.delete(cellTiles.keys().next().value);
+      cellTiles.set(key, fetch(`cells/${key}.bin${version}`).then((res) => {
+        if (!res.ok) throw new Error(`cells/${key}.bin: ${res.status}`);
+        return res.arrayBuffer();
+      }));
+    }
+    return cellTiles.get(key);
+  }
+  async function topClasses(i, j) {
+    const T = info.cells.tile, n = info.cells.top;
+    const r = Math.floor(i / T), c = Math.floor(j / T);
+    const th = Math.min(T, info.map.height - r * T), tw = Math.min(T, info.map.width - c * T);
+    const buf = await cellTile(r, c), size = th * tw;
+    const index = new Uint16Array(buf, 0, n * size), prob = new Uint16Array(buf, 2 * n * size, n * size);
+    const at = (i - r * T) * tw + (j - c * T), out = [];
+    for (let q = 0; q < n; q++) {
+      const k = index[q * size + at];
+      if (k !== 65535) out.push({ index: k, p: prob[q * size + at] / 65535 });
+    }
+    return out;
+  }
+  const names = {};
+  for (const c of info.classes) names[c.index] = c.name;
+  let asked = 0;
+  async function readout(position) {
+    const mine = ++asked;
+    const vp = viewer.viewport.pointFromPixel(position);
+    const x = vp.x * W, y = vp.y * W, s = info.overlay.cell;
+    const i = Math.floor((y - info.overlay.y) / s), j = Math.floor((x - info.overlay.x) / s);
+    const el = $("readout");
+    if (i < 0 || j < 0 || i >= info.map.height || j >= info.map.width) {
+      state.cell = null;
+      el.textContent = `pixel (${Math.floor(y)}, ${Math.floor(x)}): no map cell here`;
+      return;
+    }
+    const [oy, ox] = info.map.offset, [wh, ww] = info.map.window;
+    const box = [oy + i * s, ox + j * s, oy + i * s + wh, ox + j * s + ww];
+    let top;
+    try { top = await topClasses(i, j); } catch (err) { top = []; console.warn(err.message); }
+    if (mine !== asked) return;
+    state.cell = { i, j, box, top };
+    el.textContent = `cell (${i}, ${j})\n` +
+      `window (y0, x0, y1, x1) = (${box.join(", ")})\n` +
+      (top.length ? top.map((t) => `${t.p.toFixed(3)}  ${names[t.index]}`).join("\n")
+        : "no value (NaN)");
+  }
+  new OpenSeadragon.MouseTracker({
+    element: viewer.container,
+    moveHandler: (e) => { readout(e.position); },
+  }).setTracking(true);
+
+  viewer.addHandler("open", () => {
+    state.image = viewer.world.getItemAt(0);
+    state.image.addHandler("fully-loaded-change", settle);
+    showClass(state.cls);
+  });
+  state.lut = buildLut();
+  drawColorbar();
+  settle();
+})();
