@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -456,3 +457,108 @@ def test_initializers_listed_as_inputs_leave_size_free():
     dims = [d.dim_param or d.dim_value for d in fcn.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", 3, "height", "width"]
     assert _run(fcn, np.zeros((1, 3, 13, 11), np.float32)).shape == (1, 4, 3, 2)
+
+
+# ------------------------------------------------------------- what real exporters write
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "onnx"
+KERAS = ["gray_functional_gap", "gray_sequential_flatten", "rgb_functional_flatten",
+         "rgb_sequential_gap"]  # made by tests/fixtures/make_keras_onnx.py (TensorFlow)
+
+
+def test_keras_fixtures_are_all_there():
+    assert sorted(p.stem for p in FIXTURES.glob("*.onnx")) == KERAS
+    assert sorted(p.stem for p in FIXTURES.glob("*.npz")) == KERAS
+
+
+@pytest.mark.parametrize("name", KERAS)
+def test_keras_tf2onnx_map_equals_keras_on_every_crop(name):
+    """tf2onnx's graph of a trained Keras model, converted: every cell of the map on a test
+    page equals what Keras itself predicted for that crop (stored with the fixture)."""
+    ref = np.load(FIXTURES / f"{name}.npz")
+    size = tuple(int(v) for v in ref["input_size"])
+    original = onnx.load(str(FIXTURES / f"{name}.onnx"))
+    fcn = convert_onnx(original, size)
+    page = ref["page"][None].astype(np.float32) / 255  # (1, H, W, C): Keras is channels-last
+    dense = _run(fcn, page)[0]  # (K, rows, cols)
+    np.testing.assert_allclose(dense, ref["scores"], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(dense.sum(axis=0), 1.0, rtol=1e-5)  # softmax over classes
+    dims = [d.dim_param or d.dim_value for d in fcn.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == ["height", "width", size[0]]
+    if size[0] == 1:  # the NHWC -> NCHW "Reshape" to [-1, 1, 16, 16] is a Transpose again
+        first = next(n for n in original.graph.node if n.input[0] == "image")
+        assert first.op_type == "Reshape"
+        assert [n.op_type for n in fcn.graph.node if n.input[0] == "image"] == ["Transpose"]
+
+
+class GrayView(nn.Module):
+    """Flattens with x.view(x.size(0), -1) (Shape/Gather/Concat/Reshape when the batch is
+    dynamic) and returns (N, K, 1, 1) scores through Unsqueezes after the Gemm."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 8, 3), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(8 * 5 * 5, 16), nn.ReLU(), nn.Dropout(),
+                                nn.Linear(16, 4))
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(x.view(x.size(0), -1))[:, :, None, None].softmax(1)
+
+
+class GraySqueeze(nn.Module):
+    """Global pooling, squeeze(-1).squeeze(-1), Linear, unsqueeze(1), log_softmax(-1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(6, 8, 3), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.features(x).squeeze(-1).squeeze(-1)
+        return self.fc(x).unsqueeze(1).log_softmax(-1)  # (N, 1, K)
+
+
+@pytest.mark.parametrize("net", [GrayView, GraySqueeze])
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_torch_onnx_exporters_squeeze_unsqueeze_dynamic_flatten(net, dynamo):
+    torch.manual_seed(0)
+    model = net().eval()
+    kw = {"dynamic_shapes": ({0: torch.export.Dim("n")},)} if dynamo else \
+        {"input_names": ["x"], "dynamic_axes": {"x": {0: "n"}}}
+    original = _export(model, torch.randn(2, 1, 16, 16), dynamo=dynamo, **kw)
+    ops = {n.op_type for n in original.graph.node}
+    assert "Unsqueeze" in ops and ("Squeeze" in ops if net is GraySqueeze else "Reshape" in ops)
+    fcn = convert_onnx(original, (1, 16, 16))
+    x = np.random.default_rng(10).standard_normal((2, 1, 22, 26)).astype(np.float32)
+    dense = _run(fcn, x)
+    assert dense.shape == (2, 4, 4, 6)
+    ref = _sliding(original, x, (1, 16, 16), stride=2)  # (2, 4, 1, 1, 4, 6) or (2, 1, 4, 4, 6)
+    np.testing.assert_allclose(dense, ref.reshape(dense.shape), rtol=1e-4, atol=2e-5)
+    with torch.no_grad():  # and what PyTorch says for one crop
+        crop = model(torch.from_numpy(x[1:, :, 4:20, 2:18])).numpy()
+    np.testing.assert_allclose(dense[1, :, 2, 1], crop.reshape(4), rtol=1e-4, atol=2e-5)
+
+
+def test_one_channel_map_moved_by_reshape_before_flatten():
+    """Conv to one channel -> Reshape to a constant [-1, H, W, 1] (NCHW -> NHWC as tf2onnx
+    writes it) -> Flatten -> Gemm: the Reshape is read as the Transpose it stands for."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("cw", (1, 3, 3, 3)), ("w", (5, 16))]]
+    inits.append(numpy_helper.from_array(np.array([-1, 4, 4, 1], np.int64), "to_nhwc"))
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], name="conv", strides=[2, 2]),
+             helper.make_node("Reshape", ["c", "to_nhwc"], ["t"], name="move"),
+             helper.make_node("Flatten", ["t"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "move", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    original = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    fcn = convert_onnx(original, (3, 9, 9))
+    assert [n.op_type for n in fcn.graph.node] == ["Conv", "Conv"]
+    x = np.random.default_rng(12).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    assert _rel(_sliding(original, x, (3, 9, 9), stride=2), _run(fcn, x)) <= 1e-5

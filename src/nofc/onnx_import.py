@@ -217,6 +217,48 @@ def _transpose_perm(node) -> list[int]:
     return list(_attr(node, "perm", [3, 2, 1, 0]))  # no perm: reverse the axes
 
 
+def _feature_axes(shape, k: int) -> tuple[int, ...]:
+    """The axes of ``shape`` (batch first) that can hold k features, all others being 1.
+
+    >>> _feature_axes((1, 1, 10), 10), _feature_axes((1, 10, 1, 1), 10), _feature_axes((1, 1), 1)
+    ((2,), (1,), (1,))
+    >>> _feature_axes((1, 4, 5), 20)
+    ()
+    """
+    if shape is None or len(shape) < 2 or None in shape[1:] or math.prod(shape[1:]) != k:
+        return ()
+    return tuple(a for a in range(1, len(shape)) if shape[a] == k)
+
+
+def _axis_move(n, consts, shapes) -> tuple[int, ...] | None:
+    """The perm of a constant-shape 4D Reshape that only moves a size-1 axis, else None.
+
+    tf2onnx writes the NHWC <-> NCHW Transpose of a one-channel tensor as a Reshape to a
+    constant such as [-1, 1, H, W]: the same values at the reference size, but H and W fixed.
+    A reshape keeps the order of the values, so the axes longer than 1 keep theirs.
+
+    >>> _axis_move(_onnx().helper.make_node("Reshape", ["x", "s"], ["y"]),
+    ...            {"s": np.array([-1, 1, 5, 7])}, {"x": (1, 5, 7, 1), "y": (1, 1, 5, 7)})
+    (0, 3, 1, 2)
+    """
+    if n.op_type != "Reshape" or len(n.input) < 2 or n.input[1] not in consts:
+        return None
+    src, out = shapes.get(n.input[0]), shapes.get(n.output[0])
+    if not src or not out or len(src) != 4 or len(out) != 4 or None in src + out or \
+            src[0] != out[0]:
+        return None
+    ones = [[a for a in (1, 2, 3) if s[a] == 1] for s in (src, out)]
+    rest = [[a for a in (1, 2, 3) if s[a] != 1] for s in (src, out)]
+    if len(ones[0]) != 1 or len(ones[1]) != 1 or ones[0] == ones[1] or \
+            [src[a] for a in rest[0]] != [out[a] for a in rest[1]]:
+        return None
+    perm = [0, ones[0][0], 0, 0]
+    perm[ones[1][0]] = ones[0][0]
+    for a, b in zip(rest[1], rest[0]):
+        perm[a] = b
+    return tuple(perm)
+
+
 # --------------------------------------------------------------------------- the index
 
 
@@ -237,6 +279,7 @@ class _GraphIndex:
     size: tuple[int, int, int]  # the reference (C, H, W)
     layout: str  # of the graph input: "nchw" or "nhwc"
     opset: int  # of the default domain
+    moves: Mapping[int, tuple[int, ...]]  # Reshapes that are Transposes (see _axis_move)
 
     @classmethod
     def build(cls, model, size, layout) -> _GraphIndex:
@@ -248,37 +291,48 @@ class _GraphIndex:
         for at, n in enumerate(g.node):
             for i in n.input:
                 consumers.setdefault(i, []).append(at)
+        consts, shapes = _constants(g), _shapes(model, size, batch, layout)
+        moves = {at: _axis_move(n, consts, shapes) for at, n in enumerate(g.node)}
         return cls(
             nodes=tuple(g.node),
             producer=MappingProxyType({o: at for at, n in enumerate(g.node) for o in n.output}),
             consumers=MappingProxyType({k: tuple(v) for k, v in consumers.items()}),
-            consts=MappingProxyType(_constants(g)),
-            shapes=MappingProxyType(_shapes(model, size, batch, layout)),
+            consts=MappingProxyType(consts),
+            shapes=MappingProxyType(shapes),
             outputs=tuple(o.name for o in g.output),
             names=frozenset({t.name for t in g.initializer} | {o for n in g.node
                                                                for o in n.output}),
-            size=size, layout=layout, opset=opsets.get("", opsets.get("ai.onnx", 0)))
+            size=size, layout=layout, opset=opsets.get("", opsets.get("ai.onnx", 0)),
+            moves=MappingProxyType({at: p for at, p in moves.items() if p is not None}))
 
     def shape(self, name: str) -> tuple | None:
         return self.shapes.get(name)
 
-    def producer_of(self, name: str):
-        at = self.producer.get(name)
-        return None if at is None else self.nodes[at]
+    def perm_at(self, at: int) -> list[int] | None:
+        """The axis permutation node ``at`` makes: a Transpose, or a Reshape that is one."""
+        n = self.nodes[at]
+        if n.op_type == "Transpose":
+            return _transpose_perm(n)
+        return list(self.moves[at]) if at in self.moves else None
 
 
 def _is_entry(ix: _GraphIndex, n) -> bool:
-    """Does ``n`` turn a 4D feature map into (N, features): a flatten or a global pooling?"""
+    """Does ``n`` turn a 4D feature map into (N, features): a flatten or a global pooling?
+
+    A flatten may keep axes of size 1, (N, 1, features) say: torch.onnx squeezes a pooled
+    N x C x 1 x 1 map one axis at a time.
+    """
     if not n.input:
         return False
     src, out = ix.shape(n.input[0]), ix.shape(n.output[0])
-    if src is None or out is None or len(src) != 4 or len(out) != 2:
+    if src is None or out is None or len(src) != 4 or len(out) not in (2, 3):
         return False
     if n.op_type in ("Flatten", "Reshape", "Squeeze"):
         if n.op_type == "Flatten" and _attr(n, "axis", 1) != 1:
             return False
-        return None not in src[1:] and out[1] == math.prod(src[1:])
-    if n.op_type in _REDUCE:  # global pooling without keepdims
+        return None not in src[1:] and out[0] == src[0] and \
+            bool(_feature_axes(out, math.prod(src[1:])))
+    if n.op_type in _REDUCE and len(out) == 2:  # global pooling without keepdims
         axes = _axes(n, ix.consts)
         return axes is not None and len(set(axes)) == 2 and 0 not in axes and \
             not _attr(n, "keepdims", 1)
@@ -326,8 +380,8 @@ def _trace_layout(ix: _GraphIndex, entry) -> tuple[list[int], int | None]:
             return perm, None
         p = ix.nodes[at]
         op = p.op_type
-        if op == "Transpose":
-            q = _transpose_perm(p)
+        q = ix.perm_at(at)
+        if q is not None:
             perm = [q[i] for i in perm]
             cur = p.input[0]
         elif op in _ELEMENTWISE or op in _BINARY:
@@ -458,9 +512,21 @@ class _Planner:
         self.plan.inserted.append(_Edit(_label(node), node, why))
 
     def run(self) -> _Plan:
+        self.plan_moves()
         flat, src = self.plan_entry()
         self.plan_head(flat, src)
         return self.plan
+
+    # ------------------------------------------------------------------ the body
+
+    def plan_moves(self) -> None:
+        """Reshapes that only move a one-channel axis become the Transposes they stand for."""
+        for at, perm in self.ix.moves.items():
+            n = self.ix.nodes[at]
+            new = _onnx().helper.make_node("Transpose", [n.input[0]], [n.output[0]],
+                                           name=n.name or None, perm=list(perm))
+            self.edit(at, new, f"becomes Transpose {list(perm)}: its constant shape only "
+                               "moves the one-channel axis, but fixes height and width")
 
     # ------------------------------------------------------------------ the entry
 
@@ -526,9 +592,9 @@ class _Planner:
         a new Transpose that undoes ``perm``."""
         if perm == [0, 1, 2, 3]:
             return t
-        p = self.ix.producer_of(t)
-        if p is not None and p.op_type == "Transpose" and _transpose_perm(p) == perm:
-            return p.input[0]
+        at = self.ix.producer.get(t)
+        if at is not None and self.ix.perm_at(at) == perm:
+            return self.ix.nodes[at].input[0]
         src = self.fresh(t + "_nchw")
         self.insert(_onnx().helper.make_node(
             "Transpose", [t], [src], name=src, perm=[perm.index(i) for i in range(4)]),
@@ -675,39 +741,64 @@ class _Planner:
                 self.fail(n, f"its input '{name}' is neither constant nor from the head")
             if c.size == 1 or (n.op_type == "PRelu" and vector and c.shape == (layout.k, 1, 1)):
                 continue
-            if not vector or c.shape not in ((layout.k,), (1, layout.k)):
+            if not vector or not self.per_class(c, n.input[0 if i else 1], layout):
                 self.fail(n, f"its constant '{name}' has shape {c.shape}; nofc handles "
                              "scalars and one value per feature of the class scores")
             n.input[i] = self.const(f"{name}_per_channel", c.reshape(layout.k, 1, 1))
             why = "its per-class constants become (K, 1, 1)"
         return _Step(n, layout, why)
 
+    def per_class(self, c: np.ndarray, head: str, layout: _VectorLayout) -> bool:
+        """Is constant ``c`` one value per class of the head tensor ``head`` it meets
+        (broadcast from the right, without adding axes)?"""
+        axes, rank = self.class_axes(head, layout)
+        off = rank - c.ndim
+        return off >= 0 and c.size == layout.k and any(
+            a >= off and c.shape[a - off] == layout.k for a in axes)
+
     def scores_only(self, n, layout: _Layout, why: str) -> None:
         if not isinstance(layout, _VectorLayout):
             self.fail(n, why)
+
+    def class_axes(self, name: str, layout: _Layout) -> tuple[tuple[int, ...], int]:
+        """(the axes of tensor ``name`` that can hold its features, its rank) in the graph;
+        a tensor of unknown shape counts as (N, features)."""
+        shape = self.ix.shape(name)
+        k = layout.k if isinstance(layout, _VectorLayout) else layout.c * layout.h * layout.w
+        return (_feature_axes(shape, k), len(shape)) if shape else ((1,), 2)
 
     def softmax(self, n, layout: _Layout) -> _Step:
         self.scores_only(n, layout, "it runs on the flattened feature map, not on class scores")
         if self.ix.opset < 13:
             self.fail(n, f"in opset {self.ix.opset} Softmax flattens its input; "
                          "re-export the model with opset 13 or later")
-        if _attr(n, "axis", -1) not in (1, -1):
+        axes, rank = self.class_axes(n.input[0], layout)
+        if _attr(n, "axis", -1) % rank not in axes:
             self.fail(n, "it does not run over the class axis")
         _set_attr(n, "axis", 1)
         return _Step(n, layout, "runs over the channel axis (axis=1)")
 
     def batch_norm(self, n, layout: _Layout) -> _Step:
         self.scores_only(n, layout, "it normalises the flattened feature map feature by feature")
+        if 1 not in self.class_axes(n.input[0], layout)[0]:
+            self.fail(n, "its channel axis 1 does not hold the class scores")
         return _Step(n, layout, "kept: it normalises each channel")
 
     def reshape(self, n, layout: _Layout) -> _Step:
-        if not isinstance(layout, _VectorLayout) or \
-                self.ix.shape(n.output[0]) != self.ix.shape(n.input[0]):
-            self.fail(n, "it changes the shape of the class scores")
+        """A Reshape, Squeeze, Unsqueeze or Flatten that only adds or drops axes of size 1
+        (torch.onnx writes them around Gemm) or keeps the shape: Identity."""
+        src, out = self.ix.shape(n.input[0]), self.ix.shape(n.output[0])
+        if src != out and not (src and out and src[0] == out[0] and
+                               self.class_axes(n.input[0], layout)[0] and
+                               self.class_axes(n.output[0], layout)[0]):
+            what = "class scores" if isinstance(layout, _VectorLayout) else \
+                "flattened feature map"
+            self.fail(n, f"it changes the shape of the {what}")
         del n.input[1:]
         del n.attribute[:]
         n.op_type = "Identity"
-        return _Step(n, layout, "becomes Identity: the class scores keep their shape")
+        return _Step(n, layout, "becomes Identity: the values keep their order and the map "
+                                "its K x h x w shape")
 
     def unsupported(self, n, layout: _Layout) -> _Step:
         what = "class scores" if isinstance(layout, _VectorLayout) else "flattened feature map"
