@@ -8,9 +8,16 @@ MatMul + Add layers with activations between them. ``convert_onnx`` rewrites it:
   a Transpose before the flatten (channels-last origins such as Keras) is read off the
   graph and the weights are permuted to match, so the result is exact either way;
 * every later dense layer becomes a 1 x 1 ``Conv``; per-feature constants of Add/Mul/PRelu
-  are reshaped to (K, 1, 1); Softmax runs over the channel axis;
+  are reshaped to (K, 1, 1); Softmax runs over the channel axis; Reshape, Squeeze,
+  Unsqueeze and Flatten that only add or drop axes of size 1 (torch.onnx writes them
+  around Gemm) become Identity;
 * a global pooling right before the flatten becomes the window it stands for
-  (``pooling="window"``) or stays global (``pooling="global"``).
+  (``pooling="window"``) or stays global (``pooling="global"``);
+* in the body, a Reshape to a constant shape that only moves a one-channel axis (tf2onnx
+  writes the NHWC -> NCHW Transpose of a grayscale input as a Reshape to [-1, 1, H, W])
+  becomes that Transpose, so height and width stay free. A flatten whose shape is computed
+  by Shape/Gather/Slice/Concat (Keras's Flatten, views of ``x.size(0)``) is read through
+  onnx shape inference; that chain is dropped with the flatten.
 
 The result needs only an ONNX runtime: input ``batch x C x height x width``, outputs
 ``batch x K x h x w``.
