@@ -34,7 +34,9 @@
     gestureSettingsMouse: { clickToZoom: false },
   });
   state.viewer = viewer;
-  const isOverlay = (tiledImage) => tiledImage !== state.image;
+  // overlays by their tiles' address: the navigator's copies of the images count too
+  const isOverlay = (tiledImage) => /(^|\/)overlay\/$/.test(
+    (tiledImage.source && tiledImage.source.tilesUrl || "").replace(/[0-9]+_files\/$/, ""));
 
   // ---- readiness, for tests and for nothing else
   let timer = null, generation = 0;
@@ -105,7 +107,7 @@
     if (!state.overlay) return;
     state.pending += 1;
     settle();
-    Promise.resolve(state.overlay.requestInvalidate(true)).finally(() => {
+    Promise.resolve(viewer.requestInvalidate(true)).finally(() => {
       state.pending -= 1;
       settle();
     });
@@ -188,6 +190,14 @@
   }
   const names = {};
   for (const c of info.classes) names[c.index] = c.name;
+  const frame = document.createElement("div"); // the hovered cell's window
+  frame.id = "window-frame";
+  function outline(box) {
+    const rect = new OpenSeadragon.Rect(box[1] / W, box[0] / W, (box[3] - box[1]) / W,
+      (box[2] - box[0]) / W);
+    if (viewer.getOverlayById(frame)) viewer.updateOverlay(frame, rect);
+    else viewer.addOverlay({ element: frame, location: rect });
+  }
   let asked = 0;
   async function readout(position) {
     const mine = ++asked;
@@ -197,6 +207,7 @@
     const el = $("readout");
     if (i < 0 || j < 0 || i >= info.map.height || j >= info.map.width) {
       state.cell = null;
+      if (viewer.getOverlayById(frame)) viewer.removeOverlay(frame);
       el.textContent = `pixel (${Math.floor(y)}, ${Math.floor(x)}): no map cell here`;
       return;
     }
@@ -206,6 +217,7 @@
     try { top = await topClasses(i, j); } catch (err) { top = []; console.warn(err.message); }
     if (mine !== asked) return;
     state.cell = { i, j, box, top };
+    outline(box);
     el.textContent = `cell (${i}, ${j})\n` +
       `window (y0, x0, y1, x1) = (${box.join(", ")})\n` +
       (top.length ? top.map((t) => `${t.p.toFixed(3)}  ${names[t.index]}`).join("\n")
