@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -92,12 +94,17 @@ def fake_mode():
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    with _quiet_fake_log(), FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_fake_log():
     log = logging.getLogger("torch._subclasses.fake_tensor")
     drop = logging.Filter("nofc-silenced")  # matches no logger name: drops every record
     log.addFilter(drop)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            yield
+        yield
     finally:
         log.removeFilter(drop)
 
@@ -143,17 +150,247 @@ class _Tracer(fx.Tracer):
         return isinstance(m, FullConv2d) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """A GraphModule of ``model`` (which is read, not changed), or a NofcError saying why not."""
+class _Blocked(Exception):
+    """Control flow the reference-size capture cannot decide: which module, and why."""
+
+
+_UNKNOWN = object()  # a node whose value at the reference size could not be computed
+
+
+class _ValueProxy(fx.Proxy):
+    """A proxy that knows its value at the reference size (a fake tensor or a number).
+
+    ``len``, ``int`` and ``range`` on a shape entry take that value: the graph keeps the
+    shape queries as nodes, but a Python decision is made once, at the reference size.
+    """
+
+    def _value(self):
+        return self.tracer.value_of(self)
+
+    def __len__(self) -> int:
+        return len(self._value())
+
+    def __int__(self) -> int:
+        return int(self._value())
+
+    def __index__(self) -> int:
+        return int(self._value())
+
+    def __float__(self) -> float:
+        return float(self._value())
+
+    def __getattr__(self, k: str):
+        if k in ("tracer", "node", "_node", "root", "attr"):  # not set yet: no proxy of them
+            raise AttributeError(k)
+        # a device, dtype or rank never depends on the input size: known, not traced
+        value = self.tracer.values.get(self.node, _UNKNOWN)
+        if value is not _UNKNOWN and not k.startswith("__"):
+            known = getattr(value, k, None)
+            if isinstance(known, (torch.device, torch.dtype, str, bool)) or k == "ndim":
+                return known
+        return _ValueAttribute(self, k)
+
+
+class _ValueAttribute(_ValueProxy, fx.proxy.Attribute):
+    """``x.shape`` and friends, whose node (and value) is made when first used."""
+
+    def __init__(self, root: fx.Proxy, attr: str):
+        fx.proxy.Attribute.__init__(self, root, attr)
+
+
+class _CaptureTracer(_Tracer):
+    """Traces ``forward`` while running every op on fake tensors of the reference size.
+
+    Python control flow on a traced value (``if x.shape[-1] < 7``, ``if x.ndim == 4``,
+    ``for _ in range(n)``) is decided by that value, so the graph is the forward as it
+    runs at the reference size; control flow on tensor contents stays a refusal.
+    """
+
+    def __init__(self, example_shape: tuple[int, ...], device, dtype):
+        super().__init__()
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            self.example = torch.empty(example_shape, device=device, dtype=dtype)
+        self.values: dict[fx.Node, Any] = {}
+        self.computing = False
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def where(self) -> str:
+        """The innermost module being traced, for messages."""
+        if not self.module_stack:
+            return type(self.root).__name__
+        path, kind = next(reversed(self.module_stack.values()))
+        return f"'{path}' ({getattr(kind, '__name__', kind)})" if path else kind.__name__
+
+    def value_of(self, proxy: fx.Proxy):
+        value = self.values.get(proxy.node, _UNKNOWN)
+        if value is _UNKNOWN or isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise _Blocked(f"the control flow in {self.where()} depends on a value nofc "
+                           "cannot know before running")
+        if isinstance(value, torch.Tensor):  # bool(t) / int(t): the data, not the shape
+            raise _Blocked(f"the control flow in {self.where()} depends on tensor values, "
+                           "not only on shapes")
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.value_of(obj))
+
+    def iter(self, obj: fx.Proxy):
+        return iter([obj[i] for i in range(len(self.value_of(obj)))])
+
+    def call_module(self, m, forward, args, kwargs):
+        if self.computing:  # a leaf module calling a submodule while its value is computed
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self.computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        rv = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                  proxy_factory_fn)
+        if isinstance(rv, fx.Proxy):
+            self.values[rv.node] = self._compute(kind, target, args, kwargs)
+        return rv
+
+    def _compute(self, kind, target, args, kwargs):
+        """The node's value on the fake reference input (_UNKNOWN when it cannot run)."""
+        if kind == "placeholder":
+            return self.example if not any(n.op == "placeholder" for n in self.values) \
+                else _UNKNOWN
+        unknown = []
+
+        def value(a):
+            if isinstance(a, fx.Proxy):
+                v = self.values.get(a.node, _UNKNOWN)
+                if v is _UNKNOWN:
+                    unknown.append(a)
+                return v
+            return a
+
+        a, kw = fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
+        if unknown:
+            return _UNKNOWN
+        self.computing = True
+        try:
+            with self.mode, _quiet_fake_log():
+                if kind == "call_function":
+                    return target(*a, **kw)
+                if kind == "call_method":
+                    return getattr(a[0], target)(*a[1:], **kw)
+                if kind == "call_module":
+                    return self.root.get_submodule(target)(*a, **kw)
+                if kind == "get_attr":
+                    return get_attr(self.root, target)
+        except Exception:  # noqa: BLE001 - the node stays, its value is unknown
+            return _UNKNOWN
+        finally:
+            self.computing = False
+        return _UNKNOWN
+
+
+_SHAPE_BOOKKEEPING = {getattr, operator.getitem, operator.lt, operator.le, operator.gt,
+                      operator.ge, operator.eq, operator.ne, operator.mod, operator.floordiv,
+                      operator.and_, operator.or_, operator.not_}
+
+
+def _drop_unused_queries(graph: fx.Graph) -> None:
+    """Remove shape queries and comparisons only a Python decision read (now made)."""
+    for n in reversed(list(graph.nodes)):
+        if not n.users and (n.op == "call_function" and n.target in _SHAPE_BOOKKEEPING
+                            or n.op == "call_method" and n.target in ("size", "dim")):
+            graph.erase_node(n)
+
+
+def trace(model: nn.Module, input_size=None) -> fx.GraphModule:
+    """A GraphModule of ``model`` (which is read, not changed), or a NofcError saying why not.
+
+    torch.fx first; when the forward has Python control flow on traced values (timm's VGG
+    head, MobileViT's patch sizes), ``input_size`` ``(C, H, W)`` given, the forward is
+    captured as it runs at that size and checked against the model at that size and at
+    twice it.
+
+    >>> class Head(nn.Module):
+    ...     def forward(self, x):
+    ...         return x.mean((2, 3)) if x.shape[-1] > 1 else x.flatten(1)
+    >>> [n.target for n in trace(Head(), (4, 8, 8)).graph.nodes]
+    ['x', 'mean', 'output']
+    """
     try:
         graph = _Tracer().trace(model)
         return fx.GraphModule(model, graph, type(model).__name__)
     except Exception as exc:  # noqa: BLE001
-        raise NofcError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
-            f"{first_line(exc)}); nofc needs a model whose forward has no data-dependent "
-            "control flow"
-        ) from None
+        error = exc
+    why = f"{type(error).__name__}: {first_line(error)}"
+    if input_size is None:
+        raise NofcError(f"cannot trace {type(model).__name__} with torch.fx ({why}); nofc "
+                        "needs a model whose forward has no data-dependent control flow"
+                        ) from None
+    gm = _capture(model, tuple(input_size), why)
+    _check_capture(model, gm, tuple(input_size))
+    return gm
+
+
+def _capture(model: nn.Module, size: tuple[int, ...], why: str) -> fx.GraphModule:
+    """The forward as it runs at ``size``, traced with :class:`_CaptureTracer`."""
+    device, dtype = param_like(model)
+    tracer = _CaptureTracer((PROBE_BATCH, *size), device, dtype)
+    name = type(model).__name__
+    try:
+        graph = tracer.trace(model)
+    except _Blocked as exc:
+        raise NofcError(f"cannot trace {name}: {exc} (torch.fx: {why})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise NofcError(f"cannot trace {name}: in {tracer.where()} at the reference size "
+                        f"{type(exc).__name__}: {first_line(exc)} (torch.fx: {why})"
+                        ) from None
+    _drop_unused_queries(graph)
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _check_capture(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...]) -> None:
+    """The captured graph must give the model's own output at ``size`` and twice it."""
+    device, dtype = param_like(model)
+    gen = torch.Generator().manual_seed(0)
+    modes = [(m, m.training) for m in (*model.modules(), *gm.modules())]
+    model.eval(), gm.eval()
+    try:
+        for hw in (size[1:], (2 * size[1], 2 * size[2])):
+            _compare_at(model, gm, size, hw, torch.randn((1, size[0], *hw), generator=gen)
+                        .to(device, dtype))
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _compare_at(model, gm, size, hw, x) -> None:
+    """Model and captured graph on ``x`` (at ``hw``): same shape, same values."""
+    name = type(model).__name__
+    outs = []
+    for what, fn in (("the model itself", model),
+                     (f"the forward captured at {size[1]}x{size[2]}", gm)):
+        try:  # fx prints the generated code of a failing GraphModule on stderr: not ours
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                outs.append(fn(x))
+        except Exception as exc:  # noqa: BLE001
+            raise NofcError(f"cannot trace {name}: {what} fails at {hw[0]}x{hw[1]} "
+                            f"({type(exc).__name__}: {first_line(exc)}), so it is not fully "
+                            "convolutional") from None
+    want, got = outs
+    same = (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)
+            and want.shape == got.shape and torch.allclose(
+                want, got, rtol=0, atol=1e-4 * max(1.0, float(want.abs().max()))))
+    if not same:
+        raise NofcError(f"cannot trace {name}: its control flow depends on the input size "
+                        f"(the forward captured at {size[1]}x{size[2]} differs from the model "
+                        f"at {hw[0]}x{hw[1]})")
 
 
 def pair(v, like: tuple[int, int] | None = None) -> tuple[int, int]:

@@ -225,7 +225,7 @@ def convert_with_record(
     (['view', 'f6', 'output'], (2, 10, 1, 1))
     """
     options = _options(model, input_size, pooling, fc_stride, flatten_order)
-    gm = trace(copy.deepcopy(model).eval())
+    gm = trace(copy.deepcopy(model).eval(), options.input_size)
     ref = (_BATCH, *options.input_size)
     before = _probe_or_explain(gm, ref, options.input_size, model_name=type(model).__name__)
     record = ConversionRecord(_plan(gm, before.shapes, options), dict(before.shapes))

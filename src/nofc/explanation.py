@@ -148,9 +148,9 @@ def explain(
     >>> table.output_at
     (1, 1000, 6, 6)
     """
-    original = trace(model)  # tracing reads the model, it does not change it
     fcn, record = convert_with_record(model, input_size, pooling=pooling, fc_stride=fc_stride,
                                       flatten_order=flatten_order)
+    original = trace(model, record.input_size)  # tracing reads the model, it does not change it
     at_hw, shapes_at = _shapes_at(fcn, record.input_size, at)
     ex = Explanation(type(model).__name__, record.input_size, at_hw)
     # the plan's shown replacements, by module path (a shared module has one) or node name
