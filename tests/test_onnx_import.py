@@ -377,7 +377,8 @@ def _head_graph(head, inits, outputs=("y",)):
     g = helper.make_graph(
         nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", None]) for o in outputs],
-        [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in arrays.items()])
+        [numpy_helper.from_array(np.asarray(a, np.int64 if isinstance(a, list) else np.float32), n)
+         for n, a in arrays.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -439,8 +440,30 @@ _W = {"w": np.ones((4, 80))}
     ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
       helper.make_node("Add", ["g", "x"], ["y"], name="add")], _W,
      "ONNX node 'add' (Add): its input 'x' is neither constant nor from the head"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Reshape", ["g", "shape"], ["y"], name="split")],
+     {**_W, "shape": [-1, 2, 2]},
+     "ONNX node 'split' (Reshape): it changes the shape of the class scores"),
+    ([helper.make_node("Unsqueeze", ["f", "axes"], ["u"], name="unsq"),
+      helper.make_node("Reshape", ["u", "shape"], ["y"], name="fold")],
+     {"axes": [2], "shape": [-1, 5, 16]},
+     "ONNX node 'fold' (Reshape): it changes the shape of the flattened feature map"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Unsqueeze", ["g", "axes"], ["u"], name="unsq"),
+      helper.make_node("Softmax", ["u"], ["y"], name="sm", axis=1)], {**_W, "axes": [1]},
+     "ONNX node 'sm' (Softmax): it does not run over the class axis"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Unsqueeze", ["g", "axes"], ["u"], name="unsq"),
+      helper.make_node("BatchNormalization", ["u", "v", "v", "v", "v"], ["y"], name="bn")],
+     {**_W, "axes": [1], "v": np.ones(1)},
+     "ONNX node 'bn' (BatchNormalization): its channel axis 1 does not hold the class scores"),
+    ([helper.make_node("Gemm", ["f", "w"], ["g"], name="fc", transB=1),
+      helper.make_node("Mul", ["g", "s"], ["y"], name="mul")], {**_W, "s": np.ones((4, 1))},
+     ("ONNX node 'mul' (Mul): its constant 's' has shape (4, 1); nofc handles scalars and one "
+      "value per feature of the class scores")),
 ], ids=["map-per-feature-mul", "map-softmax", "map-batchnorm", "map-output", "bias-shape",
-        "feature-count", "softmax-axis", "clip-bounds", "add-body-tensor"])
+        "feature-count", "softmax-axis", "clip-bounds", "add-body-tensor", "scores-reshape",
+        "map-reshape", "softmax-axis-size-1", "batchnorm-axis-size-1", "per-class-column"])
 def test_head_node_without_map_form_is_refused(head, inits, message):
     assert _error(_head_graph(head, inits)) == message
 
@@ -561,4 +584,19 @@ def test_one_channel_map_moved_by_reshape_before_flatten():
     fcn = convert_onnx(original, (3, 9, 9))
     assert [n.op_type for n in fcn.graph.node] == ["Conv", "Conv"]
     x = np.random.default_rng(12).standard_normal((2, 3, 13, 11)).astype(np.float32)
+    assert _rel(_sliding(original, x, (3, 9, 9), stride=2), _run(fcn, x)) <= 1e-5
+
+
+def test_size_one_axes_around_matmul_become_identity():
+    """Flatten -> Unsqueeze to (N, 1, 80) -> MatMul + Add -> Squeeze: a 3D dense layer."""
+    rng = np.random.default_rng(13)
+    head = [helper.make_node("Unsqueeze", ["f", "axes"], ["u"], name="unsq"),
+            helper.make_node("MatMul", ["u", "w"], ["m"], name="fc"),
+            helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+            helper.make_node("Squeeze", ["a", "axes"], ["y"], name="sq")]
+    original = _head_graph(head, {"axes": [1], "w": rng.standard_normal((80, 4)),
+                                  "b": rng.standard_normal((1, 1, 4))})
+    fcn = convert_onnx(original, (3, 9, 9))
+    assert [n.op_type for n in fcn.graph.node] == ["Conv", "Identity", "Conv", "Identity"]
+    x = rng.standard_normal((2, 3, 13, 11)).astype(np.float32)
     assert _rel(_sliding(original, x, (3, 9, 9), stride=2), _run(fcn, x)) <= 1e-5

@@ -494,6 +494,7 @@ class _Planner:
         self.pooling = pooling
         self.plan = _Plan()
         self.taken = set(ix.names)
+        self.read_as: dict[str, str] = {}  # src -> the flattened tensor head nodes read it as
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -508,6 +509,10 @@ class _Planner:
         name = self.fresh(base)
         self.plan.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def shape(self, name: str) -> tuple | None:
+        """The graph's shape of a tensor a head node reads (src: the flattened one)."""
+        return self.ix.shape(self.read_as.get(name, name))
 
     def fail(self, node, why: str):
         raise NofcError(f"{_node_label(node)}: {why}")
@@ -614,6 +619,7 @@ class _Planner:
         """Plan every node downstream of the flatten; they then read ``src`` instead."""
         ix, plan = self.ix, self.plan
         plan.layouts[flat] = plan.layouts[src]
+        self.read_as[src] = flat
         if flat in ix.outputs:  # squeezenet: pool, flatten, done
             self.insert(_onnx().helper.make_node("Identity", [src], [flat],
                                                  name=self.fresh(flat + "_map")),
@@ -696,7 +702,9 @@ class _Planner:
             return None, None
         add = self.ix.nodes[users[0]]
         other = [i for i in add.input if i != out]
-        if add.op_type == "Add" and len(other) == 1 and other[0] in self.ix.consts:
+        rank = len(self.ix.shape(out) or (0, 0))
+        if add.op_type == "Add" and len(other) == 1 and other[0] in self.ix.consts and \
+                self.ix.consts[other[0]].ndim <= rank:  # broadcasting adds no axes
             return users[0], self.ix.consts[other[0]]
         return None, None
 
@@ -707,7 +715,7 @@ class _Planner:
         out = w.shape[0]
         if bias.size == 1:
             bias = np.full(out, bias.reshape(()), dtype=w.dtype)
-        elif bias.shape not in ((out,), (1, out)):
+        elif bias.size != out or bias.shape[-1] != out:  # (out,), (1, out), (1, 1, out)
             self.fail(n, f"its bias has shape {bias.shape}; nofc needs one value per output "
                          f"({out},)")
         return bias.reshape(out).astype(w.dtype)
@@ -770,7 +778,7 @@ class _Planner:
     def class_axes(self, name: str, layout: _Layout) -> tuple[tuple[int, ...], int]:
         """(the axes of tensor ``name`` that can hold its features, its rank) in the graph;
         a tensor of unknown shape counts as (N, features)."""
-        shape = self.ix.shape(name)
+        shape = self.shape(name)
         k = layout.k if isinstance(layout, _VectorLayout) else layout.c * layout.h * layout.w
         return (_feature_axes(shape, k), len(shape)) if shape else ((1,), 2)
 
@@ -794,7 +802,7 @@ class _Planner:
     def reshape(self, n, layout: _Layout) -> _Step:
         """A Reshape, Squeeze, Unsqueeze or Flatten that only adds or drops axes of size 1
         (torch.onnx writes them around Gemm) or keeps the shape: Identity."""
-        src, out = self.ix.shape(n.input[0]), self.ix.shape(n.output[0])
+        src, out = self.shape(n.input[0]), self.ix.shape(n.output[0])
         if src != out and not (src and out and src[0] == out[0] and
                                self.class_axes(n.input[0], layout)[0] and
                                self.class_axes(n.output[0], layout)[0]):
