@@ -36,12 +36,17 @@ def _deep_padding_free():
 NETS = {"lenet5": (LeNet5, (1, 32, 32), 4), "vgg_like": (_deep_padding_free, (3, 36, 36), 8)}
 
 
-@pytest.fixture(scope="module", params=sorted(NETS))
-def net(request):
-    torch.manual_seed(1)
-    make, size, stride = NETS[request.param]
+def converted(spec, seed: int):
+    """(float64 model, its conversion, input size, stride) for a (factory, size, stride)."""
+    torch.manual_seed(seed)
+    make, size, stride = spec
     model = make().double().eval()
     return model, nofc.convert(model, size), size, stride
+
+
+@pytest.fixture(scope="module", params=sorted(NETS))
+def net(request):
+    return converted(NETS[request.param], 1)
 
 
 def _crops_at(image, boxes):

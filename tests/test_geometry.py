@@ -131,3 +131,28 @@ def test_network_on_another_device():
     fcn = nofc.convert(LeNet5(), (1, 32, 32)).to("meta")
     geo = nofc.geometry(fcn, (1, 32, 32))
     assert geo.stride == (4, 4) and geo.exact
+
+
+def test_skip_path_cropped_by_slicing():
+    """Padding-free residual blocks crop the skip path (``x[:, :, 2:-2, 2:-2]``): a crop is
+    a window of one pixel with negative padding, not padding."""
+    from test_dilation import CroppedResidual
+
+    fcn = nofc.convert(CroppedResidual(), input_size=(3, 26, 26))
+    geo = nofc.geometry(fcn, input_size=(3, 26, 26))
+    assert geo.exact and geo.reasons == ()
+    assert geo.stride == (4, 4) and geo.receptive_field == (26, 26) and geo.rf_offset == (0, 0)
+    assert geo.output_shape((50, 31)) == (7, 2)
+
+
+def test_crop_that_depends_on_the_size_is_refused():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(x)[:, :, 0:4, 0:4]  # a fixed end: not a sliding window
+
+    with pytest.raises(NofcError, match="changes the map in a way nofc does not know"):
+        nofc.geometry(Head(), input_size=(1, 6, 6))

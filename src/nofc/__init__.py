@@ -12,6 +12,7 @@ torch.Size([1, 1000, 6, 6])
 from . import zoo
 from .conversion import convert
 from .dense import dense_predict, sliding_window_predict
+from .dilation import dilate
 from .errors import NofcError
 from .explanation import Explanation, explain
 from .export import export_onnx, export_program, to_torchscript
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     # convert, prove, apply, ship
     "convert", "verify", "explain", "geometry", "dense_predict", "sliding_window_predict",
+    "dilate",
     "tiled_predict", "to_torchscript", "export_program", "export_onnx", "convert_onnx",
     "verify_onnx",
     # the types they return

@@ -1,9 +1,11 @@
 """Dense prediction: one pass of the converted network over a whole image.
 
-``dense_predict`` runs the fully convolutional network once per image (or, for a step
-finer than the network stride, once per shift: shift-and-stitch) and returns a map with
-one cell per input window; ``sliding_window_predict`` is the crop-by-crop baseline on the
-original classifier that the map is checked against.
+``dense_predict`` runs the fully convolutional network once per image and returns a map
+with one cell per input window. For a step finer than the network stride it runs the
+dilated network (``nofc.dilation``: still one pass, in row bands when the image is large)
+or, where that is not exact, once per shift (shift-and-stitch).
+``sliding_window_predict`` is the crop-by-crop baseline on the original classifier that
+the map is checked against.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from tqdm import tqdm
 
 from ._fx import param_like
 from .conversion import as_fcn
+from .dilation import fine_pass
 from .errors import NofcError, check_input_size
 from .windows import Geometry, cached_geometry, parse_step
 
-__all__ = ["dense_predict", "sliding_window_predict"]
+__all__ = ["dense_predict", "sliding_window_predict", "BAND_BUDGET"]
+
+BAND_BUDGET = 2 << 30  # bytes of activations a dilated pass may hold; above, row bands
 
 
 def as_batch(image, channels: int) -> torch.Tensor:
@@ -73,6 +78,7 @@ def dense_predict(
     input_size,
     step=None,
     *,
+    method: str = "auto",
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -87,8 +93,16 @@ def dense_predict(
         input_size: ``(C, H, W)`` the classifier was trained on (the window).
         step: distance between neighbouring windows; ``None`` is the network stride
             (``nofc.geometry(fcn, input_size).stride``). A step that divides the stride
-            runs ``(stride/step)**2`` shifted passes and interleaves them
-            (shift-and-stitch).
+            needs ``method``.
+        method: how a step finer than the stride is computed. ``"dilate"``: one pass of
+            the dilated network (``nofc.dilate``), built once per step and kept on
+            ``fcn``; images whose activations would exceed ``nofc.dense.BAND_BUDGET``
+            bytes go through it in row bands, with the same result. ``"shift"``:
+            ``(stride/step)**2`` passes on shifted images, interleaved
+            (shift-and-stitch). ``"auto"`` (default): dilated where that equals
+            shift-and-stitch (no padding, no ceil_mode), else shift-and-stitch, saying
+            why in a one-line warning, once per network and step. A network that cannot
+            be dilated runs shift-and-stitch with such a warning.
         batch_size: images per forward pass (default: all).
         device, dtype: where and in which precision to run (default: the network's). The
             network is copied when they differ, never modified.
@@ -105,6 +119,8 @@ def dense_predict(
     torch.Size([1, 10, 9, 5])
     >>> nofc.dense_predict(fcn, torch.randn(2, 1, 64, 48), (1, 32, 32), step=2).shape
     torch.Size([2, 10, 17, 9])
+    >>> nofc.dense_predict(fcn, torch.randn(1, 64, 48), (1, 32, 32), 1, method="shift").shape
+    torch.Size([1, 10, 33, 17])
     """
     size = check_input_size(input_size)
     net = as_fcn(fcn, size)
@@ -112,8 +128,11 @@ def dense_predict(
     steps = geo.check_step(step)
     x = as_batch(image, size[0])
     geo.check_fits(x.shape[-2:])
+    fine = fine_pass(net, size, steps, method)
+    if fine is not None:
+        net = fine.net
     net, device, dtype = placed(net, device, dtype)
-    factors = geo.factors(steps)
+    factors = (1, 1) if fine is not None else geo.factors(steps)
     chunks = list(_chunks(x.shape[0], batch_size))
     outs = []
     passes = len(chunks) * factors[0] * factors[1]
@@ -121,7 +140,11 @@ def dense_predict(
                                desc="nofc", unit="pass") as bar:
         for sl in chunks:
             xb = x[sl].to(device=device, dtype=dtype)  # (b, C, H, W)
-            if factors == (1, 1):
+            if fine is not None:
+                outs.append(_dilated(net, fine.bytes_per_pixel, xb, size,
+                                     geo.output_shape(xb.shape[-2:], step=steps)))
+                bar.update()
+            elif factors == (1, 1):
                 outs.append(net(xb))
                 bar.update()
             else:
@@ -155,6 +178,26 @@ def _mark_nonfinite(out: torch.Tensor, x: torch.Tensor, geo: Geometry, steps) ->
                   f"{y0}, column {x0}); the {int(cells.sum())} map cells that see them are "
                   "set to NaN", stacklevel=3)
     return out.masked_fill(cells.to(out.device), float("nan"))
+
+
+def _dilated(net, bytes_per_pixel: float, x: torch.Tensor, size, hw) -> torch.Tensor:
+    """One pass of the dilated network, cropped to the ``hw`` cells shift-and-stitch has;
+    in row bands (exact, like tiles) when its activations would exceed ``BAND_BUDGET``."""
+    h, w = hw
+    geo = cached_geometry(net, size)  # stride == step
+    row_bytes = bytes_per_pixel * x.element_size() / 4 * x.shape[0] * x.shape[-1]
+    rows = int(BAND_BUDGET // max(row_bytes, 1) - geo.receptive_field[0]) // geo.stride[0]
+    if rows >= h:
+        return net(x)[..., :h, :w]
+    out = None
+    for a in range(0, h, max(1, rows)):
+        b = min(h, a + max(1, rows))
+        p0, p1, skip = geo.span(0, a, b, x.shape[-2])
+        part = net(x[..., p0:p1, :])[..., skip:skip + b - a, :w]  # (B, K, b - a, w)
+        if out is None:
+            out = part.new_empty((*part.shape[:2], h, w))
+        out[:, :, a:b] = part
+    return out
 
 
 def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch.Tensor:

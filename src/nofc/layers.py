@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FullConv2d", "conv_output_size"]
+from ._fx import pair
+
+__all__ = ["FullConv2d", "DilatedPool2d", "conv_output_size", "dilated_ceil_size"]
 
 
 def conv_output_size(n: int, kernel: int, stride: int = 1, pad_lo: int = 0, pad_hi: int = 0,
@@ -36,10 +38,10 @@ class FullConv2d(nn.Conv2d):
     """The Conv2d a flattened Linear becomes: a kernel as large as the feature map.
 
     Numerically an ordinary ``nn.Conv2d`` (same parameters, same state_dict). In eager mode
-    on the CPU it computes through unfold + matmul when the unfolded input stays under
-    ``unfold_budget`` bytes: for a 7x7x512 kernel over a small map that is about twice as
-    fast as oneDNN's direct convolution. Scripted, exported or compiled, it is plain
-    ``F.conv2d``.
+    on the CPU it computes through unfold + matmul (dilated too: ``nofc.dilate``) when the
+    unfolded input stays under ``unfold_budget`` bytes: for a 7x7x512 kernel over a small
+    map that is about twice as fast as oneDNN's direct convolution. Scripted, exported or
+    compiled, it is plain ``F.conv2d``.
 
     >>> conv = FullConv2d(4, 3, (2, 2))
     >>> conv(torch.randn(1, 4, 5, 5)).shape
@@ -55,13 +57,14 @@ class FullConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
     def _map_size(self, x) -> tuple[int, int]:
-        return (conv_output_size(x.shape[2], self.kernel_size[0], self.stride[0]),
-                conv_output_size(x.shape[3], self.kernel_size[1], self.stride[1]))
+        return tuple(conv_output_size(x.shape[2 + a], self.kernel_size[a], self.stride[a],
+                                      self.padding[a], self.padding[a], self.dilation[a])
+                     for a in (0, 1))  # type: ignore[return-value]
 
     def _unfold_ok(self, x) -> bool:
         if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dim() != 4:
             return False
-        if self.padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1:
+        if isinstance(self.padding, str) or self.padding_mode != "zeros" or self.groups != 1:
             return False
         kh, kw = self.kernel_size
         oh, ow = self._map_size(x)
@@ -70,8 +73,89 @@ class FullConv2d(nn.Conv2d):
 
     def _unfold_forward(self, x):
         oh, ow = self._map_size(x)
-        cols = F.unfold(x, self.kernel_size, stride=self.stride)  # (B, C*kh*kw, oh*ow)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding,
+                        self.stride)  # (B, C*kh*kw, oh*ow)
         out = self.weight.flatten(1) @ cols  # (B, O, oh*ow)
         if self.bias is not None:
             out = out + self.bias[:, None]
         return out.view(x.shape[0], self.out_channels, oh, ow)
+
+
+def dilated_ceil_size(n: int, stride: int, pad: int, slack: int) -> int:
+    """Cells of a dilated ``ceil_mode`` pooling: every window that starts before the end
+    of the input, counted ``slack`` longer (see :class:`DilatedPool2d`).
+
+    >>> dilated_ceil_size(10, 1, 0, 1), dilated_ceil_size(10, 2, 1, 0)
+    (11, 6)
+    """
+    return max(0, -(-(n + slack + pad) // stride))
+
+
+class DilatedPool2d(nn.Module):
+    """Average or max pooling over a dilated window, as the dilated network needs it.
+
+    ``"avg"``: PyTorch's ``AvgPool2d`` has no ``dilation``. A depthwise convolution with a
+    uniform kernel, divided by the number of taps inside the (padded) input, so that
+    ``count_include_pad`` and ``divisor_override`` mean what they mean there. ``"max"``:
+    ``max_pool2d`` on an input padded with ``-inf`` (PyTorch allows no padding above half
+    the undilated kernel).
+
+    ``ceil_mode`` is that of the interleaved maps: a map dilated by ``r`` holds ``r`` maps
+    of the original network, each with its own partial windows at its end. Every window
+    that starts before the end of the input, counted ``ceil_slack`` (``r - 1``) longer,
+    gives a cell (:func:`dilated_ceil_size`); a few more cells than any one map has, which
+    later layers crop. Taps beyond the input are left out, as in each original map.
+
+    >>> pool = DilatedPool2d("avg", 2, 1, 0, 2)
+    >>> pool(torch.arange(16.).view(1, 1, 4, 4))
+    tensor([[[[ 5.,  6.],
+              [ 9., 10.]]]])
+    """
+
+    def __init__(self, kind: str, kernel_size, stride=1, padding=0, dilation=1,
+                 ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override: int | None = None, ceil_slack=0):
+        super().__init__()
+        self.kind = kind
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
+        self.divisor_override = divisor_override
+        self.ceil_slack = pair(ceil_slack)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind!r}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, ceil_mode={self.ceil_mode}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        H, W = x.shape[-2], x.shape[-1]
+        oh, eh = self._out(H, 0)
+        ow, ew = self._out(W, 1)
+        pads = (pw, pw + ew, ph, ph + eh)
+        if self.kind == "max":
+            return F.max_pool2d(F.pad(x, pads, value=float("-inf")), self.kernel_size,
+                                self.stride, 0, self.dilation)[..., :oh, :ow]
+        ones = torch.ones(x.shape[1], 1, kh, kw, dtype=x.dtype, device=x.device)
+        total = F.conv2d(F.pad(x, pads), ones, None, self.stride, 0, self.dilation,
+                         x.shape[1])[..., :oh, :ow]
+        if self.divisor_override is not None:
+            return total / self.divisor_override
+        if not self.ceil_mode and (self.count_include_pad or (ph == 0 and pw == 0)):
+            return total / (kh * kw)
+        # count the taps inside the image (and inside the padding with count_include_pad)
+        inside = torch.ones(1, 1, H, W, dtype=x.dtype, device=x.device)
+        if self.count_include_pad:
+            inside = F.pad(inside, (pw, pw, ph, ph), value=1.0)
+            pads = (0, ew, 0, eh)
+        count = F.conv2d(F.pad(inside, pads), ones[:1], None, self.stride, 0, self.dilation)
+        return total / count[..., :oh, :ow]
+
+    def _out(self, n: int, a: int) -> tuple[int, int]:
+        """Cells along axis ``a`` and the end padding beyond ``padding`` they need."""
+        k, s, p, d = self.kernel_size[a], self.stride[a], self.padding[a], self.dilation[a]
+        if self.ceil_mode:
+            out = dilated_ceil_size(n, s, p, self.ceil_slack[a])
+        else:
+            out = conv_output_size(n, k, s, p, p, d)
+        return out, max(0, (out - 1) * s + d * (k - 1) + 1 - n - 2 * p)

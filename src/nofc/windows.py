@@ -28,7 +28,8 @@ take ``step=`` (default: the stride).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from ._fx import (
     trace,
 )
 from .errors import NofcError, check_input_size, first_line
-from .layers import conv_output_size
+from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size
 
 __all__ = ["geometry", "Geometry", "parse_step"]
 
@@ -63,14 +64,19 @@ class _Layer:
     pad_hi: tuple[int, int]
     dilation: tuple[int, int] = (1, 1)
     ceil_mode: bool = False
+    ceil_slack: tuple[int, int] | None = None  # DilatedPool2d's ceil_mode rule
 
     def out_size(self, n: int, axis: int) -> int:
+        if self.ceil_mode and self.ceil_slack is not None:
+            return dilated_ceil_size(n, self.stride[axis], self.pad_lo[axis],
+                                     self.ceil_slack[axis])
         return conv_output_size(n, self.kernel[axis], self.stride[axis], self.pad_lo[axis],
                                 self.pad_hi[axis], self.dilation[axis], self.ceil_mode)
 
     @property
     def padded(self) -> bool:
-        return any(self.pad_lo) or any(self.pad_hi)
+        """Padding adds pixels; a crop (``x[:, :, 1:-1]``: negative padding) does not."""
+        return max(*self.pad_lo, *self.pad_hi) > 0
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,32 @@ class Geometry:
         return (cx0 - tx / 2, cx0 + (w - 1) * tx + tx / 2,
                 cy0 + (h - 1) * ty + ty / 2, cy0 - ty / 2)
 
+    def span(self, axis: int, a: int, b: int, n: int, *, step=None) -> tuple[int, int, int]:
+        """Input pixels ``[p0, p1)`` along ``axis`` (0: rows, 1: columns) from which the map
+        cells ``a..b-1`` at ``step`` are computed exactly, in an image ``n`` pixels long,
+        and the index of cell ``a`` in the map of that span (``skip``).
+
+        ``p0`` is a multiple of the stride, so every layer's grid lines up with the whole
+        image's; the span reaches as far as the receptive field of cell ``b - 1`` (clipped
+        to the image, where the network's own padding takes over as on the whole image).
+        With a step finer than the stride (shift-and-stitch) it keeps ``stride - step``
+        more pixels before and a stride more after, for the shifted passes.
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> geo.span(0, 8, 16, 100), geo.span(0, 8, 16, 100, step=2)
+        ((32, 92, 0), (12, 66, 2))
+        """
+        stride, step_ = self.stride[axis], self.check_step(step)[axis]
+        fine = stride // step_
+        first = a * step_ + self.rf_offset[axis]  # field start of fine cell a
+        last = (b - 1) * step_ + self.rf_offset[axis] + self.receptive_field[axis]
+        if fine > 1:
+            first -= stride - step_
+            last += stride
+        p0 = max(0, (first // stride) * stride)
+        return p0, min(n, last), a - (p0 // stride) * fine
+
     def min_size(self) -> tuple[int, int]:
         """The smallest ``(H, W)`` with at least one map cell."""
         return tuple(self.offset[a] + self.window[a] for a in (0, 1))  # type: ignore[return-value]
@@ -292,6 +324,43 @@ def _pad_layer(left, right, top, bottom) -> _Layer:
     return _Layer((1, 1), (1, 1), (top, left), (bottom, right))
 
 
+def spatial_slices(index) -> tuple[slice, slice] | None:
+    """The (rows, columns) slices of ``x[index]`` on a 4D map when ``index`` keeps batch and
+    channels whole and crops each spatial axis by a fixed amount at either end (start >= 0,
+    stop None or negative, step >= 1): a crop that does not depend on the image size.
+
+    >>> spatial_slices((slice(None), slice(None), slice(1, -1), slice(1, -1)))
+    (slice(1, -1, None), slice(1, -1, None))
+    >>> spatial_slices((Ellipsis, slice(2, None, 2))), spatial_slices((slice(0, 5),))
+    ((slice(None, None, None), slice(2, None, 2)), None)
+    """
+    if not isinstance(index, tuple):
+        index = (index,)
+    if index.count(Ellipsis) == 1:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (5 - len(index)) + index[at + 1:]
+    index = index + (slice(None),) * (4 - len(index))
+    if len(index) != 4 or not all(isinstance(i, slice) for i in index):
+        return None
+    if index[0] != slice(None) or index[1] != slice(None):
+        return None
+    for sl in index[2:]:
+        if not all(v is None or isinstance(v, int) for v in (sl.start, sl.stop, sl.step)):
+            return None
+        if (sl.start or 0) < 0 or (sl.stop is not None and sl.stop > 0) or (sl.step or 1) < 1:
+            return None
+    return index[2], index[3]
+
+
+def _slice_layer(index) -> _Layer | None:
+    """A fixed crop ``x[:, :, a:-b:s]``: a 1x1 window with negative padding and stride s."""
+    sl = spatial_slices(index)
+    if sl is None:
+        return None
+    return _Layer((1, 1), tuple(s.step or 1 for s in sl), tuple(-(s.start or 0) for s in sl),
+                  tuple(s.stop or 0 for s in sl))
+
+
 _PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
 
 
@@ -302,6 +371,9 @@ def _module_layer(m: nn.Module) -> _Layer | None:
         return _pool_layer(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     if isinstance(m, nn.AvgPool2d):
         return _pool_layer(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode)
+    if isinstance(m, DilatedPool2d):
+        layer = _pool_layer(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        return replace(layer, ceil_slack=m.ceil_slack)
     if isinstance(m, _PAD_MODULES):
         return _pad_layer(*m.padding)
     return None
@@ -327,6 +399,8 @@ def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
             return None
         return _pool_layer(a["kernel_size"], a.get("stride"), a.get("padding", 0), 1,
                            a.get("ceil_mode", False))
+    if n.target is operator.getitem:
+        return _slice_layer(n.args[1] if len(n.args) > 1 else None)
     if n.target is F.pad:
         pad = tuple(bind(F.pad, n).get("pad", ()))
         if len(pad) in (2, 4):
@@ -392,10 +466,13 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     size = check_input_size(input_size)
     gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
     record = getattr(fcn, "_nofc_record", None)
-    sizes, probes = _probe_sizes(gm, size)
+    dilated = getattr(fcn, "_nofc_dilation", None)
+    # a dilated network may have no cell at the window size itself (ceil_mode pooling):
+    # probe it a stride of the original network larger
+    sizes, probes = _probe_sizes(gm, size, dilated.stride if dilated else (0, 0))
     walk = _Walk(gm, probes, set(getattr(record, "global_context", []) or []))
     walk.run()
-    geo = walk.result(size)
+    geo = walk.result(size, dilated=dilated is not None)
     for hw, p in zip(sizes, probes):
         got = walk.spatial(p, walk.out_name)
         if got != geo.output_shape(hw):
@@ -412,10 +489,11 @@ def cached_geometry(fcn: nn.Module, size) -> Geometry:
     return cache[size]
 
 
-def _probe_sizes(gm: fx.GraphModule, size) -> tuple[list, list]:
-    """Shapes of every node at the reference size and at two larger sizes the map must
-    follow (odd ones, so that a layer that needs even sizes shows itself)."""
-    sizes = [size[1:], (2 * size[1] + 3, 2 * size[2] + 5), (3 * size[1] + 1, 3 * size[2])]
+def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list]:
+    """Shapes of every node at the reference size (plus ``extra``) and at two larger sizes
+    the map must follow (odd ones, so that a layer that needs even sizes shows itself)."""
+    sizes = [(size[1] + extra[0], size[2] + extra[1]), (2 * size[1] + 3, 2 * size[2] + 5),
+             (3 * size[1] + 1, 3 * size[2])]
     probes = []
     for hw in sizes:
         try:
@@ -531,11 +609,12 @@ class _Walk:
         self.nodes.append((n.name, "merge" if len(spatial_maps) > 1 else "same",
                            tuple(a.name for a in spatial_maps), None))
 
-    def result(self, size) -> Geometry:
-        """The Geometry of the output, once the map is 1 x 1 at the reference size."""
+    def result(self, size, dilated: bool = False) -> Geometry:
+        """The Geometry of the output, once the map is 1 x 1 at the reference size (at
+        least 1 x 1 for a dilated network, whose padding can give more cells there)."""
         final = self.axes[self.out_name]
         ref = self.spatial(self.probes[0], self.out_name)
-        if ref != (1, 1):
+        if ref != (1, 1) and not (dilated and ref is not None and min(ref) >= 1):
             raise NofcError(f"the map at the reference size {size[1]}x{size[2]} is {ref}, not "
                             f"1x1: is input_size={size} the size the classifier was converted "
                             "for?")
