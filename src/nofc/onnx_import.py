@@ -756,7 +756,8 @@ class _Planner:
                 self.fail(n, f"its input '{name}' is neither constant nor from the head")
             if c.size == 1 or (n.op_type == "PRelu" and vector and c.shape == (layout.k, 1, 1)):
                 continue
-            if not vector or not self.per_class(c, n.input[0 if i else 1], layout):
+            head = next(t for t in n.input if t in self.plan.layouts)
+            if not vector or not self.per_class(c, head, layout):
                 self.fail(n, f"its constant '{name}' has shape {c.shape}; nofc handles "
                              "scalars and one value per feature of the class scores")
             n.input[i] = self.const(f"{name}_per_channel", c.reshape(layout.k, 1, 1))
@@ -803,9 +804,9 @@ class _Planner:
         """A Reshape, Squeeze, Unsqueeze or Flatten that only adds or drops axes of size 1
         (torch.onnx writes them around Gemm) or keeps the shape: Identity."""
         src, out = self.shape(n.input[0]), self.ix.shape(n.output[0])
-        if src != out and not (src and out and src[0] == out[0] and
-                               self.class_axes(n.input[0], layout)[0] and
-                               self.class_axes(n.output[0], layout)[0]):
+        if src is None or out is None or src != out and not (
+                src[0] == out[0] and self.class_axes(n.input[0], layout)[0] and
+                self.class_axes(n.output[0], layout)[0]):
             what = "class scores" if isinstance(layout, _VectorLayout) else \
                 "flattened feature map"
             self.fail(n, f"it changes the shape of the {what}")
