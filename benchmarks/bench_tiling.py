@@ -5,6 +5,7 @@ Every figure is measured in this run, side by side:
     python benchmarks/bench_tiling.py throughput   # tiled / single-pass dense rate
     python benchmarks/bench_tiling.py rss --model resnet18 --sizes 2000 5000 10000 20000
     python benchmarks/bench_tiling.py dask         # 1 vs 2 single-threaded workers
+    python benchmarks/bench_tiling.py faults       # kill 1 of 2 workers at 25/50/75%
     python benchmarks/bench_tiling.py all
 
 Peak RSS is measured in a fresh subprocess per run (ru_maxrss), reading a tiled TIFF
@@ -190,9 +191,85 @@ def dask_scaling(args) -> list[dict]:
              "workers_2_s": round(times[2], 2), "efficiency": round(eff, 3)}]
 
 
+def faults(args) -> list[dict]:
+    """Kill one of 2 workers (SIGKILL; its nanny starts a replacement) at 25, 50 and 75%
+    of a run; extra time against the undisturbed run, blocks recomputed, maps equal."""
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from nofc.tiling import plan_tiles
+
+    class Watch(SchedulerPlugin):
+        """How often tasks were sent to a worker, and when workers joined (the
+        LocalCluster's scheduler runs in this process)."""
+
+        def __init__(self):
+            self.sent, self.joined = 0, []
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            self.sent += finish == "processing"
+
+        def add_worker(self, scheduler=None, worker=None):
+            self.joined.append(time.perf_counter())
+
+    model, size = _model(args.faults_model)
+    fcn = nofc.convert(model, input_size=size)
+    side, tile = args.faults_side, args.faults_tile
+    img = np.random.default_rng(0).random((size[0], side, side), dtype=np.float32)
+    n = len(plan_tiles(nofc.geometry(fcn, size), (side, side), tile=tile)[0])
+    rows = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        watch = Watch()
+        cluster.scheduler.add_plugin(watch, name="bench-watch")
+
+        def run():
+            watch.sent, watch.joined[:] = 0, []
+            t = time.perf_counter()
+            out = nofc.tiled_predict(fcn, img, input_size=size, tile=tile, backend="dask",
+                                     scheduler=cluster.scheduler_address, progress=False)
+            return out, time.perf_counter() - t
+
+        run()  # warm-up
+        ref, base = run()
+        print(f"faults {args.faults_model} {side}x{side} tile {tile}: {n} blocks on 2 "
+              f"workers, undisturbed {base:.1f}s", flush=True)
+        for frac in (0.25, 0.5, 0.75):
+            client.wait_for_workers(2)
+            victim, lost = {}, []
+
+            def kill():
+                addr, pid = sorted(client.run(os.getpid).items())[0]
+                ws = cluster.scheduler.workers.get(addr)
+                # running or finished but not yet collected: what dies with the worker
+                lost.append(len(ws.processing) + len(ws.has_what) if ws else 0)
+                victim["at"] = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+
+            timer = threading.Timer(frac * base, kill)
+            timer.start()
+            got, secs = run()
+            timer.join()
+            joined = [t - victim["at"] for t in watch.joined if t > victim["at"]]
+            equal = bool(np.array_equal(got, ref))
+            row = {"model": args.faults_model, "image": f"{side}x{side}", "blocks": n,
+                   "kill_at": frac, "undisturbed_s": round(base, 2), "run_s": round(secs, 2),
+                   "extra": round(secs / base - 1, 3), "in_flight_lost": lost[0],
+                   "recomputed": watch.sent - n, "replacement_after_s":
+                       round(joined[0], 1) if joined else None, "maps_equal": equal}
+            rows.append(row)
+            print(f"  kill at {frac:.0%}: {secs:.1f}s ({row['extra']:+.1%}), in flight on the "
+                  f"lost worker {lost[0]}, recomputed {row['recomputed']}, replacement after "
+                  f"{row['replacement_after_s']}s, maps equal: {equal}", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["throughput", "rss", "dask", "all"])
+    p.add_argument("what", choices=["throughput", "rss", "dask", "faults", "all"])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
     p.add_argument("--tile", type=int, default=1024)
@@ -200,6 +277,9 @@ def main(argv=None):
     p.add_argument("--dask-model", default="resnet18")
     p.add_argument("--dask-side", type=int, default=1536)
     p.add_argument("--dask-tile", type=int, default=256)
+    p.add_argument("--faults-model", default="digits")
+    p.add_argument("--faults-side", type=int, default=4096)
+    p.add_argument("--faults-tile", type=int, default=512)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tmp", default=None, help="folder for the temporary TIFF and zarr map")
     p.add_argument("--json", help="also write the rows here")
@@ -212,6 +292,8 @@ def main(argv=None):
         rows += rss(args)
     if args.what in ("dask", "all"):
         rows += dask_scaling(args)
+    if args.what in ("faults", "all"):
+        rows += faults(args)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1))
 

@@ -191,6 +191,9 @@ def _add_heatmap(sub) -> None:
                      help="run the tiles on a Dask cluster, e.g. tcp://host:8786")
     big.add_argument("--workers", type=int, metavar="N",
                      help="run the tiles on a local Dask cluster of N worker processes")
+    big.add_argument("--skip-bad-tiles", action="store_true",
+                     help="leave the map NaN where the image cannot be read (corrupt or "
+                          "truncated TIFF tiles) and go on; listed in the --out store")
 
 
 def _cmd_heatmap(args) -> int:
@@ -201,7 +204,7 @@ def _cmd_heatmap(args) -> int:
                    top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
                    std=args.std, labels_file=args.labels, device=args.device, force=args.force,
                    tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers,
-                   verify=args.verify)
+                   verify=args.verify, skip_bad_tiles=args.skip_bad_tiles)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "

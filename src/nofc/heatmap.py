@@ -67,6 +67,7 @@ def heatmap(
     scheduler: str | None = None,
     workers: int | None = None,
     verify: bool = False,
+    skip_bad_tiles: bool = False,
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
 
@@ -81,6 +82,8 @@ def heatmap(
     With ``verify``, the original classifier also runs crop by crop (float32, at the
     network stride) and ``info["verify"]`` is ``nofc.verify``'s report of the measured
     difference between the map and the crops (whole images only).
+    With ``skip_bad_tiles`` the image is read by region (tiled) and blocks whose region
+    cannot be read (a corrupt or truncated TIFF tile) are left NaN, with one warning.
     Returns a summary (classes drawn, map shape, geometry).
     """
     _check_outputs(output, scores_path, force=force)
@@ -88,10 +91,11 @@ def heatmap(
         raise NofcError(f"--top must be at least 1, got {top}")
     size = tuple(input_size)
     if tile is not None or out is not None or scheduler is not None or workers is not None \
-            or _pixels(image_path) > TILE_ABOVE:
+            or skip_bad_tiles or _pixels(image_path) > TILE_ABOVE:
         computed = _tiled_map(model, image_path, size, spec=spec, step=step, mean=mean,
                               std=std, device=device, progress=progress, tile=tile or 2048,
-                              out=out, scheduler=scheduler, workers=workers)
+                              out=out, scheduler=scheduler, workers=workers,
+                              on_error="skip" if skip_bad_tiles else "raise")
     else:
         computed = _whole_map(model, image_path, size, spec=spec, step=step, mean=mean,
                               std=std, device=device, progress=progress, verify=verify)
@@ -138,7 +142,7 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
 
 
 def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progress, tile, out,
-               scheduler, workers) -> _Map:
+               scheduler, workers, on_error="raise") -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, or on Dask)."""
     from .images import image_layout, open_image_array, spatial_shape
     from .tiling import tiled_predict
@@ -155,10 +159,11 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
     scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
                            step=None if steps == geo.stride else steps, layout=layout,
                            mean=mean, std=std, scheduler=scheduler, workers=workers,
-                           device=device, progress=progress)
+                           device=device, progress=progress, on_error=on_error)
     h, w = scores.shape[1:]
     info = _info(geo, steps, (size[0], H, W), (h, w), mean, std, tile=tile)
-    return _Map(scores, geo, steps, _thumbnail(src, layout, (H, W)), (size[0], H, W), info,
+    picture = _thumbnail(src, layout, (H, W), skip_bad=on_error == "skip")
+    return _Map(scores, geo, steps, picture, (size[0], H, W), info,
                 every=_every((h, w)))
 
 
@@ -255,13 +260,39 @@ def _every(map_shape) -> int:
     return max(1, -(-max(map_shape) // _THUMB))
 
 
-def _thumbnail(src, layout: str, hw) -> np.ndarray:
-    """``(C, h, w)`` float image in [0, 1], every f-th pixel, for drawing under the map."""
-    from .images import default_scale, read_region
+def _thumbnail(src, layout: str, hw, skip_bad: bool = False) -> np.ndarray:
+    """``(C, h, w)`` float image in [0, 1], every f-th pixel, for drawing under the map;
+    with ``skip_bad``, parts that cannot be read are drawn black."""
+    from .images import BadRegion, default_scale, read_region
 
     f = _every(hw)
-    region = read_region(src, layout, slice(None, None, f), slice(None, None, f))
+    try:
+        region = read_region(src, layout, slice(None, None, f), slice(None, None, f))
+    except BadRegion:
+        if not skip_bad:
+            raise
+        region = _readable_parts(src, layout, hw, f)
     return (region.astype(np.float32) * default_scale(region.dtype)).clip(0, 1)
+
+
+def _readable_parts(src, layout: str, hw, f: int, part: int = 128) -> np.ndarray:
+    """The thumbnail read part by part, zero where a part cannot be read."""
+    from .images import BadRegion, read_region
+
+    part *= f
+    parts = []
+    for y in range(0, hw[0], part):
+        row = []
+        for x in range(0, hw[1], part):
+            rows, cols = slice(y, min(y + part, hw[0]), f), slice(x, min(x + part, hw[1]), f)
+            try:
+                row.append(read_region(src, layout, rows, cols))
+            except BadRegion:
+                c = 1 if layout == "hw" else src.shape[0 if layout == "chw" else 2]
+                row.append(np.zeros((c, len(range(*rows.indices(hw[0]))),
+                                     len(range(*cols.indices(hw[1])))), src.dtype))
+        parts.append(np.concatenate(row, axis=2))
+    return np.concatenate(parts, axis=1)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -27,7 +27,8 @@ import torch
 
 from .errors import NofcError, first_line
 
-__all__ = ["load_image", "normalize", "open_image_array", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["load_image", "normalize", "open_image_array", "BadRegion", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -281,19 +282,54 @@ def spatial_shape(shape, layout: str) -> tuple[int, int]:
     return (shape[1], shape[2]) if layout == "chw" else (shape[0], shape[1])
 
 
+class BadRegion(NofcError):
+    """A region of the image cannot be read (a corrupt or truncated tile): the message
+    names the file and the pixels. Reading it again gives the same error, so tiling does
+    not retry it; with ``on_error="skip"`` its blocks are left NaN instead."""
+
+
 def read_region(src, layout: str, rows: slice, cols: slice) -> np.ndarray:
     """The pixels ``[rows, cols]`` of a source as a ``(C, h, w)`` array, as stored.
+
+    A region that cannot be decoded raises :class:`BadRegion`, one line naming the source
+    and the pixels; an ``OSError`` (a file that vanished, a network read that was cut) is
+    left as it is, for the caller to retry.
 
     >>> read_region(np.zeros((40, 50, 3)), "hwc", slice(0, 10), slice(0, 50, 5)).shape
     (3, 10, 10)
     """
-    region = src[:, rows, cols] if layout == "chw" else src[rows, cols]
-    region = np.asarray(region.compute() if hasattr(region, "compute") else region)
+    try:
+        region = src[:, rows, cols] if layout == "chw" else src[rows, cols]
+        region = np.asarray(region.compute() if hasattr(region, "compute") else region)
+    except (NofcError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoders raise anything (zlib.error, ...)
+        raise BadRegion(f"cannot read {_source_name(src)} at {_pixels(rows, cols)}: "
+                        f"{first_line(exc)}") from None
     if layout == "hw":
         return region[None]
     if layout == "hwc":
         return np.moveaxis(region, -1, 0)
     return region
+
+
+def _source_name(src) -> str:
+    """``TIFF scan.tif`` for a file source, else the array's type."""
+    path = getattr(src, "path", None)
+    return f"TIFF {path}" if path else f"the {type(src).__name__} image"
+
+
+def _pixels(rows: slice, cols: slice) -> str:
+    """``rows 0..64, columns 32..96`` (ends exclusive), with the step when there is one.
+
+    >>> _pixels(slice(0, 64), slice(None, None, 4))
+    'rows 0..64, columns 0..end step 4'
+    """
+    def part(name, s):
+        text = f"{name} {s.start or 0}..{'end' if s.stop is None else s.stop}"
+        return text + (f" step {s.step}" if s.step not in (None, 1) else "")
+
+    return f"{part('rows', rows)}, {part('columns', cols)}"
 
 
 def default_scale(dtype) -> float:

@@ -1,14 +1,16 @@
 """Where the blocks of a tiled map go: memory or a zarr store.
 
 A sink is the model of MONAI's ``Merger``: tiling hands it each finished block with
-``aggregate`` and asks for the result with ``finalize``; it never asks what kind of sink
-it writes to. ``done`` holds the blocks a sink already has (a store written by a killed
-run), so that a run started again computes only the others.
+``aggregate`` (or, for a block whose image region cannot be read, ``skip``) and asks for
+the result with ``finalize``; it never asks what kind of sink it writes to. ``done``
+holds the blocks a sink already has (a store written by a killed run), so that a run
+started again computes only the others. A sink is a context manager: a store is locked
+against a second writer while it is open.
 
 >>> import numpy as np
 >>> from types import SimpleNamespace as Block
->>> sink = open_sink(None, (2, 3, 4), np.float32)
->>> sink.aggregate(Block(index=(0, 1), out=(0, 3, 2, 4)), np.ones((2, 3, 2), np.float32))
+>>> with open_sink(None, (2, 3, 4), np.float32) as sink:
+...     sink.aggregate(Block(index=(0, 1), out=(0, 3, 2, 4)), np.ones((2, 3, 2), np.float32))
 >>> sink.finalize()[0, 0].tolist(), sink.done, sink.nan_cells
 ([0.0, 0.0, 1.0, 1.0], {(0, 1)}, 0)
 """
@@ -17,16 +19,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from .errors import NofcError
+from .errors import NofcError, first_line
 
 __all__ = ["Sink", "MemorySink", "ZarrSink", "open_sink"]
 
 _DONE_DIR = ".nofc_done"  # one empty file per finished chunk, written after the chunk
+_LOCK = ".nofc_lock"  # {"pid", "host", "started"} of the run writing the store
+_OWN = {_DONE_DIR, _LOCK}  # what a store folder holds before its array is made
+_HELD: dict[str, int] = {}  # locks this process holds, and how many of its sinks share each
 
 
 class Sink:
@@ -38,20 +46,53 @@ class Sink:
     Attributes:
         done: indices of the blocks the sink holds (from an earlier run, or aggregated).
         nan_cells: map cells written NaN so far (cells that saw NaN or Inf pixels).
+        bad: ``{index: why}`` for the blocks left NaN because their region was unreadable.
+        blocks: how many blocks the whole map has (for messages), when known.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: int | None = None) -> None:
         self.done: set[tuple[int, int]] = set()
         self.nan_cells = 0
+        self.bad: dict[tuple[int, int], str] = {}
+        self.blocks = blocks
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def aggregate(self, tile, block: np.ndarray) -> None:
         """Take the finished ``(K, b - a, d - c)`` block of ``tile``."""
-        self.nan_cells += int(np.isnan(block).any(0).sum())
         self._write(tile, block)
+        self.nan_cells += int(np.isnan(block).any(0).sum())
         self.done.add(tile.index)
+        if self.bad.pop(tile.index, None) is not None:
+            self._bad_changed()
+
+    def skip(self, tile, why: str) -> None:
+        """Leave the block of ``tile`` NaN (its image region is unreadable) and record
+        ``why``; it is not ``done``, so a later run tries it again."""
+        a, b, c, d = tile.out
+        self._cells(tile, np.full((self.shape[0], b - a, d - c), np.nan, self.dtype))
+        self.bad[tile.index] = why
+        self._bad_changed()
+
+    def resume_note(self) -> str:
+        """What a run that stops now leaves behind, for the message that stops it."""
+        return "nothing was kept (out= a zarr store keeps finished blocks for a rerun)"
 
     def _write(self, tile, block: np.ndarray) -> None:
+        self._cells(tile, block)
+
+    def _cells(self, tile, block: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _bad_changed(self) -> None:
+        """Persist ``bad`` (stores keep it in their attributes)."""
+
+    def close(self) -> None:
+        """Let go of the output (a store's lock); the map stays readable."""
 
     def finalize(self):
         """The map, once every block is in."""
@@ -61,11 +102,12 @@ class Sink:
 class MemorySink(Sink):
     """The map as a numpy array, for images whose map fits in memory."""
 
-    def __init__(self, shape: tuple[int, int, int], dtype):
-        super().__init__()
+    def __init__(self, shape: tuple[int, int, int], dtype, blocks: int | None = None):
+        super().__init__(blocks)
         self.array = np.zeros(shape, dtype=dtype)
+        self.shape, self.dtype = self.array.shape, self.array.dtype
 
-    def _write(self, tile, block):
+    def _cells(self, tile, block):
         a, b, c, d = tile.out
         self.array[:, a:b, c:d] = block
 
@@ -77,38 +119,75 @@ class ZarrSink(Sink):
     """The map in a zarr store, a chunk per block, written as blocks finish.
 
     The store's ``nofc`` attribute records the run's ``arguments``, their fingerprint,
-    the geometry, the nofc version and the caller's ``metadata``. After each chunk an
-    empty marker file ``.nofc_done/BY_BX`` is written, so that a killed run resumes; a
-    store written for other arguments is refused rather than mixed.
+    the geometry, the nofc version, the caller's ``metadata`` and the ``bad_blocks`` left
+    NaN. After each chunk an empty marker file ``.nofc_done/BY_BX`` is written, so that a
+    killed run resumes; a store written for other arguments is refused rather than mixed.
+    While open, the store holds a lock file ``.nofc_lock`` (process id and host): a second
+    run on the same store is refused, and the lock of a run that died on this host is
+    taken over. A write that fails (disk full) stops the run with one line; every block
+    finished before it is kept.
     """
 
-    def __init__(self, path, shape, dtype, *, chunks, geo, arguments: dict, metadata=None):
-        super().__init__()
+    def __init__(self, path, shape, dtype, *, chunks, geo, arguments: dict, metadata=None,
+                 blocks: int | None = None):
+        super().__init__(blocks)
         try:
             import zarr
         except ImportError:  # pragma: no cover
             raise NofcError("out= needs zarr: pip install 'nofc[scale]'") from None
         self.path, self.name = Path(path), str(path)  # the name as given, for messages
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         fingerprint = _fingerprint(arguments)
+        self._folder()
+        self.lock = _StoreLock(self.path / _LOCK, self.name)
+        try:  # under the lock: whether the array exists cannot change any more
+            if {p.name for p in self.path.iterdir()} <= _OWN:
+                self.array = self._create(zarr, chunks, fingerprint, arguments, geo, metadata)
+            else:
+                self.array = self._reopen(zarr, fingerprint, arguments)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _folder(self) -> None:
+        """Check the path and make the store's folder (the array is made under the lock)."""
+        out = self.name
         if self.path.exists():
-            self.array = self._reopen(zarr, fingerprint, arguments)
+            if not self.path.is_dir():
+                raise NofcError(f"{out} exists and is not a nofc zarr map; choose another "
+                                "--out or remove it")
             return
         if not self.path.parent.exists():
-            raise NofcError(f"cannot write {self.name}: folder {self.path.parent} does not "
-                            "exist")
+            raise NofcError(f"cannot write {out}: folder {self.path.parent} does not exist")
+        try:
+            self.path.mkdir()
+        except FileExistsError:  # another run made it just now: the lock decides
+            pass
+        except OSError as exc:
+            raise NofcError(f"cannot write {out}: {exc.strerror or first_line(exc)}") from None
+
+    def _create(self, zarr, chunks, fingerprint: str, arguments: dict, geo, metadata):
         from . import __version__
 
-        self.array = zarr.create_array(str(self.path), shape=shape, chunks=(shape[0], *chunks),
-                                       dtype=dtype, fill_value=np.nan)
-        self.array.attrs["nofc"] = {
-            "fingerprint": fingerprint,
-            "arguments": arguments,
-            "geometry": geo.as_dict(),
-            "nofc_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **({"metadata": metadata} if metadata else {}),
-        }
-        (self.path / _DONE_DIR).mkdir(exist_ok=True)
+        if any((self.path / _DONE_DIR).glob("*")):
+            raise NofcError(f"{self.name} has finished-block markers but no array; remove it")
+        try:
+            arr = zarr.create_array(str(self.path), shape=self.shape,
+                                    chunks=(self.shape[0], *chunks), dtype=self.dtype,
+                                    fill_value=np.nan)
+            arr.attrs["nofc"] = {
+                "fingerprint": fingerprint,
+                "arguments": arguments,
+                "geometry": geo.as_dict() if geo is not None else None,
+                "nofc_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **({"metadata": metadata} if metadata else {}),
+            }
+            (self.path / _DONE_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise NofcError(f"cannot create {self.name}: {exc.strerror or first_line(exc)}"
+                            ) from None
+        return arr
 
     def _reopen(self, zarr, fingerprint: str, arguments: dict):
         """The existing store, when it was made with the same arguments; its done blocks."""
@@ -130,19 +209,153 @@ class ZarrSink(Sink):
             for f in done_dir.iterdir():
                 by, _, bx = f.name.partition("_")
                 self.done.add((int(by), int(bx)))
+        self.bad = {tuple(e["block"]): e["error"] for e in old.get("bad_blocks", [])}
         return arr
 
     def _write(self, tile, block):
+        self._cells(tile, block)
+        marker = self.path / _DONE_DIR / f"{tile.index[0]}_{tile.index[1]}"
+        self._store_op(marker.touch, f"block {tile.index}")
+
+    def _cells(self, tile, block):
         a, b, c, d = tile.out
-        self.array[:, a:b, c:d] = block
-        (self.path / _DONE_DIR / f"{tile.index[0]}_{tile.index[1]}").touch()
+        self._store_op(lambda: self.array.__setitem__((slice(None), slice(a, b), slice(c, d)),
+                                                      block), f"block {tile.index}")
+
+    def _store_op(self, op, what: str) -> None:
+        """Run a write; a failure (disk full, store gone read-only) is one line."""
+        try:
+            op()
+        except OSError as exc:
+            raise NofcError(f"cannot write {what} to {self.name}: "
+                            f"{exc.strerror or first_line(exc)}; {self.resume_note()}"
+                            ) from None
+
+    def _bad_changed(self) -> None:
+        meta = dict(self.array.attrs).get("nofc", {})
+        meta["bad_blocks"] = [{"block": list(i), "error": why}
+                              for i, why in sorted(self.bad.items())]
+        self._store_op(lambda: self.array.update_attributes({"nofc": meta}),
+                       "the list of bad blocks")
+
+    def resume_note(self) -> str:
+        of = f" of {self.blocks}" if self.blocks else ""
+        return (f"{self.name} holds {len(self.done)}{of} blocks; the same call resumes from "
+                "there")
+
+    def close(self) -> None:
+        self.lock.release()
 
     def finalize(self):
         return self.array
 
 
+class _StoreLock:
+    """An exclusive lock file holding ``{"pid", "host", "started"}``.
+
+    Made complete under a temporary name and hard-linked into place, so that it exists
+    only with its content and only one of two runs can make it. A lock whose process is
+    gone (same host, no such process) is stale and taken over; one from another host is
+    refused, since its process cannot be checked from here. Sinks of one process share
+    its lock (the file goes when the last lets go).
+    """
+
+    def __init__(self, path: Path, store: str):
+        self.path, self.store, self.held = path, store, False
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        key = str(self.path.resolve())
+        for _ in range(3):
+            if _HELD.get(key) or self._link(json.dumps(me).encode()):
+                self.held = True
+                _HELD[key] = _HELD.get(key, 0) + 1
+                return
+            holder = self._holder()
+            if not self._stale(holder) or not self._take_over(holder):
+                break
+        raise NofcError(f"{store} is being written by another run ({_describe(holder)}); "
+                        f"refusing a second writer: wait for it, or, if that run is dead, "
+                        f"delete {self.path}")
+
+    def _link(self, content: bytes) -> bool:
+        tmp = self.path.with_name(f"{_LOCK}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_bytes(content)
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise NofcError(f"cannot lock {self.store}: {exc.strerror or first_line(exc)}"
+                            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}  # released just now: try again
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _stale(self, holder) -> bool:
+        if holder == {}:
+            return True
+        if not holder or holder.get("host") != socket.gethostname():
+            return False
+        pid = holder.get("pid")
+        if pid == os.getpid():
+            return True  # not held here (see _HELD): a dead process's reused pid
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError, OverflowError):
+            return False
+        return False
+
+    def _take_over(self, holder) -> bool:
+        """Move the stale lock aside; True when what was moved is the lock judged stale
+        (had another run taken it over first, its fresh lock is put back)."""
+        if holder == {}:
+            return True
+        aside = self.path.with_name(f"{_LOCK}.{uuid.uuid4().hex[:8]}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True
+        try:
+            if json.loads(aside.read_bytes()) == holder:
+                return True
+            os.link(aside, self.path)  # not the stale one: give it back
+            return False
+        except (OSError, ValueError):
+            return False
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            key = str(self.path.resolve())
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+                self.path.unlink(missing_ok=True)
+
+
+def _describe(holder) -> str:
+    """``pid 123 on host h since 2026-...`` for a lock's content."""
+    if not holder:
+        return "a lock file nofc cannot read"
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since "
+            f"{holder.get('started')}")
+
+
 def open_sink(out, shape: tuple[int, int, int], dtype, *, chunks=None, geo=None,
-              arguments=None, metadata: dict | None = None) -> Sink:
+              arguments=None, metadata: dict | None = None, blocks: int | None = None) -> Sink:
     """The sink for ``out``: ``None`` keeps the map in memory, a path is a zarr store.
 
     Args:
@@ -153,12 +366,13 @@ def open_sink(out, shape: tuple[int, int, int], dtype, *, chunks=None, geo=None,
             for the dict of everything the map depends on; a store made for another is
             refused.
         metadata: anything the caller wants kept with the map (class names, say).
+        blocks: how many blocks the map has, for messages (``holds 5 of 12 blocks``).
     """
     if out is None:
-        return MemorySink(shape, dtype)
+        return MemorySink(shape, dtype, blocks)
     return ZarrSink(out, shape, dtype, chunks=chunks, geo=geo,
                     arguments=arguments() if arguments is not None else {},
-                    metadata=metadata)
+                    metadata=metadata, blocks=blocks)
 
 
 def _fingerprint(parts: dict) -> str:

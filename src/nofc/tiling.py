@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
+from concurrent.futures import CancelledError
 import os
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ import torch.nn as nn
 from ._fx import param_like, probe
 from .conversion import as_fcn
 from .dense import dense_predict
-from .errors import NofcError, check_input_size
+from .errors import NofcError, check_input_size, first_line
 from .images import (
+    BadRegion,
     TiffSource,
     default_scale,
     image_layout,
@@ -166,6 +168,7 @@ def tiled_predict(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     metadata: dict | None = None,
+    on_error: str = "raise",
 ):
     """Dense map of an image of any size, tile by tile; equals ``dense_predict`` exactly.
 
@@ -188,6 +191,15 @@ def tiled_predict(
         mean, std, scale: normalisation applied per tile: ``(x * scale - mean) / std``;
             ``scale`` defaults to ``1 / max`` for integer images (255 for uint8) and 1 else.
         metadata: kept with the map in the zarr store's attributes (class names, say).
+        on_error: what an image region that cannot be read (a corrupt or truncated TIFF
+            tile) does: ``"raise"`` stops the run with one line naming the file and the
+            region; ``"skip"`` leaves its blocks NaN, warns once and lists them in the
+            store's ``nofc.bad_blocks`` (a later run tries them again).
+
+    On a cluster, workers may die or join mid-run: their blocks are recomputed elsewhere
+    and the map is the same. A block that fails for a transient reason is tried
+    ``_ATTEMPTS`` times; a lost scheduler, a full disk or a second run on the same store
+    stop with one line saying how many blocks the store keeps: the same call resumes.
 
     Returns:
         ``(K, h, w)`` numpy array (float32, or float64 with ``dtype=torch.float64``), or
@@ -202,6 +214,8 @@ def tiled_predict(
     size = check_input_size(input_size)
     if backend not in ("local", "dask"):
         raise NofcError(f"backend must be 'local' or 'dask', got {backend!r}")
+    if on_error not in ("raise", "skip"):
+        raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not isinstance(tile, int) or tile < 1:
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
     fcn = as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
@@ -218,17 +232,23 @@ def tiled_predict(
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
     sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
-                     metadata=metadata, arguments=lambda: _arguments(
+                     metadata=metadata, blocks=len(tiles), arguments=lambda: _arguments(
                          fcn, size, hw, tile, step, scale, mean, std, dtype))
-    todo = [t for t in tiles if t.index not in sink.done]
-    with _progress(len(tiles), len(tiles) - len(todo), progress) as bar:
-        if backend == "local":
-            _run_local(runner, src, todo, sink, bar)
-        else:
-            _run_dask(runner, src, todo, sink, bar, scheduler=scheduler, workers=workers)
+    with sink:  # a store is locked against a second writer until the run ends
+        todo = [t for t in tiles if t.index not in sink.done]
+        with _progress(len(tiles), len(tiles) - len(todo), progress) as bar:
+            blocks = _Blocks(sink, bar, on_error)
+            if backend == "local":
+                _run_local(runner, src, todo, blocks)
+            else:
+                _run_dask(runner, src, todo, blocks, scheduler=scheduler, workers=workers)
     if sink.nan_cells:
         warnings.warn(f"the image has NaN or Inf pixels: {sink.nan_cells} map cells see them "
                       "and are NaN", stacklevel=2)
+    if sink.bad:
+        warnings.warn(f"{len(sink.bad)} map blocks are NaN because their image region cannot "
+                      f"be read (listed in the store's nofc.bad_blocks when out= is given); "
+                      f"the first: {next(iter(sink.bad.values()))}", stacklevel=2)
     return sink.finalize()
 
 
@@ -294,23 +314,78 @@ def _progress(total, initial, enabled):
 
 # --------------------------------------------------------------------------- run
 
+_ATTEMPTS = 3  # tries per block for transient failures (OSError, a lost worker)
 
-def _run_local(runner, src, todo, sink, bar) -> None:
+
+class _Blocks:
+    """Where finished and failed blocks go, whichever backend computed them.
+
+    A block that fails deterministically (a NofcError: an unreadable region) is reported
+    once, with its block and region, or, for an unreadable region with
+    ``on_error="skip"``, left NaN and listed; one that fails for a transient reason is
+    tried again up to ``_ATTEMPTS`` times in all. Every stop says what the sink keeps.
+    """
+
+    def __init__(self, sink, bar, on_error: str):
+        self.sink, self.bar, self.on_error = sink, bar, on_error
+
+    def put(self, t: Tile, block: np.ndarray) -> None:
+        self.sink.aggregate(t, block)
+        self.bar.update(1)
+
+    def failed(self, t: Tile, exc: NofcError) -> None:
+        """Skip ``t`` (an unreadable region, with on_error="skip") or stop in one line."""
+        if isinstance(exc, BadRegion):
+            if self.on_error == "skip":
+                self.sink.skip(t, str(exc))
+                self.bar.update(1)
+                return
+            raise NofcError(f"{exc} (map block {t.index}); on_error='skip' (nofc heatmap "
+                            f"--skip-bad-tiles) leaves such blocks NaN and goes on; "
+                            f"{self.sink.resume_note()}") from None
+        raise NofcError(f"{exc}; {self.sink.resume_note()}") from None
+
+    def run(self, t: Tile, compute) -> None:
+        """``compute()`` the block of ``t`` here, retrying transient failures."""
+        try:
+            block = _retried(compute, t)
+        except NofcError as exc:
+            self.failed(t, exc)
+        else:
+            self.put(t, block)
+
+
+def _retried(compute, t: Tile):
+    """``compute()``, tried again after an OSError (a network read cut short, say)."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return compute()
+        except OSError as exc:
+            if attempt == _ATTEMPTS:
+                raise _gave_up(t, exc) from None
+
+
+def _gave_up(t: Tile, exc: BaseException) -> NofcError:
+    y0, y1, x0, x1 = t.inp
+    return NofcError(f"map block {t.index} (image rows {y0}..{y1}, columns {x0}..{x1}) "
+                     f"failed {_ATTEMPTS} times: {type(exc).__name__}: {first_line(exc)}")
+
+
+def _run_local(runner, src, todo, blocks: _Blocks) -> None:
     for t in todo:
-        sink.aggregate(t, runner(src, t))
-        bar.update(1)
+        blocks.run(t, lambda t=t: runner(src, t))
 
 
-def _run_dask(runner, src, todo, sink, bar, *, scheduler, workers) -> None:
+def _run_dask(runner, src, todo, blocks: _Blocks, *, scheduler, workers) -> None:
     try:
         import dask  # noqa: F401
     except ImportError:  # pragma: no cover
         raise NofcError("backend='dask' needs the scale extra: pip install 'nofc[scale]'") from None
     with _dask_client(scheduler, workers) as client:
         if client is None:
-            _run_threads(runner, src, todo, sink, bar)
+            _run_threads(runner, src, todo, blocks)
         else:
-            _run_cluster(client, runner, src, todo, sink, bar)
+            _run_cluster(client, runner, src, todo, blocks)
 
 
 @contextlib.contextmanager
@@ -338,12 +413,13 @@ def _dask_client(scheduler, workers):
     try:
         yield client
     finally:
-        client.close()
+        with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
+            client.close(timeout=5)
         if cluster is not None:
             cluster.close()
 
 
-def _run_threads(runner, src, todo, sink, bar) -> None:
+def _run_threads(runner, src, todo, blocks: _Blocks) -> None:
     """Dask's threaded scheduler, in waves so results are written (and resumable) as they
     finish; the runner (the model) and the source are one graph node each."""
     import dask
@@ -351,52 +427,149 @@ def _run_threads(runner, src, todo, sink, bar) -> None:
 
     runner_d = delayed(runner, pure=True, name="nofc-model")
     src_d = delayed(src, pure=True, name="nofc-image")
-    tasks = [delayed(_call)(runner_d, src_d, t) for t in todo]
+    tasks = [delayed(_guarded)(runner_d, src_d, t) for t in todo]
     wave = max(1, (os.cpu_count() or 1) * 2)
     for i in range(0, len(tasks), wave):
-        blocks = dask.compute(*tasks[i:i + wave], scheduler="threads")
-        for t, block in zip(todo[i:i + wave], blocks):
-            sink.aggregate(t, block)
-            bar.update(1)
+        results = dask.compute(*tasks[i:i + wave], scheduler="threads")
+        for t, result in zip(todo[i:i + wave], results):
+            blocks.run(t, lambda result=result: _unguarded(result))
 
 
-def _run_cluster(client, runner, src, todo, sink, bar) -> None:
-    """A distributed cluster: the model travels inside a worker plugin, unpickled exactly
-    once per worker (workers that join later get it too), then used by every tile there;
-    at most two tiles per worker are in flight, so memory stays bounded by the tile."""
-    from distributed import as_completed
-
-    plugin = f"nofc-model-{uuid.uuid4().hex[:12]}"
-    client.register_plugin(_ModelPlugin(runner), name=plugin)
+def _guarded(runner, src, t):
+    """The block, or the NofcError that stopped it (so one bad block ends no wave)."""
     try:
-        limit = 2 * max(1, len(client.scheduler_info().get("workers", {})))
-        remote = isinstance(src, TiffSource) or type(src).__module__.startswith("zarr")
-        if remote:  # workers read their own regions (the file must be reachable from them)
-            [src_f] = client.scatter([src], broadcast=True)
+        return _retried(lambda: _call(runner, src, t), t)
+    except NofcError as exc:
+        return exc
 
-        def submit(t):
-            if remote:
-                return client.submit(_call, plugin, src_f, t, pure=False)
-            # in-memory or dask arrays: read here and send each tile only its region,
-            # scattered rather than inlined so large arrays stay out of the graph
-            region = client.scatter(runner.read(src, t), hash=False)
-            return client.submit(_compute, plugin, region, t, pure=False)
+
+def _unguarded(result):
+    if isinstance(result, NofcError):
+        raise result
+    return result
+
+
+def _run_cluster(client, runner, src, todo, blocks: _Blocks) -> None:
+    """A distributed cluster, surviving workers that die or join.
+
+    The model travels inside a worker plugin, unpickled exactly once per worker; workers
+    that join later (replacements included) get it before their first task. Nothing is
+    pinned to one worker: a file or zarr source is read by the worker itself, an
+    in-memory region travels inside its task, so the scheduler can recompute the tasks of
+    a lost worker anywhere. At most two tiles per worker thread are in flight (memory
+    stays bounded by the tile); each result is written as it arrives and then released,
+    so a worker lost later costs no finished block.
+    """
+    import dask
+
+    with contextlib.suppress(Exception):  # best effort: a scheduler may refuse run_on_
+        client.run_on_scheduler(_drop_orphans)
+    plugin = f"nofc-model|{client.id}|{uuid.uuid4().hex[:12]}"
+    client.register_plugin(_ModelPlugin(runner), name=plugin)
+    # regions inside tasks are the point (they survive a worker); Dask warns above 10 MB
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4GB"}):
+        try:
+            _Cluster(client, plugin, runner, src, blocks).drain(todo)
+        finally:
+            if client.status == "running":
+                with contextlib.suppress(Exception):
+                    client.unregister_worker_plugin(plugin)
+
+
+class _Cluster:
+    """Submits blocks to a cluster and takes their results as they come."""
+
+    def __init__(self, client, plugin, runner, src, blocks: _Blocks):
+        self.client, self.plugin, self.runner, self.src = client, plugin, runner, src
+        self.blocks = blocks
+        # workers read their own regions (the file must be reachable from them)
+        self.remote = isinstance(src, TiffSource) or type(src).__module__.startswith("zarr")
+        self.tries: dict[tuple[int, int], int] = {}
+        self.limit, self.checked = 2, -1.0
+
+    def drain(self, todo) -> None:
+        from distributed import as_completed
 
         queue = iter(todo)
-        futures = {submit(t): t for t in itertools.islice(queue, limit)}
-        pending = as_completed(list(futures))
-        for fut in pending:
+        futures: dict = {}
+        pending = as_completed([], loop=self.client.loop)
+        while True:
+            while len(futures) < self._limit():
+                t = next(queue, None)
+                if t is None:
+                    break
+                fut = self.submit(t)
+                if fut is not None:
+                    futures[fut] = t
+                    pending.add(fut)
+            if not futures:
+                return
+            fut = next(pending)
             t = futures.pop(fut)
-            sink.aggregate(t, fut.result())
-            bar.update(1)
-            nxt = next(queue, None)
-            if nxt is not None:
-                f = submit(nxt)
-                futures[f] = nxt
-                pending.add(f)
-    finally:
-        with contextlib.suppress(Exception):
-            client.unregister_worker_plugin(plugin)
+            retry = self.take(fut, t)
+            if retry is not None:
+                futures[retry] = t
+                pending.add(retry)
+
+    def submit(self, t: Tile):
+        """The future of block ``t``; None when its region could not even be read here."""
+        self.tries[t.index] = self.tries.get(t.index, 0) + 1
+        if self.remote:
+            return self.client.submit(_call, self.plugin, self.src, t, pure=False)
+        try:  # in-memory or dask arrays: read here, the region goes inside the task
+            region = _retried(lambda: self.runner.read(self.src, t), t)
+        except NofcError as exc:
+            self.blocks.failed(t, exc)
+            return None
+        return self.client.submit(_compute, self.plugin, region, t, pure=False)
+
+    def take(self, fut, t: Tile):
+        """Write a finished block; a new future when a failed one is worth another try."""
+        from distributed.scheduler import KilledWorker
+
+        try:
+            block = fut.result()
+        except NofcError as exc:  # deterministic: reported once (or skipped)
+            self.blocks.failed(t, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - sorted out below
+            if isinstance(exc, CancelledError) or self.client.status != "running":
+                raise NofcError(f"lost the Dask scheduler{_at(self.client)} while computing "
+                                f"map block {t.index}; {self.blocks.sink.resume_note()}"
+                                ) from None
+            if not isinstance(exc, (OSError, KilledWorker)):
+                raise  # a bug, not a fault: its own traceback
+            if self.tries[t.index] >= _ATTEMPTS:
+                self.blocks.failed(t, _gave_up(t, exc))
+                return None
+            return self.submit(t)  # a worker lost with the result, a read cut short
+        finally:
+            fut.release()  # a worker lost from now on costs this block nothing
+        self.blocks.put(t, block)
+        return None
+
+    def _limit(self) -> int:
+        """Two tiles per worker thread, recounted once a second (workers come and go)."""
+        now = time.monotonic()
+        if now - self.checked > 1.0:
+            self.checked = now
+            with contextlib.suppress(Exception):  # a lost scheduler shows in the futures
+                self.limit = 2 * max(1, sum(self.client.nthreads().values()))
+        return self.limit
+
+
+async def _drop_orphans(dask_scheduler) -> None:
+    """Unregister the model plugins of runs whose client is gone (killed): the scheduler
+    would otherwise keep them, and every worker that joins would load those models too."""
+    for name in list(dask_scheduler.worker_plugins):
+        part = name.split("|")
+        if part[0] == "nofc-model" and len(part) == 3 and part[1] not in dask_scheduler.clients:
+            await dask_scheduler.unregister_worker_plugin(comm=None, name=name)
+
+
+def _at(client) -> str:
+    address = getattr(getattr(client, "scheduler", None), "address", None)
+    return f" at {address}" if address else ""
 
 
 def _worker_runner(runner):

@@ -1,0 +1,406 @@
+"""Faults during tiled runs: lost and new Dask workers, a lost client or scheduler, corrupt
+and truncated TIFF tiles, NaN tiles, a second writer, a full disk, transient read errors.
+
+Every case ends either in the map of the uninterrupted run (float64, within 1e-10), with
+each block written exactly once (the writes are counted), or in one NofcError line that
+says what the store keeps; the same call then resumes. Cluster cases run on a real
+loopback ``LocalCluster`` of two worker processes; workers are killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import nofc
+import nofc.sinks as sinks
+import nofc.tiling as tiling
+from nofc import NofcError
+from nofc.zoo import LeNet5
+
+distributed = pytest.importorskip("distributed")
+zarr = pytest.importorskip("zarr")
+tifffile = pytest.importorskip("tifffile")
+
+SIZE = (1, 32, 32)
+F64 = torch.float64
+IMG = np.random.default_rng(0).random((320, 320))  # 10 x 10 = 100 blocks of tile 32
+BLOCKS = 100
+
+
+@pytest.fixture(scope="module")
+def fcn():
+    torch.manual_seed(0)
+    return nofc.convert(LeNet5().eval(), SIZE).to(F64)
+
+
+@pytest.fixture(scope="module")
+def ref(fcn):
+    return _run(fcn, IMG)
+
+
+def _run(fcn, image, **kw):
+    return nofc.tiled_predict(fcn, image, SIZE, tile=32, progress=False, dtype=F64, **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded worker processes, shared by the cluster tests (each waits for
+    two workers first: a killed one is restarted by its nanny)."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def client(cluster):
+    with distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        yield client
+
+
+@pytest.fixture
+def processed(cluster):
+    """Which worker finished each task (recorded by the scheduler, in this process)."""
+    plugin = _Processed()
+    cluster.scheduler.add_plugin(plugin, name="nofc-test-processed")
+    yield plugin
+    cluster.scheduler.remove_plugin("nofc-test-processed")
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """Every block index a sink writes, in order; ``writes.hooks[n]`` runs after write n."""
+    log = _Writes()
+    for cls in (sinks.MemorySink, sinks.ZarrSink):
+        def counted(self, tile, block, _orig=cls._write):
+            _orig(self, tile, block)
+            log.append(tile.index)
+            if len(log) in log.hooks:
+                log.hooks.pop(len(log))()
+        monkeypatch.setattr(cls, "_write", counted)
+    return log
+
+
+class _Writes(list):
+    def __init__(self):
+        super().__init__()
+        self.hooks: dict = {}
+
+
+class _Processed(distributed.diagnostics.plugin.SchedulerPlugin):
+    """Which worker finished each task, and how often tasks were sent to workers."""
+
+    def __init__(self):
+        self.by_worker, self.sent = Counter(), Counter()
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "processing":
+            self.sent[key] += 1
+        if start == "processing" and finish == "memory":
+            self.by_worker[kwargs.get("worker")] += 1
+
+
+def _assert_complete(got, ref, writes, store=None):
+    np.testing.assert_allclose(np.asarray(got[:]), ref, rtol=0, atol=1e-10)
+    assert sorted(Counter(writes).values()) == [1] * BLOCKS, Counter(writes).most_common(3)
+    if store is not None:
+        assert len(list((store / ".nofc_done").iterdir())) == BLOCKS
+        assert not (store / ".nofc_lock").exists()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+_CLIENT = textwrap.dedent("""
+    import sys, time, numpy as np, torch, nofc, nofc.sinks as sinks
+    torch.manual_seed(0)
+    fcn = nofc.convert(nofc.zoo.LeNet5().eval(), (1, 32, 32)).to(torch.float64)
+    write = sinks.ZarrSink._write
+    def slow(self, tile, block):  # slow enough for the parent to kill us midway
+        write(self, tile, block)
+        with open(sys.argv[3], "a") as log:
+            log.write(f"{tile.index[0]} {tile.index[1]}\\n")
+        time.sleep(0.03)
+    sinks.ZarrSink._write = slow
+    img = np.random.default_rng(0).random((320, 320))
+    nofc.tiled_predict(fcn, img, (1, 32, 32), tile=32, out=sys.argv[2], progress=False,
+                       dtype=torch.float64, backend="dask", scheduler=sys.argv[1])
+""")
+
+
+def test_truncated_tiff_on_a_cluster(fcn, tmp_path, cluster, client):
+    path = _tiff(tmp_path, "cut.tif", cut=0.6)
+    with pytest.raises(NofcError, match=f"cannot read TIFF {path} at rows .*map block"):
+        _run(fcn, str(path), backend="dask", scheduler=cluster.scheduler_address)
+    with pytest.warns(UserWarning, match="map blocks are NaN"):
+        got = _run(fcn, str(path), backend="dask", scheduler=cluster.scheduler_address,
+                   on_error="skip")
+    with pytest.warns(UserWarning, match="map blocks are NaN"):
+        np.testing.assert_array_equal(got, _run(fcn, str(path), on_error="skip"))
+
+
+def test_client_killed_then_second_writer_refused_then_resume(fcn, ref, writes, tmp_path,
+                                                              cluster, client):
+    store, log = tmp_path / "map.zarr", tmp_path / "writes.txt"
+    script = tmp_path / "client.py"
+    script.write_text(_CLIENT)
+    proc = subprocess.Popen([sys.executable, str(script), cluster.scheduler_address,
+                             str(store), str(log)])
+    done = store / ".nofc_done"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done.is_dir() and len(os.listdir(done)) >= 3):
+        time.sleep(0.02)
+    # a second run on the same store while the first writes: refused, store untouched
+    with pytest.raises(NofcError, match=f"being written by another run \\(pid {proc.pid} "
+                                        f"on host {socket.gethostname()}"):
+        _run(fcn, IMG, out=store)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert 3 <= len(first) < BLOCKS and (store / ".nofc_lock").exists()  # a stale lock
+    got = _run(fcn, IMG, out=store, backend="dask", scheduler=cluster.scheduler_address)
+    assert not set(writes) & set(first)  # finished blocks are never computed again
+    _assert_complete(got, ref, first + writes, store)
+
+
+def test_worker_killed_mid_run(fcn, ref, writes, tmp_path, cluster, client, processed):
+    store = tmp_path / "map.zarr"
+    victim = min(client.run(os.getpid).values())
+    writes.hooks[3] = lambda: os.kill(victim, signal.SIGKILL)
+    got = _run(fcn, IMG, out=store, backend="dask", scheduler=cluster.scheduler_address)
+    _assert_complete(got, ref, writes, store)
+    assert victim not in client.run(os.getpid).values()
+    assert sum(processed.by_worker.values()) >= BLOCKS  # lost tasks were recomputed
+
+
+def test_worker_joins_mid_run(fcn, ref, writes, cluster, client, processed):
+    before = set(client.run(os.getpid))
+
+    def grow():
+        cluster.scale(3)
+        client.wait_for_workers(3, timeout=120)
+
+    writes.hooks[3] = grow
+    got = _run(fcn, IMG, backend="dask", scheduler=cluster.scheduler_address)
+    _assert_complete(got, ref, writes)
+    [new] = set(client.run(os.getpid)) - before
+    assert client.run(lambda: tiling._UNPICKLED, workers=[new]) == {new: 1}  # got the model
+    assert processed.by_worker[new] > 0, processed.by_worker  # and computed blocks
+
+
+_SCHEDULER = textwrap.dedent("""
+    import time, distributed
+    if __name__ == "__main__":
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                           protocol="tcp", host="127.0.0.1",
+                                           dashboard_address=None)
+        print(cluster.scheduler_address, flush=True)
+        time.sleep(600)
+""")
+
+
+def _scheduler():
+    """A cluster in another process (scheduler and workers): SIGKILL takes all of it."""
+    proc = subprocess.Popen([sys.executable, "-c", _SCHEDULER], stdout=subprocess.PIPE,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_scheduler_lost_one_line_then_restarted_and_resumed(fcn, ref, writes, tmp_path):
+    store = tmp_path / "map.zarr"
+    proc, address = _scheduler()
+    try:
+        writes.hooks[5] = lambda: proc.send_signal(signal.SIGKILL)
+        with pytest.raises(NofcError) as err:
+            _run(fcn, IMG, out=store, backend="dask", scheduler=address)
+        assert len(writes) >= 5
+        assert str(err.value).startswith(f"lost the Dask scheduler at {address}")
+        assert str(err.value).endswith(f"{store} holds {len(writes)} of {BLOCKS} blocks; the "
+                                       "same call resumes from there")
+    finally:
+        proc.kill()
+        proc.wait()
+    proc, address = _scheduler()  # the scheduler restarted (at a new address here)
+    try:
+        got = _run(fcn, IMG, out=store, backend="dask", scheduler=address)
+    finally:
+        proc.kill()
+        proc.wait()
+    _assert_complete(got, ref, writes, store)
+
+
+# --------------------------------------------------------------------------- bad tiles
+
+
+def _tiff(tmp_path, name, cut=None, flip=None):
+    """IMG as a zlib-compressed tiled TIFF, cut short at ``cut`` or with bytes flipped."""
+    path = tmp_path / name
+    tifffile.imwrite(path, IMG.astype(np.float32), tile=(64, 64), compression="zlib")
+    data = bytearray(path.read_bytes())
+    if flip is not None:
+        for i in range(int(len(data) * flip), int(len(data) * flip) + 64):
+            data[i] ^= 0xFF
+    path.write_bytes(bytes(data[:int(len(data) * cut)] if cut else data))
+    return path
+
+
+def test_corrupt_tiff_one_line_with_file_and_region(fcn, tmp_path):
+    path = _tiff(tmp_path, "corrupt.tif", flip=0.5)
+    with pytest.raises(NofcError) as err:
+        _run(fcn, str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"cannot read TIFF {path} at rows ")
+    assert "while decompressing data" in msg and "(map block (" in msg
+    assert msg.endswith("--skip-bad-tiles) leaves such blocks NaN and goes on; nothing was "
+                        "kept (out= a zarr store keeps finished blocks for a rerun)")
+
+
+def test_truncated_tiff_skipped_listed_and_retried(fcn, writes, tmp_path):
+    ref32 = _run(fcn, IMG.astype(np.float32))
+    writes.clear()
+    path = _tiff(tmp_path, "cut.tif", cut=0.6)
+    store = tmp_path / "map.zarr"
+    with pytest.warns(UserWarning, match="map blocks are NaN because their image region "
+                                         "cannot be read") as record:
+        got = _run(fcn, str(path), out=store, on_error="skip")
+    assert len([w for w in record if "image region" in str(w.message)]) == 1
+    bad = dict(zarr.open_array(str(store), mode="r").attrs)["nofc"]["bad_blocks"]
+    assert bad and all(f"cannot read TIFF {path} at rows" in b["error"] for b in bad)
+    skipped = {tuple(b["block"]) for b in bad}
+    tiles, _ = tiling.plan_tiles(nofc.geometry(fcn, SIZE), IMG.shape, tile=32)
+    for t in tiles:
+        a, b, c, d = t.out
+        if t.index in skipped:
+            assert np.isnan(got[:, a:b, c:d]).all()
+        else:
+            np.testing.assert_array_equal(got[:, a:b, c:d], ref32[:, a:b, c:d])
+    assert sorted(writes) == sorted(t.index for t in tiles if t.index not in skipped)
+    # the same call tries the bad blocks again, and only them
+    writes.clear()
+    with pytest.warns(UserWarning, match="map blocks are NaN"):
+        _run(fcn, str(path), out=store, on_error="skip")
+    assert writes == []
+    assert {tuple(b["block"]) for b in dict(zarr.open_array(str(store)).attrs)["nofc"][
+        "bad_blocks"]} == skipped
+
+
+def test_cli_bad_tiles_exit_2_or_skipped(tmp_path, capsys):
+    from nofc.cli import main
+
+    path = _tiff(tmp_path, "cut.tif", cut=0.6)
+    argv = ["heatmap", "nofc:lenet5", str(path), "--input-size", "1x32x32", "-o",
+            str(tmp_path / "heat.png"), "--tile", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("nofc: ")]
+    assert len(said) == 1 and said[0].startswith(f"nofc: error: cannot read TIFF {path} at rows")
+    assert "Traceback" not in err
+    assert not (tmp_path / "heat.png").exists()
+    store = tmp_path / "map.zarr"
+    assert main([*argv, "--skip-bad-tiles", "--out", str(store)]) == 0
+    err = capsys.readouterr().err
+    assert "nofc: warning: " in err and "map blocks are NaN" in err and "Traceback" not in err
+    assert dict(zarr.open_array(str(store)).attrs)["nofc"]["bad_blocks"]
+
+
+def test_nan_tile_marks_its_cells_and_the_run_finishes(fcn, ref):
+    img = IMG.copy()
+    img[64:128, 128:192] = np.nan
+    with pytest.warns(UserWarning, match="NaN or Inf pixels") as record:
+        got = _run(fcn, img)
+    assert len(record) == 1
+    x = torch.from_numpy(img)[None, None]
+    with pytest.warns(UserWarning):
+        dense = nofc.dense_predict(fcn, x, SIZE)[0].numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(dense))
+    seen = np.isnan(got).any(0)
+    assert seen.sum() == 23 * 23  # cells whose 32x32 window reaches the 64x64 NaN tile
+    np.testing.assert_allclose(got[:, ~seen], ref[:, ~seen], rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_stale_lock_taken_over_live_or_foreign_lock_refused(fcn, ref, tmp_path):
+    store = tmp_path / "map.zarr"
+    store.mkdir()
+    lock = store / ".nofc_lock"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for holder, refused in [({"pid": os.getppid(), "host": socket.gethostname()}, "pid"),
+                            ({"pid": 1, "host": "elsewhere"}, "on host elsewhere"),
+                            ({"pid": dead.pid, "host": socket.gethostname()}, None)]:
+        lock.write_text(json.dumps({**holder, "started": "2026-01-01T00:00:00Z"}))
+        if refused:
+            with pytest.raises(NofcError, match=f"map.zarr is being written by another run "
+                                                f"\\(.*{refused}.*delete .*nofc_lock"):
+                _run(fcn, IMG, out=store)
+            assert os.listdir(store) == [".nofc_lock"]  # nothing else was written
+        else:
+            np.testing.assert_allclose(_run(fcn, IMG, out=store)[:], ref, rtol=0, atol=1e-10)
+    assert not lock.exists()
+
+
+def test_disk_full_one_line_then_resume(fcn, ref, writes, tmp_path, monkeypatch):
+    from zarr.storage import LocalStore
+
+    store = tmp_path / "map.zarr"
+    put = LocalStore.set
+    chunks = []
+
+    async def full_after_7(self, key, value):
+        if "/c/" in f"/{key}":
+            if len(chunks) == 7:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            chunks.append(key)
+        return await put(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", full_after_7)
+    with pytest.raises(NofcError) as err:
+        _run(fcn, IMG, out=store)
+    assert str(err.value) == (f"cannot write block (0, 7) to {store}: No space left on "
+                              f"device; {store} holds 7 of {BLOCKS} blocks; the same call "
+                              "resumes from there")
+    assert not (store / ".nofc_lock").exists()
+    monkeypatch.setattr(LocalStore, "set", put)  # space is free again
+    _assert_complete(_run(fcn, IMG, out=store), ref, writes, store)
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class _Flaky:
+    """An image whose reads fail with an OSError ``fails`` times per region first."""
+
+    def __init__(self, fails):
+        self.shape, self.dtype, self.fails, self.seen = IMG.shape, IMG.dtype, fails, Counter()
+
+    def __getitem__(self, key):
+        self.seen[str(key)] += 1
+        if self.seen[str(key)] <= self.fails:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return IMG[key]
+
+
+def test_transient_read_errors_are_retried_then_reported_once(fcn, ref):
+    np.testing.assert_allclose(_run(fcn, _Flaky(2)), ref, rtol=0, atol=1e-10)
+    flaky = _Flaky(3)
+    with pytest.raises(NofcError, match=r"^map block \(0, 0\) \(image rows 0\.\.60, columns "
+                                        r"0\.\.60\) failed 3 times: ConnectionResetError"):
+        _run(fcn, flaky)
+    assert sum(flaky.seen.values()) == 3  # one block, three tries, then the one line
+    with pytest.raises(NofcError, match="on_error must be 'raise' or 'skip'"):
+        _run(fcn, IMG, on_error="ignore")
