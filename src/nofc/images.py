@@ -1,20 +1,13 @@
 """Reading images for dense prediction, and normalising them.
 
-``load_image`` returns a float32 ``(C, H, W)`` array scaled to [0, 1] from PNG, JPEG or
-TIFF files, whatever their pixel format, with each case decided explicitly:
-
-* 8-bit grayscale, RGB: divided by 255; 16-bit grayscale (PNG ``I;16``, TIFF) by 65535;
-  float TIFFs are kept as they are; 1-bit images become 0.0 / 1.0;
-* palette images are expanded to RGB (RGBA when the palette has transparency);
-* an alpha channel (RGBA, LA) is composited over ``background`` (white by default),
-  because a classifier has no notion of transparency;
-* CMYK and YCbCr are converted to RGB;
-* the channel count is then matched to the network: gray -> 3 identical channels,
-  RGB -> 1 channel (ITU-R 601 luma); anything else is refused with a NofcError.
+``load_image`` returns a float32 ``(C, H, W)`` array scaled to [0, 1] from PNG, JPEG,
+TIFF, slide or raster files, through ``nofc.sources`` (the one place that decides pixel
+formats, alpha, channel matching and integer scaling; see its docstring). Palette images
+are expanded, CMYK and YCbCr converted to RGB, 1-bit images become 0 / 1.
 
 Images too large to load go through ``open_image_array`` instead: a source sliceable by
-region (a TIFF is read lazily), whose pixels ``read_region`` returns as stored, for
-tiling to scale and normalise per tile.
+region (TIFF, slides and rasters are read lazily), whose pixels ``read_region`` returns as
+stored, for tiling to scale and normalise per tile.
 """
 
 from __future__ import annotations
@@ -32,75 +25,10 @@ __all__ = ["load_image", "normalize", "open_image_array", "BadRegion", "IMAGENET
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def _read_tiff(path: Path) -> np.ndarray | None:
-    """TIFF through tifffile when installed (16-bit RGB, float, many pages); else None."""
-    try:
-        import tifffile
-    except ImportError:
-        return None
-    try:
-        arr = tifffile.imread(path)
-    except Exception as exc:  # noqa: BLE001
-        raise NofcError(f"cannot read TIFF {path}: {type(exc).__name__}: {exc}") from None
-    if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) -> (H, W, C)
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4)):
-        raise NofcError(f"{path}: TIFF of shape {arr.shape} is not a single 2D image with "
-                        "1 to 4 channels (several pages or a volume?)")
-    return arr
-
-
-def _scale(arr: np.ndarray, path) -> np.ndarray:
-    """Integers to [0, 1] by their bit depth; floats unchanged; bools to 0/1."""
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
-    if np.issubdtype(arr.dtype, np.floating):
-        return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo >= 0 and hi <= 65535:  # PIL reads 16-bit PNGs as 32-bit "I"
-            return arr.astype(np.float32) / (255.0 if hi <= 255 and arr.dtype.itemsize == 1
-                                             else 65535.0)
-        raise NofcError(f"{path}: {arr.dtype} pixels in [{lo}, {hi}] have no known scale; "
-                        "convert the image to 8 or 16 bits")
-    raise NofcError(f"{path}: pixels of type {arr.dtype} are not supported")
-
-
-def _read_pil(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode == "PA":
-                im = im.convert("RGBA")
-            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            elif mode == "1":
-                im = im.convert("L")
-            elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
-                raise NofcError(f"{path}: image mode {mode!r} is not supported; save it as "
-                                "grayscale, RGB or RGBA")
-            arr = np.array(im)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise NofcError(f"cannot read image {path}: {exc}") from None
-    if mode == "I;16B" or arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("="))
-    return arr
-
-
 def load_image(path, *, channels: int = 3, background=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Read an image file as float32 ``(channels, H, W)`` in [0, 1] (floats: as stored).
+    """Read an image file as float32 ``(channels, H, W)`` in [0, 1] (floats: as stored),
+    through the same source, channel, alpha and scaling rules as tiling
+    (``nofc.sources``).
 
     >>> import numpy as np, PIL.Image, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "a.png")
@@ -108,33 +36,12 @@ def load_image(path, *, channels: int = 3, background=(1.0, 1.0, 1.0)) -> np.nda
     >>> load_image(p, channels=3).shape
     (3, 5, 7)
     """
-    p = Path(path)
-    if not p.is_file():
-        raise NofcError(f"image file not found: {path}")
-    arr = None
-    if p.suffix.lower() in (".tif", ".tiff"):
-        arr = _read_tiff(p)
-    if arr is None:
-        arr = _read_pil(p)
-    img = _scale(arr, path)
-    if img.ndim == 2:
-        img = img[..., None]  # (H, W, 1)
-    if img.shape[-1] in (2, 4):  # alpha last: composite over the background
-        alpha = np.clip(img[..., -1:], 0.0, 1.0)
-        colour = img[..., :-1]
-        bg = np.asarray(background, dtype=np.float32)[: colour.shape[-1]]
-        img = colour * alpha + bg * (1.0 - alpha)
-    have = img.shape[-1]
-    if have == channels:
-        pass
-    elif have == 1 and channels == 3:
-        img = np.repeat(img, 3, axis=-1)
-    elif have == 3 and channels == 1:
-        img = (img @ _LUMA)[..., None]
-    else:
-        raise NofcError(f"{path} has {have} colour channels and the network expects {channels}; "
-                        "nofc converts only gray <-> RGB")
-    return np.ascontiguousarray(np.moveaxis(img, -1, 0), dtype=np.float32)
+    from .sources import open_source, scale_of
+
+    src = open_source(path, channels=channels)
+    src.background = tuple(background)
+    region = src.read(slice(None), slice(None))
+    return np.ascontiguousarray(region.astype(np.float32) * np.float32(scale_of(region.dtype)))
 
 
 def normalize(image: np.ndarray, mean=None, std=None) -> np.ndarray:
@@ -226,23 +133,9 @@ def open_image_array(image):
     (5, 7, 3)
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise NofcError(f"image file not found: {image}")
-        if path.stat().st_size == 0:
-            raise NofcError(f"image file is empty: {image}")
-        if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
-            return TiffSource(str(path))
-        from PIL import Image, UnidentifiedImageError
+        from .sources import open_source
 
-        Image.MAX_IMAGE_PIXELS = None  # a large scan is the point here
-        try:
-            with Image.open(path) as im:
-                if im.mode == "P":
-                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-                return np.asarray(im)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise NofcError(f"cannot read image {image}: {exc}") from None
+        return open_source(image)  # slides, rasters, TIFF by region; pictures whole
     if isinstance(image, torch.Tensor):
         return image.detach().cpu().numpy()
     if hasattr(image, "shape") and hasattr(image, "__getitem__"):

@@ -1,0 +1,587 @@
+"""Image sources: one way in for arrays, pictures, TIFF, whole-slide images and rasters.
+
+Every image nofc reads, whole or tile by tile, locally or on Dask workers, is an
+:class:`ImageSource`: its size, channels, dtype, pixel size (slides) or georeferencing
+(rasters) when known, and ``read(rows, cols)`` giving a ``(C, h, w)`` region. Three rules
+hold for every source, so every path sees the same pixels:
+
+* **channels and alpha**: an alpha channel (RGBA, LA, a raster's alpha band, OpenSlide's
+  transparent pixels outside the scanned area) is composited over white in the stored
+  dtype, rounded; then, when the caller says how many channels it wants, gray becomes 3
+  identical channels and RGB becomes 1 (ITU-R 601 luma); other counts are refused.
+* **scaling**: integers are divided by the largest value of their dtype (uint8 255,
+  uint16 65535, int32 2**31 - 1), floats are kept as stored (:func:`scale_of`).
+* **errors**: a region that cannot be decoded is a :class:`nofc.images.BadRegion` naming
+  the file and the pixels; a file that cannot be opened is one NofcError line.
+
+Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...) are read through OpenSlide at a
+``level`` or a pixel size ``mpp`` (resampled when it falls between levels); their
+``downsample`` says how many level-0 pixels one pixel read spans, so that maps can be put
+back in level-0 slide coordinates. Rasters (GeoTIFF, COG, JPEG 2000, anything GDAL opens)
+are read through rasterio by window, with band selection; ``transform`` and ``crs`` say
+where they lie.
+
+>>> src = open_source(np.zeros((40, 50, 3), np.uint8))
+>>> src.hw, src.channels, src.dtype, src.read(slice(0, 10), slice(0, 20)).shape
+((40, 50), 3, dtype('uint8'), (3, 10, 20))
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NofcError, first_line
+from .images import BadRegion, TiffSource, _pixels, default_scale, image_layout
+
+__all__ = ["ImageSource", "open_source", "scale_of", "SLIDE_SUFFIXES"]
+
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+_LUMA = np.array([0.299, 0.587, 0.114])
+_GEOKEYS = 34735  # GeoKeyDirectoryTag: a TIFF that carries georeferencing
+_MPP_TOLERANCE = 0.01  # a requested pixel size within 1% of a level's is that level
+
+scale_of = default_scale  # the one integer-scaling rule (see the module docstring)
+
+
+class ImageSource:
+    """An image read region by region (see the module docstring).
+
+    Attributes:
+        hw: ``(H, W)`` of the pixels read (a slide's chosen level, resampled).
+        channels, dtype: what :meth:`read` returns.
+        path: the file, or None for an array.
+        kind: ``"array"``, ``"picture"``, ``"tiff"``, ``"slide"`` or ``"raster"``.
+        downsample: ``(dy, dx)`` level-0 pixels per pixel read (1 but for slides).
+        mpp: ``(y, x)`` microns per pixel read, when the file says.
+        transform: GDAL-order affine ``(a, b, c, d, e, f)`` of the pixels read (rasters).
+        crs: the raster's coordinate reference system as WKT.
+        nodata: the raster's nodata value.
+
+    It is also array-like, ``(H, W, C)`` by ``[rows, cols]``, so that code written for
+    arrays reads it unchanged.
+    """
+
+    kind = "array"
+    path: str | None = None
+    downsample = (1.0, 1.0)
+    mpp: tuple[float, float] | None = None
+    transform: tuple | None = None
+    crs: str | None = None
+    nodata = None
+
+    background = (1.0, 1.0, 1.0)  # what alpha is composited over, in [0, 1]
+
+    def __init__(self, hw, channels: int, dtype, want: int | None = None):
+        self.hw = (int(hw[0]), int(hw[1]))
+        self._stored, self._want = channels, want  # channels after alpha; asked for
+        self.dtype = np.dtype(dtype) if want is None or want == channels or channels == 1 \
+            else np.dtype(np.float64)  # luma is computed in float
+        self.channels = channels if want is None else want
+
+    # -- what every source has
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.hw, self.channels)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.path}" if self.path else f"the {self.kind} image"
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels ``[rows, cols]`` (steps allowed) as ``(C, h, w)``, channel rule applied."""
+        try:
+            region = self._read(rows, cols)
+        except (NofcError, OSError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything
+            raise BadRegion(f"cannot read {self.name} at {_pixels(rows, cols)}: "
+                            f"{first_line(exc)}") from None
+        return _match(_composite(region, self._has_alpha, self.background), self._want,
+                      self.name)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, cols = key
+        return np.moveaxis(self.read(rows, cols), 0, -1)
+
+    def describe(self) -> dict:
+        """What a map records about its image (``metadata["image"]``)."""
+        d = {"path": None if self.path is None else str(Path(self.path).resolve()),
+             "kind": self.kind, "shape": list(self.hw), "channels": self.channels,
+             "dtype": str(self.dtype), "downsample": list(self.downsample)}
+        d.update({k: v for k, v in (("mpp", self.mpp), ("transform", self.transform),
+                                     ("crs", self.crs), ("nodata", self.nodata))
+                  if v is not None})
+        return d
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """``(C, h, w)`` image of at most ``max_side`` pixels a side and how many pixels
+        read one of its pixels spans (every f-th pixel; slides use a low level)."""
+        f = max(1, -(-max(self.hw) // max_side))
+        return self.read(slice(None, None, f), slice(None, None, f)), float(f)
+
+    # -- what each kind provides
+    _has_alpha = False
+
+    def _read(self, rows: slice, cols: slice) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getstate__(self):  # ship the path, not an open file, to Dask workers
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def _composite(region: np.ndarray, has_alpha: bool, background=(1.0, 1.0, 1.0)
+               ) -> np.ndarray:
+    """Colour channels with the last (alpha) channel composited over ``background`` (in
+    [0, 1]), in the stored dtype (integers rounded).
+
+    >>> _composite(np.array([[[200]], [[0]]], np.uint8), True)[:, 0, 0].tolist()
+    [255]
+    """
+    if not has_alpha:
+        return region
+    colour, alpha = region[:-1], region[-1:]
+    top = float(np.iinfo(region.dtype).max) if np.issubdtype(region.dtype, np.integer) \
+        else 1.0
+    if (alpha == top).all():
+        return colour
+    bg = np.asarray(background, np.float64)[: colour.shape[0], None, None] * top
+    a = np.clip(alpha.astype(np.float64) / top, 0.0, 1.0)
+    mixed = colour * a + bg * (1.0 - a)
+    return (np.rint(mixed) if top != 1.0 else mixed).astype(region.dtype)
+
+
+def _match(region: np.ndarray, want: int | None, name: str) -> np.ndarray:
+    """Gray -> ``want`` identical channels, RGB -> luma; the same count unchanged."""
+    have = region.shape[0]
+    if want is None or want == have:
+        return region
+    if have == 1:
+        return np.repeat(region, want, axis=0)
+    if have == 3 and want == 1:
+        return np.tensordot(_LUMA, region.astype(np.float64) * scale_of(region.dtype),
+                            axes=1)[None]
+    raise NofcError(f"{name} has {have} colour channels and the network expects {want}; "
+                    "nofc converts only gray <-> RGB (select bands with bands=)")
+
+
+def _check_channels(have: int, want: int | None, name: str) -> None:
+    if want is not None and want != have and not (have == 1 or (have, want) == (3, 1)):
+        _match(np.zeros((have, 1, 1), np.uint8), want, name)  # raises the one message
+
+
+# --------------------------------------------------------------------------- arrays, files
+
+
+class ArraySource(ImageSource):
+    """A numpy/zarr/dask array or tensor, ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``."""
+
+    def __init__(self, array, layout: str = "auto", want: int | None = None,
+                 path: str | None = None, kind: str = "array"):
+        shape = tuple(array.shape)
+        lay = _array_layout(shape, want, layout)
+        self.array, self.layout, self.path, self.kind = array, lay, path, kind
+        c = 1 if lay == "hw" else shape[2] if lay == "hwc" else shape[0]
+        self._has_alpha = c in (2, 4) and want not in (2, 4)
+        hw = shape[:2] if lay != "chw" else shape[1:]
+        super().__init__(hw, c - self._has_alpha, getattr(array, "dtype", np.float32), want)
+        _check_channels(self._stored, want, self.name)
+
+    def _read(self, rows, cols):
+        a = self.array
+        region = a[:, rows, cols] if self.layout == "chw" else a[rows, cols]
+        region = region.compute() if hasattr(region, "compute") else region
+        region = region.numpy() if hasattr(region, "numpy") else region
+        region = np.asarray(region)
+        if self.layout == "hw":
+            return region[None]
+        return np.moveaxis(region, -1, 0) if self.layout == "hwc" else region
+
+
+def _array_layout(shape, want: int | None, layout: str) -> str:
+    """Where the channels of an array are: the axis of ``want`` channels, else the small
+    axis at either end (1 to 4: gray, gray + alpha, RGB, RGBA), the last first.
+
+    >>> _array_layout((40, 50, 4), 3, "auto"), _array_layout((1, 40, 50), 3, "auto")
+    ('hwc', 'chw')
+    """
+    if len(shape) == 2:
+        return "hw"
+    if len(shape) != 3:
+        raise NofcError(f"image must be (H, W), (H, W, C) or (C, H, W), got shape {shape}")
+    if layout in ("hwc", "chw"):
+        return layout  # as the caller says; the channel count is checked after
+    for axis, lay in ((2, "hwc"), (0, "chw")):
+        if want is not None and shape[axis] == want:
+            return lay
+    for axis, lay in ((2, "hwc"), (0, "chw")):
+        if shape[axis] <= 4:
+            return lay
+    return image_layout(shape, want or 3, layout)  # raises: no axis of that many channels
+
+
+class TiffFileSource(ArraySource):
+    """A TIFF's first series read lazily through tifffile (``nofc.images.TiffSource``)."""
+
+    def __init__(self, path: str, want: int | None = None):
+        tiff = TiffSource(path)
+        shape = tuple(n for n, a in zip(tiff.shape, tiff.axes) if a in "YXCS")
+        if shape != tuple(tiff.shape):
+            raise NofcError(f"{path}: TIFF of shape {tiff.shape} ({tiff.axes}) is not a single "
+                            "2D image (several pages or a volume?)")
+        layout = "auto" if len(shape) == 2 else "chw" if tiff.axes[0] in "SC" else "hwc"
+        super().__init__(tiff, layout, want, path=str(path), kind="tiff")
+
+
+class PictureSource(ArraySource):
+    """PNG, JPEG, BMP, ... read whole through Pillow (they cannot be read by region)."""
+
+    def __init__(self, path: str, want: int | None = None):
+        super().__init__(_read_picture(path), "auto", want, path=str(path), kind="picture")
+
+
+def _read_picture(path) -> np.ndarray:
+    """Pixels of a picture as stored: palettes expanded, 16-bit as uint16, bilevel 0/255."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # a large scan is the point here
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode == "PA":
+                im = im.convert("RGBA")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif mode == "1":
+                im = im.convert("L")
+            elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
+                raise NofcError(f"{path}: image mode {mode!r} is not supported; save it as "
+                                "grayscale, RGB or RGBA")
+            arr = np.array(im)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise NofcError(f"cannot read image {path}: {first_line(exc)}") from None
+    arr = arr.astype(arr.dtype.newbyteorder("="))
+    if mode.startswith("I") and arr.dtype != np.uint16 and arr.size and arr.min() >= 0 \
+            and arr.max() <= 65535:
+        arr = arr.astype(np.uint16)  # Pillow reads 16-bit PNGs as 32-bit "I"
+    return arr
+
+
+# --------------------------------------------------------------------------- slides
+
+
+class SlideSource(ImageSource):
+    """A whole-slide image through OpenSlide, at a ``level`` or a pixel size ``mpp``.
+
+    With ``mpp`` the level is the coarsest one at least that fine; between two levels
+    the pixels are resampled from it (box filter, so tiles agree where they meet).
+    """
+
+    kind = "slide"
+    _has_alpha = True  # OpenSlide gives RGBA: transparent outside the scanned area
+
+    def __init__(self, path: str, *, level: int | None = None, mpp: float | None = None,
+                 want: int | None = None):
+        self.path = str(path)
+        slide = _open_slide(self.path)
+        try:
+            dims, downs = slide.level_dimensions, slide.level_downsamples
+            props = slide.properties
+            mpp0 = _slide_mpp(props)
+        finally:
+            slide.close()
+        if level is not None and mpp is not None:
+            raise NofcError("give level= or mpp=, not both")
+        if level is None and mpp is None:
+            level = 0
+        if level is not None:
+            if not 0 <= int(level) < len(dims):
+                raise NofcError(f"{path} has levels 0..{len(dims) - 1} (downsamples "
+                                f"{', '.join(f'{d:g}' for d in downs)}), not level {level}")
+            self.level, factor = int(level), 1.0
+            hw = dims[self.level][::-1]
+            ds = (dims[0][1] / hw[0], dims[0][0] / hw[1])
+        else:
+            self.level, factor, hw, ds = _level_for_mpp(path, mpp, mpp0, dims, downs)
+        self.factor = factor  # pixels of the level per pixel read (1: no resampling)
+        self.level_downsample = float(downs[self.level])
+        self.downsample = ds
+        self.mpp = None if mpp0 is None else (mpp0[0] * ds[0], mpp0[1] * ds[1])
+        self._local = threading.local()
+        super().__init__(hw, 3, np.uint8, want)
+        _check_channels(3, want, self.name)
+
+    def _slide(self):
+        slide = getattr(self._local, "slide", None) if hasattr(self, "_local") else None
+        if slide is None:
+            if not hasattr(self, "_local"):
+                self._local = threading.local()
+            slide = self._local.slide = _open_slide(self.path)
+        return slide
+
+    def _read(self, rows, cols):
+        y0, y1, sy = rows.indices(self.hw[0])
+        x0, x1, sx = cols.indices(self.hw[1])
+        if (sy, sx) == (1, 1):
+            return self._region(y0, y1, x0, x1, self.level, self.factor)
+        # a preview (every s-th pixel): resampled from the coarsest level fine enough
+        s = min(sy, sx)
+        downs = self._slide().level_downsamples
+        level = max(i for i, d in enumerate(downs) if d <= self.downsample[0] * s * 1.001)
+        shape = (len(range(y0, y1, sy)), len(range(x0, x1, sx)))
+        f = self.downsample[0] / downs[level]  # level pixels per pixel read
+        out = self._region(y0, y1, x0, x1, level, f, shape)
+        return out
+
+    def _region(self, y0, y1, x0, x1, level, f, shape=None) -> np.ndarray:
+        """Rows y0..y1, columns x0..x1 (pixels read), from ``level`` at ``f`` of its pixels
+        per pixel read, as ``shape`` (default: one pixel each)."""
+        level_hw = self._slide().level_dimensions[level][::-1]
+        ly0, lx0 = int(np.floor(y0 * f)), int(np.floor(x0 * f))
+        ly1 = min(level_hw[0], int(np.ceil(y1 * f)))
+        lx1 = min(level_hw[1], int(np.ceil(x1 * f)))
+        ds = self._slide().level_downsamples[level]
+        try:
+            im = self._slide().read_region((int(round(lx0 * ds)), int(round(ly0 * ds))),
+                                           level, (lx1 - lx0, ly1 - ly0))
+        except Exception:
+            self._local.slide = None  # OpenSlide handles are unusable after an error
+            raise
+        h, w = shape or (y1 - y0, x1 - x0)
+        if f != 1.0 or (h, w) != (y1 - y0, x1 - x0):  # box filter: the same grid every tile
+            from PIL import Image
+
+            im = im.resize((w, h), Image.Resampling.BOX,
+                           box=(x0 * f - lx0, y0 * f - ly0, x1 * f - lx0, y1 * f - ly0))
+        return np.moveaxis(np.asarray(im), -1, 0)
+
+    def thumbnail(self, max_side: int = 2048):
+        """From the finest level whose longest side is at most ``max_side`` (or the last)."""
+        slide = self._slide()
+        dims = slide.level_dimensions
+        fits = [i for i, (w, h) in enumerate(dims) if max(w, h) <= max_side]
+        level = fits[0] if fits else len(dims) - 1
+        w, h = dims[level]
+        region = np.moveaxis(np.asarray(slide.read_region((0, 0), level, (w, h))), -1, 0)
+        per = slide.level_downsamples[level] / self.downsample[0]  # pixels read per pixel
+        return _match(_composite(region, True, self.background), self._want, self.name), \
+            float(per)
+
+
+def _open_slide(path: str):
+    try:
+        import openslide
+    except ImportError:
+        raise NofcError("whole-slide images need OpenSlide: pip install 'nofc[slides]'"
+                        ) from None
+    if not Path(path).is_file():
+        raise NofcError(f"image file not found: {path}")
+    try:
+        return openslide.OpenSlide(path)
+    except Exception as exc:  # noqa: BLE001 - OpenSlideError, unsupported format
+        raise NofcError(f"cannot read slide {path}: {first_line(exc)}") from None
+
+
+def _slide_mpp(props) -> tuple[float, float] | None:
+    try:
+        return (float(props["openslide.mpp-y"]), float(props["openslide.mpp-x"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _level_for_mpp(path, mpp, mpp0, dims, downs):
+    """``(level, factor, (H, W), downsample)`` for a requested pixel size ``mpp``."""
+    try:
+        mpp = float(mpp)
+    except (TypeError, ValueError):
+        raise NofcError(f"mpp must be a number of microns per pixel, got {mpp!r}") from None
+    if mpp0 is None:
+        raise NofcError(f"{path} does not record its pixel size (no openslide.mpp-x); "
+                        f"choose a level= instead (levels 0..{len(dims) - 1})")
+    base = (mpp0[0] + mpp0[1]) / 2
+    want = mpp / base  # level-0 pixels per pixel read
+    if mpp <= 0 or want < 1 - _MPP_TOLERANCE:
+        raise NofcError(f"mpp={mpp:g} is finer than level 0 of {path} ({base:g} microns per "
+                        f"pixel); choose mpp >= {base:g}")
+    level = max(i for i, d in enumerate(downs) if d <= want * (1 + _MPP_TOLERANCE))
+    factor = want / downs[level]
+    if abs(factor - 1) <= _MPP_TOLERANCE:
+        hw = dims[level][::-1]
+        return level, 1.0, hw, (dims[0][1] / hw[0], dims[0][0] / hw[1])
+    lh, lw = dims[level][::-1]
+    hw = (int(lh / factor), int(lw / factor))
+    return level, factor, hw, (downs[level] * factor,) * 2
+
+
+# --------------------------------------------------------------------------- rasters
+
+
+class RasterSource(ImageSource):
+    """A raster through rasterio (GeoTIFF, COG, JPEG 2000, ...), read by window.
+
+    ``bands`` are 1-based band numbers (default: every band that is not alpha; an alpha
+    band is composited like any alpha channel).
+    """
+
+    kind = "raster"
+
+    def __init__(self, path: str, *, bands=None, want: int | None = None):
+        self.path = str(path)
+        self._local = threading.local()
+        ds = self._dataset()
+        try:
+            from rasterio.enums import ColorInterp
+        except ImportError:  # pragma: no cover - checked by _dataset
+            raise
+        alpha = [i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
+        if bands is None:
+            bands = [b for b in range(1, ds.count + 1) if b not in alpha]
+        bands = [int(b) for b in np.atleast_1d(bands)]
+        bad = [b for b in bands if not 1 <= b <= ds.count]
+        if bad or not bands:
+            raise NofcError(f"{path} has bands 1..{ds.count}, not {bad or bands}; choose "
+                            "bands among those")
+        self.bands = bands + (alpha[:1] if alpha and alpha[0] not in bands else [])
+        self._has_alpha = len(self.bands) > len(bands)
+        dtypes = {ds.dtypes[b - 1] for b in self.bands}
+        if len(dtypes) > 1:
+            raise NofcError(f"{path}: bands {self.bands} have different types {sorted(dtypes)}; "
+                            "choose bands of one type")
+        t = ds.transform
+        self.transform = (t.a, t.b, t.c, t.d, t.e, t.f)
+        self.crs = ds.crs.to_wkt() if ds.crs else None
+        self.nodata = ds.nodata
+        super().__init__((ds.height, ds.width), len(bands), dtypes.pop(), want)
+        _check_channels(len(bands), want, self.name)
+
+    def _dataset(self):
+        ds = getattr(self._local, "ds", None) if hasattr(self, "_local") else None
+        if ds is None:
+            try:
+                import rasterio
+            except ImportError:
+                raise NofcError("rasters need rasterio: pip install 'nofc[geo]'") from None
+            if not Path(self.path).is_file():
+                raise NofcError(f"image file not found: {self.path}")
+            try:
+                ds = rasterio.open(self.path)
+            except Exception as exc:  # noqa: BLE001 - RasterioIOError
+                raise NofcError(f"cannot read raster {self.path}: {first_line(exc)}") from None
+            if not hasattr(self, "_local"):
+                self._local = threading.local()
+            self._local.ds = ds
+        return ds
+
+    def _read(self, rows, cols):
+        from rasterio.windows import Window
+
+        y0, y1, sy = rows.indices(self.hw[0])
+        x0, x1, sx = cols.indices(self.hw[1])
+        shape = (len(self.bands), len(range(y0, y1, sy)), len(range(x0, x1, sx)))
+        # steps (previews): GDAL decimates, from overviews when the file has them
+        return self._dataset().read(self.bands, window=Window(x0, y0, x1 - x0, y1 - y0),
+                                    out_shape=shape)
+
+    def valid_mask(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """Where the raster has data (GDAL's mask: nodata, alpha), at most ``max_side``
+        pixels a side, and how many pixels read one mask pixel spans."""
+        ds = self._dataset()
+        f = max(1, -(-max(self.hw) // max_side))
+        shape = (-(-self.hw[0] // f), -(-self.hw[1] // f))
+        return ds.dataset_mask(out_shape=shape) > 0, float(f)
+
+
+def _is_geotiff(path: Path) -> bool:
+    """Whether a TIFF carries georeferencing (GeoKeys, or a model transform)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            return _GEOKEYS in tags or 33922 in tags or 34264 in tags
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide or GDAL may
+        return False
+
+
+def _slide_format(path: Path) -> str | None:
+    try:
+        import openslide
+    except ImportError:
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------- one way in
+
+
+def open_source(image, *, channels: int | None = None, layout: str = "auto", level=None,
+                mpp=None, bands=None) -> ImageSource:
+    """The :class:`ImageSource` for what the user gives.
+
+    Args:
+        image: an array (numpy, memmap, zarr, dask, torch), an :class:`ImageSource`, or a
+            path: slides (``.svs``, ``.ndpi``, ``.mrxs``, ... and a TIFF when ``level`` or
+            ``mpp`` is given or OpenSlide knows its vendor) through OpenSlide; a TIFF with
+            georeferencing, or any other file GDAL opens, through rasterio; other TIFFs
+            through tifffile (lazily); PNG/JPEG whole.
+        channels: the channels the network wants (gray <-> RGB matched), or None.
+        level, mpp: a slide's level, or microns per pixel (pick the level, resample).
+        bands: a raster's 1-based bands.
+
+    >>> open_source(np.zeros((2, 30, 20), np.float32), channels=2).hw
+    (30, 20)
+    """
+    if isinstance(image, ImageSource):
+        return image
+    if not isinstance(image, (str, os.PathLike)):
+        if level is not None or mpp is not None or bands is not None:
+            raise NofcError("level=, mpp= and bands= apply to slide and raster files, not "
+                            "to arrays")
+        if hasattr(image, "detach"):
+            image = image.detach().cpu().numpy()
+        if not (hasattr(image, "shape") and hasattr(image, "__getitem__")):
+            raise NofcError(f"image must be an array, a tensor or a file path, got "
+                            f"{type(image).__name__}")
+        return ArraySource(image, layout, channels)
+    path = Path(image)
+    if not path.is_file():
+        raise NofcError(f"image file not found: {image}")
+    if path.stat().st_size == 0:
+        raise NofcError(f"cannot read image {image}: the file is empty")
+    suffix = path.suffix.lower()
+    slide_args = level is not None or mpp is not None
+    if bands is not None and slide_args:
+        raise NofcError("bands= applies to rasters, level=/mpp= to slides: not both")
+    if suffix in SLIDE_SUFFIXES:
+        return SlideSource(str(path), level=level, mpp=mpp, want=channels)
+    if suffix in TIFF_SUFFIXES:
+        if bands is not None or _is_geotiff(path):
+            if slide_args:
+                raise NofcError(f"{image} is a georeferenced raster: level=/mpp= apply to "
+                                "slides (choose bands= instead)")
+            return RasterSource(str(path), bands=bands, want=channels)
+        fmt = _slide_format(path) if slide_args or suffix in (".tif", ".tiff") else None
+        if slide_args or fmt not in (None, "generic-tiff"):
+            return SlideSource(str(path), level=level, mpp=mpp, want=channels)
+        return TiffFileSource(str(path), want=channels)
+    if slide_args:
+        raise NofcError(f"level= and mpp= apply to whole-slide images, not {suffix} files")
+    if suffix in PICTURE_SUFFIXES and bands is None:
+        return PictureSource(str(path), want=channels)
+    return RasterSource(str(path), bands=bands, want=channels)
