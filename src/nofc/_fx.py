@@ -26,8 +26,9 @@ import torch.nn as nn
 from .errors import NofcError, first_line
 
 __all__ = [
-    "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "describe_node", "fake_mode",
-    "fmt_shape", "get_attr", "global_pool", "pair", "param_like", "probe", "trace",
+    "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
+    "describe_node", "fake_mode", "fmt_shape", "get_attr", "global_pool", "pair", "param_like",
+    "probe", "trace",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
@@ -133,12 +134,20 @@ def describe_node(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op == "call_module":
         mod = gm.get_submodule(n.target)
         return f"'{n.target}' ({type(mod).__name__})"
+    where = _module_path(n)
+    where = f" in '{where}'" if where else ""
     if n.op == "call_function":
         name = getattr(n.target, "__name__", str(n.target))
-        return f"node '{n.name}' (function {name})"
+        return f"node '{n.name}' (function {name}{where})"
     if n.op == "call_method":
-        return f"node '{n.name}' (method .{n.target})"
+        return f"node '{n.name}' (method .{n.target}{where})"
     return f"node '{n.name}' ({n.op})"
+
+
+def _module_path(n: fx.Node) -> str:
+    """The module whose forward made ``n`` ('' for the top level or an unknown one)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
 
 
 class _Tracer(fx.Tracer):
@@ -182,11 +191,12 @@ class _ValueProxy(fx.Proxy):
     def __getattr__(self, k: str):
         if k in ("tracer", "node", "_node", "root", "attr"):  # not set yet: no proxy of them
             raise AttributeError(k)
-        # a device, dtype or rank never depends on the input size: known, not traced
+        # a rank, a device's type or a flag never depends on the input size: known, not
+        # traced (a dtype or device stays traced: the module may be cast or moved later)
         value = self.tracer.values.get(self.node, _UNKNOWN)
         if value is not _UNKNOWN and not k.startswith("__"):
             known = getattr(value, k, None)
-            if isinstance(known, (torch.device, torch.dtype, str, bool)) or k == "ndim":
+            if isinstance(known, (str, bool)) or k == "ndim":
                 return known
         return _ValueAttribute(self, k)
 
@@ -434,8 +444,8 @@ _REDUCE_METHODS = {"mean": "avg", "amax": "max", "sum": "sum"}
 _REDUCE_FUNCS = {torch.mean: "avg", torch.amax: "max", torch.sum: "sum"}
 
 
-def _spatial_reduce(n: fx.Node) -> tuple[str, bool] | None:
-    """(kind, keepdim) for a mean/amax/sum over both spatial dims of a 4D map."""
+def _spatial_reduce(n: fx.Node, dims=(2, 3)) -> tuple[str, bool] | None:
+    """(kind, keepdim) for a mean/amax/sum over both spatial ``dims`` of a 4D map."""
     if n.op == "call_method" and n.target in _REDUCE_METHODS:
         kind = _REDUCE_METHODS[n.target]
     elif n.op == "call_function" and n.target in _REDUCE_FUNCS:
@@ -449,9 +459,20 @@ def _spatial_reduce(n: fx.Node) -> tuple[str, bool] | None:
         dim = (dim,)
     if not isinstance(dim, (tuple, list)):
         return None
-    if {d % 4 if isinstance(d, int) else None for d in dim} != {2, 3}:
+    if {d % 4 if isinstance(d, int) else None for d in dim} != set(dims):
         return None
     return kind, bool(keepdim)
+
+
+def channels_last_pool(n: fx.Node) -> str | None:
+    """``"avg"``, ``"max"`` or ``"sum"`` when ``n`` reduces a ``(B, H, W, C)`` tensor over
+    H and W to ``(B, C)`` (MambaOut's and timm's NHWC heads: ``x.mean((1, 2))``).
+
+    Only reductions that drop the dims are recognised: their result is the vector a
+    classifier reads.
+    """
+    reduce = _spatial_reduce(n, dims=(1, 2))
+    return reduce[0] if reduce is not None and not reduce[1] else None
 
 
 def global_pool(gm: fx.GraphModule, n: fx.Node) -> tuple[str, Any] | None:

@@ -29,6 +29,7 @@ from ._fx import (
     PROBE_BATCH as _BATCH,
     NodeFailure,
     ShapeRecorder,
+    channels_last_pool,
     describe_node,
     fmt_shape,
     global_pool,
@@ -106,8 +107,10 @@ class Replacement:
 
     ``kind`` is ``"linear_to_conv"``, ``"bn1d_to_bn2d"``, ``"softmax_dim"`` (over the
     channels now), ``"drop"`` (a flatten, identity pooling or same-shape reshape: its readers
-    take its input), ``"pool"`` (a new pooling module) or ``"squeeze_pair"`` (the first of two
-    squeezes of a ``(B, C, 1, 1)`` map; the second is dropped as the flatten).
+    take its input), ``"pool"`` (a new pooling module), ``"squeeze_pair"`` (the first of two
+    squeezes of a ``(B, C, 1, 1)`` map; the second is dropped as the flatten) or
+    ``"last_dim"`` (a LayerNorm over the features: it runs on the map permuted to
+    channels-last and back).
     """
 
     kind: str
@@ -121,6 +124,7 @@ class Replacement:
     layout: Layout | None = None  # linear_to_conv: the flattened vector the Linear reads
     stride: int = 1  # linear_to_conv
     dim_at: int | str | None = None  # softmax_dim of a call: where its dim argument goes
+    channels_last: bool = False  # pool: its input is (B, H, W, C), permuted to (B, C, H, W)
 
 
 @dataclass
@@ -130,13 +134,17 @@ class Plan:
     options: Options
     layouts: dict[str, Layout] = field(default_factory=dict)  # node name -> what it holds
     replacements: list[Replacement] = field(default_factory=list)  # in graph order
-    # pooling inside the body (squeeze-and-excitation): kept, map cells see the whole image
+    # pooling inside the body (squeeze-and-excitation) or attention over all positions:
+    # kept, map cells see the whole image
     global_context: list[str] = field(default_factory=list)
+    context_reasons: dict[str, str] = field(default_factory=dict)  # name -> why, if not pooling
 
     def __str__(self) -> str:
         lines = [f"{r.kind} {r.name}: {r.before} -> {r.after} ({r.reason})"
                  for r in self.replacements]
-        lines += [f"kept global {name}: pooling inside the body" for name in self.global_context]
+        lines += [f"kept global {name}: "
+                  + self.context_reasons.get(name, "pooling inside the body")
+                  for name in self.global_context]
         return "\n".join(lines) or "nothing to change"
 
 
@@ -230,7 +238,10 @@ def convert_with_record(
     before = _probe_or_explain(gm, ref, options.input_size, model_name=type(model).__name__)
     record = ConversionRecord(_plan(gm, before.shapes, options), dict(before.shapes))
     record.replaced = _apply(gm, record.plan)
-    record.shapes_after = _check_converted(gm, before, options.input_size)
+    record.shapes_after, big = _check_converted(gm, before, options.input_size)
+    for name, why in _global_mixers(gm, record.shapes_after, big).items():
+        record.plan.global_context.append(name)
+        record.plan.context_reasons[name] = why
     gm._nofc_record = record  # read by explain(); ignored by TorchScript
     gm._nofc_input_size = options.input_size
     return gm, record
@@ -250,25 +261,89 @@ def _options(model, input_size, pooling, fc_stride, flatten_order) -> Options:
     return Options(size, pooling, fc_stride, flatten_order)
 
 
-def _check_converted(gm: fx.GraphModule, before: ShapeRecorder, size) -> dict:
-    """Same output at the reference size, and it runs larger; return the shapes after."""
+def _check_converted(gm: fx.GraphModule, before: ShapeRecorder, size) -> tuple[dict, dict]:
+    """Same output at the reference size, and it runs larger; return the shapes after, at
+    the reference size and at twice it."""
     ref = (_BATCH, *size)
     try:
         after = probe(gm, ref, dtype=param_like(gm)[1])
     except NodeFailure as f:  # pragma: no cover - a bug in the rewrite, not user input
         raise NofcError(f"internal: converted graph fails at {describe_node(gm, f.node)}: "
                         f"{f.exc}") from None
-    _check_outputs(before, after)
+    _check_outputs(gm, before, after)
     big = (_BATCH, size[0], 2 * size[1], 2 * size[2])
     try:
-        probe(gm, big, dtype=param_like(gm)[1])
+        at_big = probe(gm, big, dtype=param_like(gm)[1])
     except NodeFailure as f:
         raise NofcError(
             f"{describe_node(gm, f.node)} only works at the reference size: on a "
             f"{size[0]}x{big[2]}x{big[3]} input it fails ({first_line(f.exc)}); "
             "it depends on the spatial size, so the model cannot be made fully convolutional"
         ) from None
-    return dict(after.shapes)
+    return dict(after.shapes), dict(at_big.shapes)
+
+
+_MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.baddbmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+
+
+def _global_mixers(gm: fx.GraphModule, ref: dict, big: dict) -> dict[str, str]:
+    """Ops whose output at one position sums over every position of the image: node ->
+    why.
+
+    A product that contracts a dimension growing with the input (attention over all
+    spatial tokens as in PVT-v2 or CoaT, linear attention, global-context blocks) mixes
+    the whole image into each cell; windowed attention (Swin) contracts a fixed number of
+    tokens and is not one. Found by comparing the shapes at two input sizes.
+    """
+    found = {}
+    for n in gm.graph.nodes:
+        grows = [(a, d) for a, d in _contracted(gm, n)
+                 if isinstance(a, fx.Node) and _dim(ref, a, d) != _dim(big, a, d)]
+        if grows:
+            a, d = grows[0]
+            found[n.target if n.op == "call_module" else n.name] = (
+                f"{describe_node(gm, n)} sums over {_dim(ref, a, d)} positions at the "
+                "reference size, a number that grows with the image (attention over all "
+                "positions)")
+    return found
+
+
+def _dim(shapes: dict, a: fx.Node, d: int):
+    s = shapes.get(a.name)
+    return s[d] if s is not None and -len(s) <= d < len(s) else None
+
+
+def _contracted(gm: fx.GraphModule, n: fx.Node) -> list[tuple]:
+    """(input node, dim) pairs that ``n`` sums over: matmul's inner dim, attention's keys."""
+    if (n.op == "call_function" and n.target in _MATMUL_FUNCS
+            or n.op == "call_method" and n.target in _MATMUL_METHODS):
+        args = n.args[1:] if n.target is torch.baddbmm else n.args
+        return [(args[0], -1)] if len(args) >= 2 else []
+    if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+        return [(n.args[1], -2)] if len(n.args) >= 2 else []
+    if n.op == "call_function" and n.target is torch.einsum and isinstance(n.args[0], str):
+        return _einsum_contracted(n.args[0], n.args[1:])
+    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention):
+        key = n.args[1] if len(n.args) > 1 else n.kwargs.get("key")
+        first = gm.get_submodule(n.target).batch_first
+        return [(key, 1 if first else 0)]
+    return []
+
+
+def _einsum_contracted(eq: str, operands) -> list[tuple]:
+    """The (operand, dim) pairs an einsum equation sums over (letters not in the output).
+
+    >>> [d for _, d in _einsum_contracted("bhnd,bhmd->bhnm", ["q", "k"])]
+    [3, 3]
+    """
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    ins, _, out = eq.replace(" ", "").partition("->")
+    pairs = []
+    for spec, a in zip(ins.split(","), operands):
+        pairs += [(a, i) for i, c in enumerate(spec) if c.isalpha() and c not in out]
+    return pairs if "." not in eq else []
 
 
 def _probe_or_explain(gm, ref, size, model_name) -> ShapeRecorder:
@@ -339,12 +414,51 @@ def _suggest_size(gm, node, in_features, size):
     return None
 
 
-def _check_outputs(before: ShapeRecorder, after: ShapeRecorder) -> None:
+def _check_outputs(gm: fx.GraphModule, before: ShapeRecorder, after: ShapeRecorder) -> None:
     """The classifier's (B, K) output must have become (B, K, 1, 1) at the reference size."""
     sb, sa = before.shapes.get("output"), after.shapes.get("output")
     if sb is not None and sa is not None and len(sb) == 2:
         if not (len(sa) == 4 and sa[:2] == sb and sa[2:] == (1, 1)):
-            raise NofcError(f"internal: output {fmt_shape(sb)} became {fmt_shape(sa)}")
+            out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            origin = _vector_origin(gm, after.shapes, out) if isinstance(out, fx.Node) else ""
+            raise NofcError(
+                f"cannot convert {type(gm).__name__}: its output {fmt_shape(sb)} does not come "
+                f"from a C x H x W feature map{f' ({origin})' if origin else ''}, so it has "
+                "no per-window form; nothing was converted")
+
+
+def _vector_origin(gm: fx.GraphModule, shapes: dict, n: fx.Node) -> str:
+    """Where a (B, F) vector comes from, for refusals: the op that made it from a tensor of
+    another rank, followed back through ops that keep it a (B, F) vector.
+
+    >>> import torch.nn as nn
+    >>> class ClassToken(nn.Module):
+    ...     def forward(self, x):
+    ...         return x.flatten(2).transpose(1, 2)[:, 0].relu()
+    >>> gm = trace(ClassToken())
+    >>> out = list(gm.graph.nodes)[-2]
+    >>> _vector_origin(gm, probe(gm, (2, 3, 4, 4)).shapes, out)
+    "node 'getitem' (function getitem) takes one token of a (2, 16, 3) sequence (a class token)"
+    """
+    seen = set()
+    while n not in seen:
+        seen.add(n)
+        ins = [a for a in n.all_input_nodes if shapes.get(a.name) is not None]
+        if len(ins) != 1 or len(shapes[ins[0].name]) != 2:
+            break
+        n = ins[0]
+    ins = [shapes.get(a.name) for a in n.all_input_nodes]
+    s_in = next((s for s in ins if s is not None and len(s) == 3), None)
+    label = describe_node(gm, n)
+    if s_in is not None and n.op == "call_function" and n.target is operator.getitem:
+        return f"{label} takes one token of a {fmt_shape(s_in)} sequence (a class token)"
+    if s_in is not None and (n.op == "call_method" and n.target in ("mean", "sum", "amax")
+                             or n.target in (torch.mean, torch.sum, torch.amax)):
+        return f"{label} pools a {fmt_shape(s_in)} sequence of tokens"
+    if n.op in ("placeholder", "get_attr", "output"):
+        return ""
+    shown = ", ".join(fmt_shape(s) for s in ins if s is not None) or "-"
+    return f"{label} makes it from {shown}"
 
 
 # --------------------------------------------------------------------------- plan
@@ -469,6 +583,9 @@ def _by_type(table: dict, cls: type):
 def _plan_pool(p: _Planner, n: fx.Node) -> bool:
     """Plan adaptive or global pooling; True when ``n`` is one (then nothing else applies)."""
     kind = global_pool(p.gm, n)
+    last = channels_last_pool(n)
+    if last is not None:
+        kind = (last, 1)
     if kind is None or kind[0] == "sum" or not n.args or not isinstance(n.args[0], fx.Node):
         return False
     if _mixes_with_map(p, n):
@@ -480,25 +597,31 @@ def _plan_pool(p: _Planner, n: fx.Node) -> bool:
         return False
     if p.vector(src) is not None:
         p.fail(n, "pooling over a flattened vector")
-    planned = _plan_pool_rewrite(p, n, kind, s_in, s_out)
+    if last is not None:  # (B, H, W, C): planned as the (B, C, H, W) map it stands for
+        s_in = (s_in[0], s_in[3], s_in[1], s_in[2])
+    planned = _plan_pool_rewrite(p, n, kind, s_in, s_out, channels_last=last is not None)
     if planned and len(s_out) == 2:  # x.mean((2, 3)): its readers see a (C, 1, 1) vector
         p.plan.layouts[n.name] = p.flat(s_in[1])
     return True
 
 
-def _plan_pool_rewrite(p: _Planner, n: fx.Node, kind, s_in, s_out) -> bool:
+def _plan_pool_rewrite(p: _Planner, n: fx.Node, kind, s_in, s_out, *,
+                       channels_last: bool = False) -> bool:
     """Remove, keep global or window the pooling ``n``; False when it stays as it is."""
     op, out_size = kind
     h, w = s_in[2:]
     oh, ow = pair(out_size, (h, w))
     before = f"{'Adaptive' if n.op == 'call_module' else 'global '}{op}pool -> {oh}x{ow}"
+    if channels_last:
+        before = f"global {op}pool of (B, H, W, C) over H, W"
     shapes = f"{fmt_shape(s_in)} -> {fmt_shape(s_out)}"
     if p.options.pooling == "global":
         if (oh, ow) != (1, 1):
             return False
         new = nn.AdaptiveAvgPool2d(1) if op == "avg" else nn.AdaptiveMaxPool2d(1)
         p.add(n, "pool", before, f"kept global: {new}",
-              f"pooling='global': one vector for any input size, {shapes}", module=new)
+              f"pooling='global': one vector for any input size, {shapes}", module=new,
+              channels_last=channels_last)
         return True
     if (oh, ow) == (h, w):  # VGG's 7x7, AlexNet's 6x6 at the reference size
         p.add(n, "drop", before, "removed", f"identity at this size, {shapes}")
@@ -511,8 +634,10 @@ def _plan_pool_rewrite(p: _Planner, n: fx.Node, kind, s_in, s_out) -> bool:
     # global pooling slides (its stride is fc_stride); finer adaptive pooling tiles
     stride = p.next_stride() if (oh, ow) == (1, 1) else k
     new = nn.AvgPool2d(k, stride=stride) if op == "avg" else nn.MaxPool2d(k, stride=stride)
-    p.add(n, "pool", before, f"{new}",
-          f"each cell pools one {k[0]}x{k[1]} window of the map, {shapes}", module=new)
+    p.add(n, "pool", before, f"{new}" + (" of the map permuted to (B, C, H, W)"
+                                          if channels_last else ""),
+          f"each cell pools one {k[0]}x{k[1]} window of the map, {shapes}", module=new,
+          channels_last=channels_last)
     return True
 
 
@@ -544,7 +669,7 @@ def _mixes_with_map(p: _Planner, pool: fx.Node) -> bool:
 # a Linear or BatchNorm1d reading a 2D tensor that is not a flattened map: why it is refused
 _PLAIN_REFUSALS = {
     nn.Linear: "its input is a vector that does not come from flattening a C x H x W feature "
-               "map (a reshape into a sequence, a token or an index in between?)",
+               "map",
     nn.BatchNorm1d: "BatchNorm1d on a vector that is not a flattened feature map",
 }
 
@@ -556,7 +681,8 @@ def _check_plain(p: _Planner, n: fx.Node) -> None:
     why = _by_type(_PLAIN_REFUSALS, type(p.module(n)))
     s = p.shape(n.all_input_nodes[0]) if n.all_input_nodes else None
     if why is not None and s is not None and len(s) == 2:
-        p.fail(n, why)
+        origin = _vector_origin(p.gm, p.shapes, n.all_input_nodes[0])
+        p.fail(n, f"{why} ({origin or 'a reshape into a sequence, a token or an index'})")
 
 
 def _plan_flatten(p: _Planner, n: fx.Node) -> None:
@@ -670,6 +796,24 @@ def _plan_softmax_call(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> La
     return layout
 
 
+def _plan_layer_norm(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
+    """LayerNorm over the C features of a pooled C x 1 x 1 vector: the same over the
+    channels of each map cell (run channels-last, then permuted back)."""
+    if n.args[0] not in vin or any(p.vector(a) is not None for a in n.all_input_nodes[1:]):
+        p.fail(n, "LayerNorm whose weight or bias is the feature vector")
+    if n.op == "call_module":
+        shape = tuple(p.module(n).normalized_shape)
+    else:
+        shape = tuple(n.kwargs.get("normalized_shape", n.args[1] if len(n.args) > 1 else ()))
+    if (layout.h, layout.w) != (1, 1) or shape != (layout.c,):
+        p.fail(n, f"LayerNorm over {shape} of a flattened {layout.c}x{layout.h}x{layout.w} "
+                  "volume normalises across positions, so it has no per-window form")
+    p.add(n, "last_dim", f"LayerNorm over {layout.c} features",
+          f"LayerNorm over the {layout.c} channels of each cell",
+          "the features are the channels of the map", shown=n.op == "call_module")
+    return layout
+
+
 def _plan_prelu(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layout:
     """PReLU: one slope, or one per channel of a C x 1 x 1 vector."""
     if p.module(n).num_parameters != 1 and (layout.h, layout.w) != (1, 1):
@@ -717,6 +861,7 @@ _MODULE_RULES: dict[type, _Rule] = {
     nn.Softmax: _plan_softmax_module,
     nn.LogSoftmax: _plan_softmax_module,
     nn.PReLU: _plan_prelu,
+    nn.LayerNorm: _plan_layer_norm,
     **dict.fromkeys(_ELEMENTWISE_MODULES, _plan_elementwise),
 }
 # (op, target) -> rule: torch.relu(x) and x.relu() follow the same rule
@@ -728,6 +873,7 @@ _CALL_RULES: dict[tuple, _Rule] = {
     **{("call_function", f): _plan_softmax_call for f in _SOFTMAX_FUNCS},
     **{("call_method", m): _plan_softmax_call for m in _SOFTMAX_METHODS},
     ("call_method", "size"): _plan_size,
+    ("call_function", F.layer_norm): _plan_layer_norm,
 }
 
 
@@ -799,6 +945,9 @@ def _apply_drop(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict
 def _apply_pool(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
     """Swap ``n`` for a call of the planned pooling module on its input."""
     new, src = copy.deepcopy(rep.module), n.args[0]
+    if rep.channels_last:
+        with gm.graph.inserting_before(n):
+            src = gm.graph.call_method("permute", (src, 0, 3, 1, 2))
     if n.op == "call_module":
         _set_module(gm, n.target, new)
         n.args, n.kwargs = (src,), {}
@@ -808,6 +957,16 @@ def _apply_pool(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict
     n.replace_all_uses_with(m)
     gm.graph.erase_node(n)
     replaced[n.name] = m.name
+
+
+def _apply_last_dim(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    """Run ``n`` on the map permuted to (B, h, w, C), then permute its result back."""
+    with gm.graph.inserting_before(n):
+        cl = gm.graph.call_method("permute", (n.args[0], 0, 2, 3, 1))  # (B, h, w, C)
+    n.args = (cl, *n.args[1:])
+    with gm.graph.inserting_after(n):
+        back = gm.graph.call_method("permute", (n, 0, 3, 1, 2))  # (B, C, h, w)
+    n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
 
 
 def _set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
@@ -832,4 +991,5 @@ _APPLY: dict[str, Callable[[fx.GraphModule, fx.Node, Replacement, dict], None]] 
     "drop": _apply_drop,
     "squeeze_pair": _apply_drop,
     "pool": _apply_pool,
+    "last_dim": _apply_last_dim,
 }

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .errors import NofcError, first_line, refuse_overwrite
 
-__all__ = ["load_model", "parse_size", "atomic_output"]
+__all__ = ["load_model", "parse_size", "atomic_output", "default_input_size"]
 
 
 def parse_size(text: str, *, n: int = 3, what: str = "--input-size") -> tuple[int, ...]:
@@ -114,8 +114,9 @@ def _import_factory(spec: str) -> nn.Module:
 def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """Build the model a CLI user names, in eval mode.
 
-    ``spec`` is ``torchvision:NAME`` (random weights), ``nofc:NAME`` (models shipped
-    with nofc, such as ``nofc:lenet5``), ``path/to/file.py:factory`` (the
+    ``spec`` is ``torchvision:NAME`` or ``timm:NAME`` (random weights; timm's pretrained
+    config, with its mean, std and input size, stays on the model as ``pretrained_cfg``),
+    ``nofc:NAME`` (models shipped with nofc, such as ``nofc:lenet5``), ``path/to/file.py:factory`` (the
     factory is called with no arguments) or a ``.pt`` file holding a whole pickled model,
     which is refused unless ``trust_pickle`` (unpickling can run arbitrary code).
     ``weights`` is a state_dict file, always loaded with ``weights_only=True``.
@@ -141,6 +142,8 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise NofcError(f"unknown torchvision model '{name}'{hint}")
         model = torchvision.models.get_model(name, weights=None)
+    elif spec.startswith("timm:"):
+        model = _timm_model(spec.split(":", 1)[1])
     elif spec.endswith((".pt", ".pth", ".ckpt")) and ":" not in Path(spec).name:
         path = Path(spec)
         if not path.is_file():
@@ -167,11 +170,39 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
                         "-o out.onnx` reads ONNX (nofc.convert_onnx); the other commands need "
                         "a PyTorch model")
     else:
-        raise NofcError(f"cannot tell what model {spec!r} is: use torchvision:NAME, "
+        raise NofcError(f"cannot tell what model {spec!r} is: use torchvision:NAME, timm:NAME, "
                         "path/to/file.py:factory or a pickled model .pt with --trust-pickle")
     if weights is not None:
         _apply_state_dict(model, _load_state_dict(weights), weights)
     return model.eval()
+
+
+def _timm_model(name: str) -> nn.Module:
+    """``timm.create_model(name)`` with random weights, or a NofcError naming close names."""
+    try:
+        import timm
+    except ImportError:
+        raise NofcError(f"timm:{name} needs timm: pip install timm") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:5]}*")[:5] if name else []
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise NofcError(f"unknown timm model '{name}'{hint}")
+    try:
+        return timm.create_model(name, pretrained=False)
+    except Exception as exc:  # noqa: BLE001
+        raise NofcError(f"timm cannot build '{name}': {type(exc).__name__}: "
+                        f"{first_line(exc)}") from None
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` a timm model's pretrained config names (None for other models).
+
+    >>> default_input_size(load_model("timm:resnet18"))
+    (3, 224, 224)
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(int(s) for s in size) if size is not None and len(size) == 3 else None
 
 
 @contextlib.contextmanager

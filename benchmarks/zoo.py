@@ -1,0 +1,304 @@
+"""The whole nofc pipeline over the timm zoo and torchvision's classifiers: docs/coverage.md.
+
+For each model, in its own process with a time limit and one thread (random weights, the
+input size of its pretrained config): ``convert``, ``verify`` (float64, at the reference
+size), ``geometry``, ``dense_predict`` on a non-square image larger than the window
+(compared cell by cell with the classifier on the crops: a map that disagrees where
+geometry says exact is WRONG), ``tiled_predict`` against ``dense_predict``, and
+``export_onnx`` run in onnxruntime against the converted network. A stage that refuses
+stops the row with its one-line message.
+
+    python benchmarks/zoo.py                  # smallest model of each timm module + torchvision
+    python benchmarks/zoo.py --all            # every timm name
+    python benchmarks/zoo.py --only timm:vgg11 torchvision:alexnet   # print, write nothing
+    python benchmarks/zoo.py --jobs 2 --timeout 600
+
+Results are kept one JSON line per model in ``--work`` (default /tmp/nofc_zoo), so an
+interrupted run resumes; ``--again`` runs every model anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("convert", "verify", "geometry", "dense", "tiled", "onnx")
+_MARK = "ZOO-STAGE "
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def _build(spec: str):
+    """(model, input_size) for ``timm:NAME`` or ``torchvision:NAME``, random weights."""
+    import nofc.io
+
+    model = nofc.io.load_model(spec)
+    size = nofc.io.default_input_size(model) or (3, 224, 224)
+    if spec == "torchvision:inception_v3":
+        size = (3, 299, 299)
+    return model, tuple(size)
+
+
+def _child(spec: str) -> None:
+    """Run the stages for one model, printing each result as a marked JSON line."""
+    import numpy as np
+    import torch
+
+    import nofc
+
+    torch.manual_seed(0)
+
+    def emit(stage, status, detail=""):
+        print(_MARK + json.dumps({"stage": stage, "status": status, "detail": detail}),
+              flush=True)
+
+    stage = "build"
+    try:
+        model, size = _build(spec)
+        emit("size", "ok", "x".join(map(str, size)))
+        stage = "convert"
+        fcn = nofc.convert(model, size)
+        emit(stage, "ok")
+        stage = "verify"
+        r = nofc.verify(model, fcn, size, batch=1)
+        emit(stage, "ok" if r.ok else "MISMATCH", f"{r.max_abs_error:.1e} (rel {r.max_rel_error:.1e})")
+        stage = "geometry"
+        geo = nofc.geometry(fcn, size)
+        sy, sx = geo.stride
+        emit(stage, "ok", f"stride {sy}x{sx}, " + ("exact" if geo.exact else
+                                                   f"not exact: {geo.reasons[-1]}"))
+        stage = "dense"
+        img = torch.randn(size[0], size[1] + 2 * sy, size[2] + 3 * sx)
+        rep = nofc.verify(model, fcn, size, image=img, dtype=torch.float32)
+        dense = nofc.dense_predict(fcn, img, size)[0].numpy()  # (K, h, w)
+        where = f"{dense.shape[1]}x{dense.shape[2]} map, {rep.cells} cells vs crops rel {rep.max_rel_error:.0e}"
+        emit(stage, "WRONG" if geo.exact and not rep.ok else "ok", where)
+        stage = "tiled"
+        try:
+            tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=2 * max(sy, sx),
+                                       progress=False)
+            err = float(np.abs(tiled - dense).max()) / max(1e-30, float(np.abs(dense).max()))
+            emit(stage, "ok" if err <= 1e-4 else "DIFFERS", f"rel {err:.0e}")
+        except nofc.NofcError as exc:
+            emit(stage, "refused", str(exc))
+        stage = "onnx"
+        _onnx_stage(nofc, fcn, size, img, dense, emit)
+    except nofc.NofcError as exc:
+        emit(stage, "refused", str(exc))
+    except Exception as exc:  # noqa: BLE001 - a crash is a row too: it is a bug to fix
+        emit(stage, "CRASH", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+
+
+def _onnx_stage(nofc, fcn, size, img, dense, emit) -> None:
+    """Export, run in onnxruntime on the test image, compare with the dense map."""
+    import numpy as np
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fcn.onnx"
+        nofc.export_onnx(fcn, path, input_size=size)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: img[None].numpy()})[0][0]
+    err = float(np.abs(got - dense).max()) / max(1e-30, float(np.abs(dense).max()))
+    emit("onnx", "ok" if got.shape == dense.shape and err <= 1e-4 else "DIFFERS",
+         f"rel {err:.0e}")
+
+
+# --------------------------------------------------------------------------- the list
+
+
+def _timm_models(every: bool, work: Path) -> list[tuple[str, str]]:
+    """(family, spec): every name, or the smallest model (by parameters) of each module."""
+    import timm
+
+    if every:
+        return [(mod, f"timm:{n}") for mod in timm.list_modules()
+                for n in timm.list_models(module=mod)]
+    cache = work / "timm_smallest.json"
+    if cache.exists():
+        return [tuple(x) for x in json.loads(cache.read_text())]
+    import torch
+
+    picked = []
+    for mod in timm.list_modules():
+        best = None
+        for name in timm.list_models(module=mod):
+            try:
+                with torch.device("meta"):
+                    n = sum(p.numel() for p in timm.create_model(name).parameters())
+            except Exception:  # noqa: BLE001 - a name that cannot be built is skipped
+                continue
+            if best is None or n < best[0]:
+                best = (n, name)
+        if best is not None:
+            picked.append((mod, f"timm:{best[1]}"))
+    cache.write_text(json.dumps(picked))
+    return picked
+
+
+def _torchvision_models() -> list[tuple[str, str]]:
+    import torchvision
+
+    return [("torchvision", f"torchvision:{n}")
+            for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def _run_one(spec: str, timeout: int) -> dict:
+    """The child's stages for ``spec``; a timeout is the status of the stage it was in."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+    code = "import sys, zoo; zoo._child(sys.argv[1])"
+    t0 = time.time()
+    try:
+        out = subprocess.run([sys.executable, "-c", code, spec], capture_output=True,
+                             text=True, timeout=timeout, env=env, cwd=Path(__file__).parent)
+        text, rc = out.stdout, out.returncode
+    except subprocess.TimeoutExpired as exc:
+        text, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (
+            exc.stdout or ""), "timeout"
+    row = {"spec": spec, "seconds": round(time.time() - t0, 1), "stages": {}}
+    for line in text.splitlines():
+        if line.startswith(_MARK):
+            r = json.loads(line[len(_MARK):])
+            row["stages"][r["stage"]] = [r["status"], r["detail"]]
+    done = [s for s in STAGES if s in row["stages"]]
+    if rc != 0 and (not done or row["stages"][done[-1]][0] == "ok"):
+        nxt = STAGES[len(done)] if len(done) < len(STAGES) else "onnx"
+        row["stages"][nxt] = ["TIMEOUT" if rc == "timeout" else "CRASH",
+                              f"after {timeout} s" if rc == "timeout" else f"exit code {rc}"]
+    return row
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _cell(row: dict, stage: str) -> str:
+    status, detail = row["stages"].get(stage, ["-", ""])
+    if status == "ok":
+        return f"ok {detail}".strip() if stage in ("verify", "geometry", "dense") else "ok"
+    return status
+
+
+def _refusal(row: dict) -> str:
+    for stage in STAGES:
+        status, detail = row["stages"].get(stage, ["ok", ""])
+        if status != "ok":
+            return f"{stage}: {detail}".replace("|", "\\|")
+    return ""
+
+
+def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> None:
+    counts = collections.Counter()
+    reasons = collections.Counter()
+    for row in rows:
+        for stage in STAGES:
+            counts[stage] += row["stages"].get(stage, ["-"])[0] == "ok"
+        r = _refusal(row)
+        if r:
+            reasons[_reason_kind(r)] += 1
+    lines = [
+        "# Coverage: the nofc pipeline over timm and torchvision",
+        "",
+        f"Measured by `{command}` (random weights, each model's own input size, one "
+        "thread, one process per model). Stages: `convert`; `verify` (float64 at the "
+        "reference size, abs error <= 1e-10 x max(1, max|reference|)); `geometry` "
+        "(stride, exactness); `dense` (`dense_predict` on a non-square image of window + "
+        "(2, 3) strides, compared with the classifier on each crop: WRONG would be a map "
+        "that disagrees where geometry says exact); `tiled` (`tiled_predict` equals "
+        "`dense_predict`, or refuses a network with global context); `onnx` (`export_onnx` "
+        "run in onnxruntime equals `dense_predict`). The last column is the first refusal.",
+        "",
+        f"{len(rows)} models: " + ", ".join(f"{s} {counts[s]}" for s in STAGES) + " pass.",
+        "",
+        "Refusals and failures by kind: " + (", ".join(f"{k} {v}" for k, v in
+                                                     reasons.most_common()) or "none") + ".",
+        "",
+        "| family | model | size | convert | verify | geometry | dense | tiled | onnx | s | "
+        "first refusal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        spec = row["spec"]
+        size = row["stages"].get("size", ["", ""])[1]
+        cells = " | ".join(_cell(row, s) for s in STAGES)
+        lines.append(f"| {families.get(spec, '')} | {spec.split(':', 1)[1]} | {size} | {cells} "
+                     f"| {row['seconds']:.0f} | {_refusal(row)} |")
+    out.write_text("\n".join(lines) + "\n")
+
+
+_KINDS = [  # (substring of the refusal, kind) in the order they are tried
+    ("TIMEOUT", "time limit"), ("CRASH", "crash"), ("WRONG", "wrong map"),
+    ("MISMATCH", "verify mismatch"), ("DIFFERS", "differs"),
+    ("global context", "global context (tiling refused)"),
+    ("cannot trace", "not traceable"), ("cannot derive the geometry", "geometry unknown"),
+    ("class token", "class token / sequence head"), ("sequence", "class token / sequence head"),
+    ("only works at the reference size", "size-dependent"),
+    ("does not run on input_size", "does not run at its size"),
+]
+
+
+def _reason_kind(refusal: str) -> str:
+    for needle, kind in _KINDS:
+        if needle in refusal:
+            return kind
+    return refusal.split(":", 1)[0] + ": other"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all", action="store_true", help="every timm name, not one per module")
+    ap.add_argument("--only", nargs="+", help="these specs only; print the rows, write nothing")
+    ap.add_argument("--no-torchvision", action="store_true")
+    ap.add_argument("--no-timm", action="store_true")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    ap.add_argument("--jobs", type=int, default=2, help="models at a time")
+    ap.add_argument("--work", default="/tmp/nofc_zoo", help="where results are kept")
+    ap.add_argument("--again", action="store_true", help="ignore kept results")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
+    args = ap.parse_args(argv)
+    if args.only:
+        for spec in args.only:
+            print(json.dumps(_run_one(spec, args.timeout)))
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    todo = [] if args.no_timm else _timm_models(args.all, work)
+    todo += [] if args.no_torchvision else _torchvision_models()
+    families = {spec: fam for fam, spec in todo}
+    kept_file = work / ("results_all.jsonl" if args.all else "results.jsonl")
+    kept = {}
+    if kept_file.exists() and not args.again:
+        for line in kept_file.read_text().splitlines():
+            kept[json.loads(line)["spec"]] = json.loads(line)
+    specs = [spec for _, spec in todo if spec not in kept]
+    print(f"{len(todo)} models, {len(specs)} to run", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool, kept_file.open("a") as log:
+        for row in pool.map(lambda s: _run_one(s, args.timeout), specs):
+            kept[row["spec"]] = row
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"{row['spec']}: {_refusal(row) or 'all stages ok'} ({row['seconds']} s)",
+                  flush=True)
+    command = "python benchmarks/zoo.py" + (" --all" if args.all else "")
+    _write_table([kept[s] for _, s in todo if s in kept], families, Path(args.out), command)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
