@@ -252,7 +252,7 @@ def open_geo_sink(out, shape, dtype, *, placement, metadata=None, blocks=None,
     if suffix in (".tif", ".tiff"):
         return GeoTiffSink(out, shape, dtype, placement=placement, metadata=metadata,
                            blocks=blocks)
-    if suffix in (".geojson", ".json"):
+    if suffix == ".geojson":
         return GeoJsonSink(out, shape, dtype, placement=placement, metadata=metadata,
                            blocks=blocks, threshold=threshold)
     return None

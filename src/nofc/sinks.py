@@ -355,8 +355,10 @@ def _describe(holder) -> str:
 
 
 def open_sink(out, shape: tuple[int, int, int], dtype, *, chunks=None, geo=None,
-              arguments=None, metadata: dict | None = None, blocks: int | None = None) -> Sink:
-    """The sink for ``out``: ``None`` keeps the map in memory, a path is a zarr store.
+              arguments=None, metadata: dict | None = None, blocks: int | None = None,
+              placement=None, threshold: float = 0.5) -> Sink:
+    """The sink for ``out``: ``None`` keeps the map in memory, a ``.tif`` is a GeoTIFF and
+    a ``.geojson`` QuPath detections (``nofc.geosinks``), any other path a zarr store.
 
     Args:
         shape: ``(K, h, w)`` of the map; ``dtype`` its numpy dtype.
@@ -367,9 +369,16 @@ def open_sink(out, shape: tuple[int, int, int], dtype, *, chunks=None, geo=None,
             refused.
         metadata: anything the caller wants kept with the map (class names, say).
         blocks: how many blocks the map has, for messages (``holds 5 of 12 blocks``).
+        placement: where the map's cells lie (``nofc.placement``), for GeoTIFF/GeoJSON.
+        threshold: the probability a cell's top class needs to be a GeoJSON feature.
     """
     if out is None:
         return MemorySink(shape, dtype, blocks)
+    if Path(out).suffix.lower() in (".tif", ".tiff", ".geojson"):
+        from .geosinks import open_geo_sink
+
+        return open_geo_sink(out, shape, dtype, placement=placement, metadata=metadata,
+                             blocks=blocks, threshold=threshold)
     return ZarrSink(out, shape, dtype, chunks=chunks, geo=geo,
                     arguments=arguments() if arguments is not None else {},
                     metadata=metadata, blocks=blocks)
