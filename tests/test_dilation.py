@@ -142,7 +142,7 @@ def test_padded_net_auto_warns_once_and_dilate_differs_only_at_borders():
     fcn = nofc.convert(model, size)
     image = torch.randn(1, 3, 128, 128)
     with pytest.warns(UserWarning, match=r"step 16x16 runs shift-and-stitch: 'conv1' \(Conv2d\) "
-                                         "pads its input") as record:
+                                         r"pads its input.*method='dilate'") as record:
         auto = nofc.dense_predict(fcn, image, size, 16)
     assert len(record) == 1 and "\n" not in str(record[0].message)
     with warnings.catch_warnings():
@@ -187,13 +187,18 @@ def test_row_bands_give_the_same_map(monkeypatch):
     assert (banded - whole).abs().max().item() <= 1e-12
 
 
-def test_tiled_equals_whole_image():
+@pytest.mark.parametrize("padded", [False, True])
+def test_tiled_equals_whole_image(padded):
+    from test_geometry import _vgg_like
+
     torch.manual_seed(2)
-    fcn = nofc.convert(CroppedResidual().double().eval(), (3, 26, 26))
+    model, size = (_vgg_like(padding=1), (3, 16, 16)) if padded else (CroppedResidual(),
+                                                                      (3, 26, 26))
+    fcn = nofc.convert(model.double().eval(), size)
     image = np.random.default_rng(0).standard_normal((3, 83, 70))
-    whole = nofc.dense_predict(fcn, torch.from_numpy(image), (3, 26, 26), 1, method="dilate")
-    tiled = nofc.tiled_predict(fcn, image, (3, 26, 26), tile=32, step=1, dtype=torch.float64,
-                               progress=False, layout="chw")
+    whole = nofc.dense_predict(fcn, torch.from_numpy(image), size, 2, method="dilate")
+    tiled = nofc.tiled_predict(fcn, image, size, tile=32, step=2, method="dilate",
+                               dtype=torch.float64, progress=False, layout="chw")
     assert tiled.shape == tuple(whole.shape[1:])
     assert np.abs(tiled - whole[0].numpy()).max() <= 1e-10
 

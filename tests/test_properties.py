@@ -7,6 +7,8 @@ global-pooling spellings; 1 to 3 Linear layers with BatchNorm1d/Dropout between)
 * ``nofc.verify`` at the reference size: float64 within 1e-10, float32 within 1e-4 relative;
 * when the geometry is exact, every cell of the map on a larger input equals the classifier
   run on the crop that cell stands for (float64, 1e-10);
+* at a drawn step dividing the stride, the dilated network's map (``method="dilate"``) has
+  shift-and-stitch's shape, and without padding its values (float64, 1e-10);
 * the user's model is not touched.
 
 Profiles: the default run draws 300 architectures; ``pytest --slow`` or
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -251,10 +254,12 @@ def _geometry(model: RandomCNN, fcn):
 
 
 @settings(settings.get_profile(_PROFILE))
-@given(model=models(), extra=st.tuples(st.integers(1, 2), st.integers(1, 2)))
-def test_random_classifier_converts_exactly(model, extra):
+@given(model=models(), extra=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       divisor=st.one_of(st.none(), st.none(), st.none(),  # a step in one draw of four
+                         st.tuples(st.integers(1, 16), st.integers(1, 16))))
+def test_random_classifier_converts_exactly(model, extra, divisor):
     note(repr(model.arch))
-    _check(model, extra)
+    _check(model, extra, divisor)
 
 
 # Minimal architectures that hypothesis found failing once, kept as regression tests.
@@ -275,7 +280,7 @@ def test_found_by_hypothesis(name):
     _check(RandomCNN(_FOUND[name]), (1, 1))
 
 
-def _check(model: RandomCNN, extra: tuple[int, int]) -> None:
+def _check(model: RandomCNN, extra: tuple[int, int], divisor=None) -> None:
     """The property: equivalence at the reference size and on the crops of a larger input."""
     arch = model.arch
     size = arch.input_size
@@ -305,7 +310,24 @@ def _check(model: RandomCNN, extra: tuple[int, int]) -> None:
             ref = m64(torch.cat(crops))  # (cells * B, K)
         cells = out.permute(2, 3, 0, 1).reshape(-1, out.shape[1])  # same order as crops
         torch.testing.assert_close(cells, ref, atol=1e-10, rtol=0)
+    if divisor is not None:
+        _check_step(fcn, big, size, (sh, sw), divisor)
     assert state_hash(model) == before, "nofc modified the user's model"
+
+
+def _check_step(fcn, big, size, stride, divisor) -> None:
+    """The dilated pass against shift-and-stitch at the smallest step that divides the
+    stride by at most ``divisor``."""
+    step = tuple(min(d for d in range(1, s + 1) if s % d == 0 and s // d <= max(1, k))
+                 for s, k in zip(stride, divisor))
+    f64 = copy.deepcopy(fcn).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a layer without a dilated form: shift-and-stitch
+        dilated = nofc.dense_predict(f64, big, size, step, method="dilate")
+    shifted = nofc.dense_predict(f64, big, size, step, method="shift")
+    assert dilated.shape == shifted.shape
+    if not any("pads" in r for r in nofc.geometry(fcn, size).reasons):
+        torch.testing.assert_close(dilated, shifted, atol=1e-10, rtol=0)
 
 
 # --------------------------------------------------------------------------- the strategy itself

@@ -121,7 +121,7 @@ def plan(gm: fx.GraphModule, geo: Geometry, step) -> DilationPlan:
         jump[name] = (j[0] * layer.stride[0], j[1] * layer.stride[1])
         if layer.padded:
             differs.append(f"{describe_node(gm, nodes[name])} pads its input, so one dilated "
-                           "pass differs from shift-and-stitch at the borders")
+                           "pass would differ from it at the borders")
         t = (math.gcd(j[0], steps[0]), math.gcd(j[1], steps[1]))  # spacing of the input
         rate = (j[0] // t[0], j[1] // t[1])
         keep = tuple(math.gcd(jump[name][a], steps[a]) // t[a] for a in (0, 1))
@@ -479,8 +479,7 @@ def fine_pass(fcn: nn.Module, size, steps, method: str = "auto") -> _Entry | Non
         return entry
     if not entry.warned:
         entry.warned = True
-        hint = "; method='dilate' runs one dilated pass, faster but different at the " \
-               "borders" if not entry.plan.refusal else ""
+        hint = " (method='dilate' runs that faster pass anyway)" if not entry.plan.refusal else ""
         warnings.warn(f"nofc: step {steps[0]}x{steps[1]} runs shift-and-stitch: {why}{hint}",
                       stacklevel=3)
     return None

@@ -26,6 +26,7 @@ import torch.nn as nn
 from ._fx import param_like, probe
 from .conversion import as_fcn
 from .dense import dense_predict
+from .dilation import fine_pass
 from .errors import NofcError, check_input_size, first_line
 from .images import (
     BadRegion,
@@ -56,13 +57,15 @@ class Tile:
     skip: tuple[int, int]  # tile map rows/cols to drop at the start
 
 
-def plan_tiles(geo, image_hw: tuple[int, int], *, tile: int, step=None) -> tuple[list[Tile],
-                                                                                 tuple[int, int]]:
+def plan_tiles(geo, image_hw: tuple[int, int], *, tile: int, step=None,
+               dilated=None) -> tuple[list[Tile], tuple[int, int]]:
     """Cut the map of an ``image_hw`` image into blocks of about ``tile`` input pixels.
 
     Returns the tiles and the map shape. Each tile's input starts on a multiple of the
     stride and reaches as far as the receptive field of its last cell (clipped to the
-    image, where the network's own padding takes over exactly as on the whole image).
+    image, where the network's own padding takes over exactly as on the whole image):
+    ``Geometry.span``. ``dilated`` is the geometry of the dilated network that computes
+    the map at ``step`` in one pass (``nofc.dilate``): its spans need no room for shifts.
 
     >>> import nofc
     >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
@@ -71,35 +74,19 @@ def plan_tiles(geo, image_hw: tuple[int, int], *, tile: int, step=None) -> tuple
     (6, (18, 13), (0, 8, 8, 13), (0, 60, 32, 80))
     """
     H, W = image_hw
-    steps, fine = geo.check_step(step), geo.factors(step)
+    fine = geo.factors(step)
     geo.check_fits((H, W))
     h, w = geo.output_shape((H, W), step=step)
     per = [max(1, tile // geo.stride[a]) * fine[a] for a in (0, 1)]  # map cells per block
-    y_spans = [_span(geo, 0, steps, fine, a, min(h, a + per[0]), H) for a in range(0, h, per[0])]
-    x_spans = [_span(geo, 1, steps, fine, c, min(w, c + per[1]), W) for c in range(0, w, per[1])]
+    run, run_step = (geo, step) if dilated is None else (dilated, None)
+    y_spans = [(a, min(h, a + per[0]), *run.span(0, a, min(h, a + per[0]), H, step=run_step))
+               for a in range(0, h, per[0])]
+    x_spans = [(c, min(w, c + per[1]), *run.span(1, c, min(w, c + per[1]), W, step=run_step))
+               for c in range(0, w, per[1])]
     tiles = [Tile((by, bx), (a, b, c, d), (y0, y1, x0, x1), (sy, sx))
              for by, (a, b, y0, y1, sy) in enumerate(y_spans)
              for bx, (c, d, x0, x1, sx) in enumerate(x_spans)]
     return tiles, (h, w)
-
-
-def _span(geo, axis: int, steps, factors, a: int, b: int, n: int):
-    """Map cells a..b-1 along ``axis`` (fine grid), their input span [p0, p1) in an image
-    ``n`` pixels long, and how many cells of the tile's map to skip."""
-    stride, step, fine = geo.stride[axis], steps[axis], factors[axis]
-    rf, rf_off = geo.receptive_field[axis], geo.rf_offset[axis]
-    # coarse cell i with shift k (fine index i * fine + k) starts at i*stride + k*step
-    first = a * step + rf_off  # field start of fine cell a
-    last = (b - 1) * step + rf_off + rf  # field end of fine cell b-1
-    if fine > 1:
-        # shift-and-stitch crops up to stride - step pixels off the tile's top: keep that
-        # much more halo, and a stride more at the end so every shifted pass has the cells
-        first -= stride - step
-        last += stride
-    p0 = max(0, (first // stride) * stride)
-    p1 = min(n, last)
-    skip = (p0 // stride) * fine
-    return a, b, p0, p1, a - skip
 
 
 # --------------------------------------------------------------------------- compute
@@ -116,10 +103,15 @@ class _TileRunner:
         _UNPICKLED += 1
         self.__dict__.update(state)
 
-    def __init__(self, fcn, input_size, step, scale, mean, std, dtype, device, layout):
-        self.fcn = fcn
+    def __init__(self, fcn, input_size, step, scale, mean, std, dtype, device, layout,
+                 method="auto"):
+        # a fine step: tiles run the dilated network (at its own stride) when there is one
+        fine = fine_pass(fcn, input_size, cached_geometry(fcn, input_size).check_step(step),
+                         method)
+        self.fcn = fcn if fine is None else fine.net
+        self.dilated = None if fine is None else cached_geometry(fine.net, input_size)
         self.input_size = input_size
-        self.step = step
+        self.step = step if fine is None else None
         self.scale, self.mean, self.std = scale, mean, std
         self.dtype = dtype
         self.device = device
@@ -158,6 +150,7 @@ def tiled_predict(
     backend: str = "local",
     *,
     step=None,
+    method: str = "auto",
     layout: str = "auto",
     mean=None,
     std=None,
@@ -186,7 +179,10 @@ def tiled_predict(
         backend: ``"local"`` (this process) or ``"dask"`` (a dask graph over the tiles,
             on the local scheduler, or the cluster at ``scheduler="tcp://host:8786"``, or a
             ``distributed.LocalCluster`` of ``workers`` processes).
-        step: map step in pixels (a divisor of the stride: shift-and-stitch), default stride.
+        step: map step in pixels (a divisor of the stride), default stride.
+        method: for a finer step, as in ``dense_predict``: ``"dilate"`` runs the dilated
+            network on every tile (halos sized for it), ``"shift"`` shift-and-stitch,
+            ``"auto"`` the dilated one where it equals shift-and-stitch.
         layout: ``"auto"``, ``"hwc"`` or ``"chw"``.
         mean, std, scale: normalisation applied per tile: ``(x * scale - mean) / std``;
             ``scale`` defaults to ``1 / max`` for integer images (255 for uint8) and 1 else.
@@ -224,11 +220,12 @@ def tiled_predict(
     src = open_image_array(image)
     lay = image_layout(tuple(src.shape), size[0], layout)
     hw = spatial_shape(tuple(src.shape), lay)
-    tiles, (h, w) = plan_tiles(geo, hw, tile=tile, step=step)
     if scale is None:
         scale = default_scale(np.dtype(getattr(src, "dtype", np.float32)))
     device = torch.device(param_like(fcn)[0] if device is None else device)
-    runner = _TileRunner(fcn.eval(), size, step, float(scale), mean, std, dtype, device, lay)
+    runner = _TileRunner(fcn.eval(), size, step, float(scale), mean, std, dtype, device, lay,
+                         method)
+    tiles, (h, w) = plan_tiles(geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
     sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
