@@ -9,6 +9,13 @@ speedup / bound (1.0: dense is exactly as fast per FLOP as the naive run).
     python benchmarks/bench_dense.py             # all cases (a few minutes on 2 cores)
     python benchmarks/bench_dense.py --quick     # small cases only
     python benchmarks/bench_dense.py --only vgg16
+    python benchmarks/bench_dense.py --fine      # steps below the stride: dilated vs
+                                                 # shift-and-stitch vs naive
+
+With ``--fine``, ``of bound`` = (naive time / dilated time) / (naive FLOPs / dilated FLOPs).
+Where a full run would take minutes, the naive time is measured on ``--batches`` batches of
+crops and the shift-and-stitch time on 4 of its passes, each scaled to the whole (the row
+says so).
 
 Times are the best of ``--repeat`` runs (the naive run of the big models once: it is
 the long one). Random weights: speed does not depend on them.
@@ -70,12 +77,13 @@ def _digits_net():
 
 
 def _cases(quick: bool):
-    """(name, model factory, input size, image (H, W), step divisors, batch size, heavy)."""
+    """(name, model factory, input size, image (H, W), step divisors, batch size, heavy);
+    finer steps are ``--fine``'s."""
     demo = _digits_net()
     cases = [
-        ("digits net, page", lambda: demo.make_net(), demo.INPUT_SIZE, (256, 420), [1, 2, 4],
-         512, False),
-        ("lenet5", lambda: nofc.zoo.LeNet5(), (1, 32, 32), (256, 256), [1, 2, 4], 512, False),
+        ("digits net, page", lambda: demo.make_net(), demo.INPUT_SIZE, (256, 420), [1], 512,
+         False),
+        ("lenet5", lambda: nofc.zoo.LeNet5(), (1, 32, 32), (256, 256), [1], 512, False),
     ]
     if not quick:
         cases += [
@@ -83,8 +91,6 @@ def _cases(quick: bool):
              8, True),
             ("resnet50", lambda: torchvision.models.resnet50(), (3, 224, 224), (448, 448),
              [1], 8, True),
-            ("vgg16 (shift-and-stitch)", lambda: torchvision.models.vgg16(), (3, 224, 224),
-             (288, 288), [2, 4], 8, True),
         ]
     return cases
 
@@ -133,6 +139,84 @@ def _print_row(r: dict) -> None:
           flush=True)
 
 
+_FINE = [  # (name, model factory, input size, image (H, W), steps, naive batch)
+    ("vgg16", lambda: torchvision.models.vgg16(), (3, 224, 224), (288, 288), [16, 8, 4], 8),
+    ("vgg16", lambda: torchvision.models.vgg16(), (3, 224, 224), (512, 512), [16, 8, 4], 8),
+    ("resnet50", lambda: torchvision.models.resnet50(), (3, 224, 224), (448, 448), [16, 8], 8),
+    ("digits net, page", lambda: _digits_net().make_net(), (1, 24, 24), (256, 420), [2, 1],
+     512),
+    ("lenet5", lambda: nofc.zoo.LeNet5(), (1, 32, 32), (256, 256), [1], 512),
+]
+
+
+def _naive_time(model, image, size, step, bs, batches: int) -> tuple[float, bool]:
+    """Crop-by-crop time: all crops, or ``batches`` batches of them scaled to all (then
+    True)."""
+    H, W = image.shape[-2:]
+    sample = batches * bs
+    cells = ((H - size[1]) // step + 1) * ((W - size[2]) // step + 1)
+    if cells <= sample:
+        return _best(lambda: nofc.sliding_window_predict(model, image, size, step,
+                                                         batch_size=bs), 1), False
+    crops = torch.randn(sample, *size)
+    with torch.no_grad():
+        t = _best(lambda: [model(crops[i:i + bs]) for i in range(0, sample, bs)], 1)
+    return t * cells / sample, True
+
+
+def _shift_time(fcn, image, size, step, geo, repeat: int) -> tuple[float, bool]:
+    """Shift-and-stitch time: all passes, or 4 of them scaled to all (then True)."""
+    fy, fx = geo.factors(step)
+    if fy * fx <= 16:
+        return _best(lambda: nofc.dense_predict(fcn, image, size, step, method="shift"),
+                     repeat), False
+    shifts = [(a * step[0], b * step[1]) for a in range(fy) for b in range(fx)]
+    picked = shifts[:: len(shifts) // 4][:4]
+    with torch.no_grad():
+        t = _best(lambda: [fcn(image[..., dy:, dx:]) for dy, dx in picked], 1)
+    return t * len(shifts) / len(picked), True
+
+
+def run_fine(only: str | None = None, repeat: int = 3, batches: int = 8) -> list[dict]:
+    """The dilated pass next to shift-and-stitch and crop by crop, steps below the stride."""
+    rows = []
+    print(f"{'case':<18}{'image':>9}{'step':>5}{'GFLOP naive':>12}{'shift':>8}{'dilated':>8}"
+          f"{'naive s':>9}{'shift s':>9}{'dilated s':>10}{'vs shift':>9}{'of bound':>9}")
+    for name, make, size, hw, steps, bs in _FINE:
+        if only and only not in name:
+            continue
+        torch.manual_seed(0)
+        model = make().eval()
+        fcn = nofc.convert(model, size)
+        geo = nofc.geometry(fcn, size)
+        image = torch.randn(1, size[0], *hw)
+        for s in steps:
+            step = (s, s)
+            net = nofc.dilate(fcn, size, step)
+            nofc.dense_predict(fcn, image, size, step, method="dilate")  # warm-up
+            t_dil = _best(lambda: nofc.dense_predict(fcn, image, size, step, method="dilate"),
+                          repeat)
+            t_shift, shift_scaled = _shift_time(fcn, image, size, step, geo, repeat)
+            t_naive, naive_scaled = _naive_time(model, image, size, s, bs, batches)
+            cells = ((hw[0] - size[1]) // s + 1) * ((hw[1] - size[2]) // s + 1)
+            f_naive = cells * _flops(model, (1, *size))
+            f_shift = _dense_flops(fcn, size, tuple(image.shape), step, geo)
+            f_dil = _flops(net, tuple(image.shape))
+            r = {"case": name, "image": f"{hw[0]}x{hw[1]}", "step": s, "cells": cells,
+                 "gflop_naive": f_naive / 1e9, "gflop_shift": f_shift / 1e9,
+                 "gflop_dilated": f_dil / 1e9, "naive_s": t_naive, "shift_s": t_shift,
+                 "dilated_s": t_dil, "vs_shift": t_shift / t_dil,
+                 "of_bound": (t_naive / t_dil) / (f_naive / f_dil),
+                 "scaled": ("naive " if naive_scaled else "") + ("shift" if shift_scaled
+                                                                 else "")}
+            rows.append(r)
+            print(f"{name:<18}{r['image']:>9}{s:>5}{r['gflop_naive']:>12.1f}"
+                  f"{r['gflop_shift']:>8.1f}{r['gflop_dilated']:>8.1f}{t_naive:>9.3f}"
+                  f"{t_shift:>9.3f}{t_dil:>10.3f}{r['vs_shift']:>8.1f}x{r['of_bound']:>9.2f}"
+                  f"  {('scaled: ' + r['scaled']) if r['scaled'] else ''}", flush=True)
+    return rows
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -149,9 +233,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small networks only")
     p.add_argument("--only", help="run the cases whose name contains this")
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs")
+    p.add_argument("--fine", action="store_true",
+                   help="steps below the stride: dilated vs shift-and-stitch vs naive")
+    p.add_argument("--batches", type=int, default=8,
+                   help="with --fine: naive batches timed when there are more (scaled to all)")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")
-    run(quick=args.quick, only=args.only, repeat=args.repeat)
+    if args.fine:
+        run_fine(only=args.only, repeat=args.repeat, batches=args.batches)
+    else:
+        run(quick=args.quick, only=args.only, repeat=args.repeat)
     return 0
 
 
