@@ -71,7 +71,8 @@ def _child(spec: str) -> None:
         emit(stage, "ok")
         stage = "verify"
         r = nofc.verify(model, fcn, size, batch=1)
-        emit(stage, "ok" if r.ok else "MISMATCH", f"{r.max_abs_error:.1e} (rel {r.max_rel_error:.1e})")
+        emit(stage, "ok" if r.ok else "MISMATCH",
+             f"{r.max_abs_error:.1e} (rel {r.max_rel_error:.1e})")
         stage = "geometry"
         geo = nofc.geometry(fcn, size)
         sy, sx = geo.stride
@@ -81,7 +82,8 @@ def _child(spec: str) -> None:
         img = torch.randn(size[0], size[1] + 2 * sy, size[2] + 3 * sx)
         rep = nofc.verify(model, fcn, size, image=img, dtype=torch.float32)
         dense = nofc.dense_predict(fcn, img, size)[0].numpy()  # (K, h, w)
-        where = f"{dense.shape[1]}x{dense.shape[2]} map, {rep.cells} cells vs crops rel {rep.max_rel_error:.0e}"
+        where = (f"{dense.shape[1]}x{dense.shape[2]} map, {rep.cells} cells vs crops rel "
+                 f"{rep.max_rel_error:.0e}")
         emit(stage, "WRONG" if geo.exact and not rep.ok else "ok", where)
         stage = "tiled"
         try:
@@ -96,7 +98,8 @@ def _child(spec: str) -> None:
     except nofc.NofcError as exc:
         emit(stage, "refused", str(exc))
     except Exception as exc:  # noqa: BLE001 - a crash is a row too: it is a bug to fix
-        emit(stage, "CRASH", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        lines = str(exc).strip().splitlines()
+        emit(stage, "CRASH", f"{type(exc).__name__}: {lines[0] if lines else ''}")
 
 
 def _onnx_stage(nofc, fcn, size, img, dense, emit) -> None:

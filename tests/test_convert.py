@@ -377,3 +377,142 @@ def test_converting_a_converted_model_is_a_no_op(models):
     assert type(again.get_submodule("classifier.1")).__name__ == "FullConv2d"
     assert nofc.verify(model, again, input_size=(3, 224, 224), batch=1).ok
     assert nofc.dense_predict(fcn, torch.randn(3, 288, 256), (3, 224, 224)).shape == (1, 1000, 3, 2)
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+class ConvHead(nn.Module):
+    """A 3x3 convolution to ``c`` channels and a Linear from ``c`` to 2: forward varies."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3)
+        self.fc = nn.Linear(c, 2)
+
+
+class ShapeBranch(ConvHead):
+    """Python control flow on shapes (timm's ConvMlp, norm layers reading x.ndim)."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.ndim == 4 and x.shape[-1] < 2:  # never true at the sizes used here
+            x = F.pad(x, (1, 1, 1, 1))
+        return self.fc(x.mean((2, 3)))
+
+
+class Huge(nn.Module):
+    """Logits near 1e12, as inception_v3 and hrnet_w18 give with random weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.fc.weight.mul_(1e12)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+class ChannelsLastHead(nn.Module):
+    """MambaOut-style: the body runs (B, H, W, C); the head pools H and W, LayerNorm, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.norm = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        return self.fc(self.norm(x.mean((1, 2))))
+
+
+class GlobalAttention(ConvHead):
+    """Attention over every position of the map (PVT-v2, CoaT), then a pooled head."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, HW, C): a token per position
+        t = t + F.scaled_dot_product_attention(t, t, t)
+        x = t.transpose(1, 2).reshape(b, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_control_flow_on_shapes_is_captured_at_the_reference_size():
+    torch.manual_seed(0)
+    model = ShapeBranch().eval()
+    fcn = nofc.convert(model, input_size=(3, 8, 8))
+    assert nofc.verify(model, fcn, (3, 8, 8)).ok
+    x = torch.randn(1, 3, 12, 10)
+    torch.testing.assert_close(fcn(x)[0, :, 1, 0], model(x[:, :, 1:9, 0:8])[0], rtol=0,
+                               atol=1e-5)
+
+
+def test_control_flow_on_values_is_one_line_naming_the_module():
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = Gate()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.gate(x).flatten(1))
+
+    with pytest.raises(NofcError, match=r"^cannot trace Net with torch.fx .* the control "
+                                        r"flow in 'gate' \(Gate\) depends on tensor values"):
+        nofc.convert(Net(), input_size=(1, 2, 2))
+
+
+def test_float64_tolerance_scales_with_the_logits():
+    torch.manual_seed(0)
+    model = Huge().eval()
+    fcn = nofc.convert(model, input_size=(3, 8, 8))
+    r = nofc.verify(model, fcn, (3, 8, 8))
+    assert r.ok and r.tolerance == "abs 1e-10 x max(1, max|ref|)", r
+    assert r.max_rel_error <= 1e-14
+
+
+def test_channels_last_head_becomes_windowed_pooling():
+    torch.manual_seed(0)
+    model = ChannelsLastHead().eval()
+    fcn, record = nofc.conversion.convert_with_record(model, (3, 8, 8))
+    assert [r.kind for r in record.plan.replacements] == [
+        "pool", "last_dim", "linear_to_conv"]
+    assert nofc.verify(model, fcn, (3, 8, 8)).ok
+    x = torch.randn(1, 3, 10, 11)
+    torch.testing.assert_close(fcn(x)[0, :, 2, 1], model(x[:, :, 2:10, 1:9])[0], rtol=0,
+                               atol=1e-5)
+
+
+def test_attention_over_all_positions_is_global_context():
+    torch.manual_seed(0)
+    model = GlobalAttention(8).eval()
+    fcn, record = nofc.conversion.convert_with_record(model, (3, 8, 8))
+    assert record.global_context == ["scaled_dot_product_attention"]
+    assert "sums over 36 positions" in str(record.plan)
+    assert nofc.verify(model, fcn, (3, 8, 8)).ok
+    with pytest.raises(NofcError):  # tiles cannot reproduce it: refused, one line
+        nofc.tiled_predict(fcn, torch.randn(3, 40, 40).numpy(), (3, 8, 8), tile=16,
+                           progress=False)
+
+
+def test_class_token_head_is_refused_with_the_reason():
+    class ClassToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 2, stride=2)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(2).transpose(1, 2)[:, 0])
+
+    with pytest.raises(NofcError, match=r"'fc' \(Linear\).* takes one token of a "
+                                        r"\(2, 16, 8\) sequence \(a class token\)"):
+        nofc.convert(ClassToken(), input_size=(3, 8, 8))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torchvision
 
 import nofc
+from nofc.conversion import convert_with_record
 
 timm = pytest.importorskip("timm")
 from timm.models.vgg import _filter_fn  # noqa: E402 - timm's torchvision -> timm mapping
@@ -31,3 +32,75 @@ def test_vgg16_dense_map_matches_timm():
     # by linearity, timm's global-average head is the mean of the dense map
     torch.testing.assert_close(pooled, theirs.mean(dim=(2, 3)), rtol=0,
                                atol=1e-4 * pooled.abs().max().item())
+
+
+# --------------------------------------------------------------------------- the zoo
+# One small model per family, each covering a rule.
+_OK = ["resnet10t", "densenet121", "dpn48b", "cs3darknet_s", "gernet_s", "regnetx_002",
+       "repvgg_a0", "dla34", "selecsls42b",
+       "convnext_atto",  # LayerNorm2d on the pooled map
+       "mambaout_femto"]  # channels-last head: x.mean((1, 2)), LayerNorm, Linear
+_CONTEXT = ["mobilenetv3_small_050",  # timm's Linear, SE gates
+            "ghostnet_050", "lcnet_050", "efficientnet_b0", "mixnet_s", "rexnet_100",
+            "tinynet_e", "mnasnet_small", "skresnet18",
+            "resnest14d",  # split attention: its gate's reshapes are not flattens
+            "pvt_v2_b0",  # attention over all (reduced) positions
+            "efficientvit_b0",  # captured (autocast), LayerNorm head, linear attention
+            "mobilevit_xxs"]  # captured (patch-size control flow)
+_REFUSED = [
+    ("vit_tiny_patch16_224", r"'head' \(Linear\).*takes one token of a \(2, 197, 192\) "
+                             r"sequence \(a class token\)"),
+    ("efficientvit_m0", r"cannot trace EfficientVitMsra with torch.fx .* fails at 448x448"),
+    ("tiny_vit_5m_224", r"cannot trace TinyVit with torch.fx .*: the forward captured at "
+                        r"224x224 fails"),
+]
+# (name, input size, what happens): "ok" converts and verifies in float64; "context" the
+# same, with global context recorded (squeeze-and-excitation, attention over all
+# positions); else the refusal, at the model's own size
+_ZOO = ([(n, 64, "ok") for n in _OK] + [(n, 64, "context") for n in _CONTEXT]
+        + [(n, 224, why) for n, why in _REFUSED])
+_SLOW = {"densenet121", "efficientvit_b0", "mobilevit_xxs", "tiny_vit_5m_224"}
+
+
+@pytest.mark.parametrize("name, side, expect", [
+    pytest.param(*case, marks=[pytest.mark.slow] if case[0] in _SLOW else [])
+    for case in _ZOO])
+def test_timm_family(name, side, expect):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    size = (3, side, side)
+    if expect not in ("ok", "context"):
+        with pytest.raises(nofc.NofcError, match=expect) as info:
+            nofc.convert(model, size)
+        assert "\n" not in str(info.value) and "internal" not in str(info.value)
+        return
+    fcn, record = convert_with_record(model, size)
+    report = nofc.verify(model, fcn, size, batch=1)
+    assert report.ok, report
+    assert bool(record.global_context) == (expect == "context"), record.plan
+
+
+def test_timm_dense_map_is_the_classifier_on_crops():
+    """resnet10t end to end: geometry, a non-square map, the cells against the crops."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5).eval()
+    size = (3, 64, 64)
+    fcn = nofc.convert(model, size)
+    geo = nofc.geometry(fcn, size)
+    assert geo.stride == (32, 32)
+    img = torch.randn(3, 64 + 2 * 32, 64 + 3 * 32)
+    assert nofc.dense_predict(fcn, img, size).shape == (1, 5, 3, 4)
+    r = nofc.verify(model, fcn, size, image=img)
+    assert r.cells == 12 and r.exact is False  # padding: cells near borders differ
+
+
+def test_timm_model_from_the_command_line(capsys):
+    from nofc.cli import main
+    from nofc.io import default_input_size, load_model
+
+    model = load_model("timm:resnet10t")
+    assert default_input_size(model) == (3, 176, 176)  # its pretrained config
+    assert main(["explain", "timm:resnet10t", "--input-size", "3x64x64", "--changed"]) == 0
+    assert "Conv2d 512->1000" in capsys.readouterr().out
+    with pytest.raises(nofc.NofcError, match="unknown timm model 'resnet_nope'"):
+        load_model("timm:resnet_nope")

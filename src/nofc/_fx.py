@@ -13,6 +13,7 @@ the same way everywhere.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
@@ -62,13 +63,14 @@ class ShapeRecorder(fx.Interpreter):
     """Runs a graph (on fake tensors) and records every tensor node's shape.
 
     Non-tensor results are recorded as ``None`` shapes; plain numbers (``x.size(0)``) also
-    in ``values``.
+    in ``values``, and the shapes of a tuple of tensors (``x.chunk(2, 1)``) in ``items``.
     """
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.values: dict[str, Any] = {}
+        self.items: dict[str, list[tuple[int, ...]]] = {}
 
     def run_node(self, n: fx.Node):
         try:
@@ -83,6 +85,9 @@ class ShapeRecorder(fx.Interpreter):
             self.shapes[n.name] = None
             if isinstance(result, (int, float, bool)):
                 self.values[n.name] = result
+            elif isinstance(result, (tuple, list)) and result and all(
+                    isinstance(t, torch.Tensor) for t in result):
+                self.items[n.name] = [tuple(t.shape) for t in result]
         return result
 
 
@@ -150,13 +155,20 @@ def _module_path(n: fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
+# subclasses of torch.nn layers whose forward computes the same thing (timm's Linear only
+# casts its weights under TorchScript): kept whole, so that the rules for the base apply
+_SAME_AS_BASE = {("timm.layers.linear", "Linear")}
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with nofc's own FullConv2d kept whole like any nn.Conv2d."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .layers import FullConv2d
 
-        return isinstance(m, FullConv2d) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, FullConv2d)
+                or (type(m).__module__, type(m).__name__) in _SAME_AS_BASE
+                or super().is_leaf_module(m, qualname))
 
 
 class _Blocked(Exception):
@@ -187,6 +199,9 @@ class _ValueProxy(fx.Proxy):
 
     def __float__(self) -> float:
         return float(self._value())
+
+    def __setitem__(self, key, value) -> None:  # x[..., 2] = y: an in-place node
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __getattr__(self, k: str):
         if k in ("tracer", "node", "_node", "root", "attr"):  # not set yet: no proxy of them
@@ -343,24 +358,30 @@ def trace(model: nn.Module, input_size=None) -> fx.GraphModule:
         raise NofcError(f"cannot trace {type(model).__name__} with torch.fx ({why}); nofc "
                         "needs a model whose forward has no data-dependent control flow"
                         ) from None
-    gm = _capture(model, tuple(input_size), why)
-    _check_capture(model, gm, tuple(input_size))
+    size = tuple(input_size)
+    try:
+        gm = _capture(model, size)
+        _check_capture(model, gm, size)
+    except _Blocked as exc:
+        raise NofcError(f"cannot trace {type(model).__name__} with torch.fx ({why}), nor by "
+                        f"running it at {size[1]}x{size[2]}: {exc}") from None
     return gm
 
 
-def _capture(model: nn.Module, size: tuple[int, ...], why: str) -> fx.GraphModule:
-    """The forward as it runs at ``size``, traced with :class:`_CaptureTracer`."""
+def _capture(model: nn.Module, size: tuple[int, ...]) -> fx.GraphModule:
+    """The forward as it runs at ``size``, traced with :class:`_CaptureTracer` on a copy
+    (a forward that caches tensors on its modules would keep proxies there)."""
+    model = copy.deepcopy(model)
     device, dtype = param_like(model)
     tracer = _CaptureTracer((PROBE_BATCH, *size), device, dtype)
     name = type(model).__name__
     try:
         graph = tracer.trace(model)
-    except _Blocked as exc:
-        raise NofcError(f"cannot trace {name}: {exc} (torch.fx: {why})") from None
+    except _Blocked:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise NofcError(f"cannot trace {name}: in {tracer.where()} at the reference size "
-                        f"{type(exc).__name__}: {first_line(exc)} (torch.fx: {why})"
-                        ) from None
+        raise _Blocked(f"{tracer.where()} fails ({type(exc).__name__}: {first_line(exc)})"
+                       ) from None
     _drop_unused_queries(graph)
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -382,7 +403,6 @@ def _check_capture(model: nn.Module, gm: fx.GraphModule, size: tuple[int, ...]) 
 
 def _compare_at(model, gm, size, hw, x) -> None:
     """Model and captured graph on ``x`` (at ``hw``): same shape, same values."""
-    name = type(model).__name__
     outs = []
     for what, fn in (("the model itself", model),
                      (f"the forward captured at {size[1]}x{size[2]}", gm)):
@@ -390,17 +410,15 @@ def _compare_at(model, gm, size, hw, x) -> None:
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 outs.append(fn(x))
         except Exception as exc:  # noqa: BLE001
-            raise NofcError(f"cannot trace {name}: {what} fails at {hw[0]}x{hw[1]} "
-                            f"({type(exc).__name__}: {first_line(exc)}), so it is not fully "
-                            "convolutional") from None
+            raise _Blocked(f"{what} fails at {hw[0]}x{hw[1]} ({type(exc).__name__}: "
+                           f"{first_line(exc)}), so it is not fully convolutional") from None
     want, got = outs
     same = (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)
             and want.shape == got.shape and torch.allclose(
                 want, got, rtol=0, atol=1e-4 * max(1.0, float(want.abs().max()))))
     if not same:
-        raise NofcError(f"cannot trace {name}: its control flow depends on the input size "
-                        f"(the forward captured at {size[1]}x{size[2]} differs from the model "
-                        f"at {hw[0]}x{hw[1]})")
+        raise _Blocked(f"its control flow depends on the input size (the forward captured "
+                       f"at {size[1]}x{size[2]} differs from the model at {hw[0]}x{hw[1]})")
 
 
 def pair(v, like: tuple[int, int] | None = None) -> tuple[int, int]:

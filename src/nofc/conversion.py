@@ -473,6 +473,7 @@ class _Planner:
         self.plan = Plan(options)
         self.swapped: dict[str, Layout] = {}  # module path -> the layout its first call reads
         self.alias: dict[str, fx.Node] = {}  # squeeze planned away -> the map it squeezed
+        self.gate: set[fx.Node] = set()  # computed from a pooling inside the body: left alone
         self.stride_used = False
 
     @property
@@ -547,7 +548,7 @@ def _plan(gm: fx.GraphModule, shapes: dict, options: Options) -> Plan:
         s = p.shape(n)
         if s is not None and len(s) == 4:
             p.plan.layouts[n.name] = Layout(*s[1:])
-        if n.op in ("placeholder", "get_attr", "output") or _plan_pool(p, n):
+        if n.op in ("placeholder", "get_attr", "output") or n in p.gate or _plan_pool(p, n):
             continue
         vin = [a for a in n.all_input_nodes if p.vector(a) is not None]
         if vin:
@@ -588,8 +589,10 @@ def _plan_pool(p: _Planner, n: fx.Node) -> bool:
         kind = (last, 1)
     if kind is None or kind[0] == "sum" or not n.args or not isinstance(n.args[0], fx.Node):
         return False
-    if _mixes_with_map(p, n):
+    gate = _gate(p, n)
+    if gate is not None:
         p.plan.global_context.append(n.target if n.op == "call_module" else n.name)
+        p.gate |= gate
         return True
     src = n.args[0]
     s_in, s_out = p.shape(src), p.shape(n)
@@ -641,27 +644,30 @@ def _plan_pool_rewrite(p: _Planner, n: fx.Node, kind, s_in, s_out, *,
     return True
 
 
-def _mixes_with_map(p: _Planner, pool: fx.Node) -> bool:
-    """True when the pooled result is later combined with a spatial map.
+def _gate(p: _Planner, pool: fx.Node) -> set[fx.Node] | None:
+    """The nodes between ``pool`` and the ops that combine it with a spatial map, when
+    there are such ops; None when the pooled result is never combined with a map.
 
     That is squeeze-and-excitation (a pooled gate multiplied into the map): the pooling
-    is part of the body, not the classifier head, and must stay global.
+    and the gate computed from it are part of the body, not the classifier head; the
+    pooling must stay global and the gate's reshapes are not flattens.
     """
-    seen = {pool}
-    todo = [pool]
+    seen = _descendants([pool])
+    mixers = [d for d in seen if d is not pool and d.op != "output" and any(
+        a not in seen and (s := p.shape(a)) is not None and len(s) == 4 and s[2] * s[3] > 1
+        for a in d.all_input_nodes)]
+    return seen - _descendants(mixers) if mixers else None
+
+
+def _descendants(nodes: list[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node that reads them, directly or not."""
+    seen, todo = set(nodes), list(nodes)
     while todo:
         for u in todo.pop().users:
             if u not in seen:
                 seen.add(u)
                 todo.append(u)
-    for d in seen:
-        if d is pool or d.op == "output":
-            continue
-        for a in d.all_input_nodes:
-            s = p.shape(a)
-            if a not in seen and s is not None and len(s) == 4 and s[2] * s[3] > 1:
-                return True
-    return False
+    return seen
 
 
 # --------------------------------------------------------------------------- plan: flatten
@@ -807,7 +813,7 @@ def _plan_layer_norm(p: _Planner, n: fx.Node, layout: Layout, vin: list) -> Layo
         shape = tuple(n.kwargs.get("normalized_shape", n.args[1] if len(n.args) > 1 else ()))
     if (layout.h, layout.w) != (1, 1) or shape != (layout.c,):
         p.fail(n, f"LayerNorm over {shape} of a flattened {layout.c}x{layout.h}x{layout.w} "
-                  "volume normalises across positions, so it has no per-window form")
+                  "volume normalises across positions, so it cannot be applied window by window")
     p.add(n, "last_dim", f"LayerNorm over {layout.c} features",
           f"LayerNorm over the {layout.c} channels of each cell",
           "the features are the channels of the map", shown=n.op == "call_module")

@@ -116,9 +116,10 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
 
     ``spec`` is ``torchvision:NAME`` or ``timm:NAME`` (random weights; timm's pretrained
     config, with its mean, std and input size, stays on the model as ``pretrained_cfg``),
-    ``nofc:NAME`` (models shipped with nofc, such as ``nofc:lenet5``), ``path/to/file.py:factory`` (the
-    factory is called with no arguments) or a ``.pt`` file holding a whole pickled model,
-    which is refused unless ``trust_pickle`` (unpickling can run arbitrary code).
+    ``nofc:NAME`` (models shipped with nofc, such as ``nofc:lenet5``),
+    ``path/to/file.py:factory`` (the factory is called with no arguments) or a ``.pt``
+    file holding a whole pickled model, which is refused unless ``trust_pickle``
+    (unpickling can run arbitrary code).
     ``weights`` is a state_dict file, always loaded with ``weights_only=True``.
 
     >>> load_model("torchvision:resnet18").fc.out_features
