@@ -91,7 +91,8 @@ class ImageSource:
 
     @property
     def name(self) -> str:
-        return f"{self.kind} {self.path}" if self.path else f"the {self.kind} image"
+        kind = "TIFF" if self.kind == "tiff" else self.kind  # as users call the format
+        return f"{kind} {self.path}" if self.path else f"the {kind} image"
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
         """Pixels ``[rows, cols]`` (steps allowed) as ``(C, h, w)``, channel rule applied."""
