@@ -198,11 +198,13 @@ def _refusal(row: dict) -> str:
     for stage in STAGES:
         status, detail = row["stages"].get(stage, ["ok", ""])
         if status != "ok":
-            return f"{stage}: {detail}".replace("|", "\\|")
+            what = stage if status == "refused" else f"{stage} {status}"
+            return f"{what}: {detail}".replace("|", "\\|")
     return ""
 
 
-def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> None:
+def _summary(rows: list[dict], what: str) -> list[str]:
+    """Pass counts per stage and refusals by kind, for one group of rows."""
     counts = collections.Counter()
     reasons = collections.Counter()
     for row in rows:
@@ -211,6 +213,12 @@ def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> N
         r = _refusal(row)
         if r:
             reasons[_reason_kind(r)] += 1
+    return [f"**{what}** ({len(rows)}): " + ", ".join(f"{s} {counts[s]}" for s in STAGES)
+            + " pass; first refusal by kind: " + (", ".join(
+                f"{k} {v}" for k, v in reasons.most_common()) or "none") + ".", ""]
+
+
+def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> None:
     lines = [
         "# Coverage: the nofc pipeline over timm and torchvision",
         "",
@@ -223,11 +231,9 @@ def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> N
         "`dense_predict`, or refuses a network with global context); `onnx` (`export_onnx` "
         "run in onnxruntime equals `dense_predict`). The last column is the first refusal.",
         "",
-        f"{len(rows)} models: " + ", ".join(f"{s} {counts[s]}" for s in STAGES) + " pass.",
-        "",
-        "Refusals and failures by kind: " + (", ".join(f"{k} {v}" for k, v in
-                                                     reasons.most_common()) or "none") + ".",
-        "",
+        *_summary([r for r in rows if r["spec"].startswith("timm:")],
+                  "timm, one model per module"),
+        *_summary([r for r in rows if r["spec"].startswith("torchvision:")], "torchvision"),
         "| family | model | size | convert | verify | geometry | dense | tiled | onnx | s | "
         "first refusal |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -244,10 +250,12 @@ def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> N
 _KINDS = [  # (substring of the refusal, kind) in the order they are tried
     ("TIMEOUT", "time limit"), ("CRASH", "crash"), ("WRONG", "wrong map"),
     ("MISMATCH", "verify mismatch"), ("DIFFERS", "differs"),
-    ("global context", "global context (tiling refused)"),
+    ("inside its body", "global context (tiling refused)"),
+    ("does not come from", "head reads a token or a sequence, not a map"),
+    ("not fully convolutional", "runs at one input size only"),
+    ("only works at the reference size", "runs at one input size only"),
+    ("depends on the input size", "runs at one input size only"),
     ("cannot trace", "not traceable"), ("cannot derive the geometry", "geometry unknown"),
-    ("class token", "class token / sequence head"), ("sequence", "class token / sequence head"),
-    ("only works at the reference size", "size-dependent"),
     ("does not run on input_size", "does not run at its size"),
 ]
 
@@ -272,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="models at a time")
     ap.add_argument("--work", default="/tmp/nofc_zoo", help="where results are kept")
     ap.add_argument("--again", action="store_true", help="ignore kept results")
+    ap.add_argument("--table", action="store_true", help="only write the table from kept "
+                    "results")
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
     args = ap.parse_args(argv)
     if args.only:
@@ -288,7 +298,7 @@ def main(argv=None) -> int:
     if kept_file.exists() and not args.again:
         for line in kept_file.read_text().splitlines():
             kept[json.loads(line)["spec"]] = json.loads(line)
-    specs = [spec for _, spec in todo if spec not in kept]
+    specs = [] if args.table else [spec for _, spec in todo if spec not in kept]
     print(f"{len(todo)} models, {len(specs)} to run", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool, kept_file.open("a") as log:
         for row in pool.map(lambda s: _run_one(s, args.timeout), specs):

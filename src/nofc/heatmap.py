@@ -332,9 +332,11 @@ def _class_names(model, k: int, labels_file=None) -> list[str]:
 
 
 def _default_norm(model, spec: str, channels: int):
-    """The normalisation the model was trained with, when it is known."""
+    """The normalisation the model was trained with, when it is known: a timm model's
+    pretrained config (``timm:NAME``), or ImageNet's for torchvision's RGB models."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg:
+    if isinstance(cfg, dict) and "mean" in cfg and "std" in cfg and \
+            len(cfg["mean"]) == len(cfg["std"]) == channels:
         return tuple(cfg["mean"]), tuple(cfg["std"])
     if str(spec).startswith("torchvision:") and channels == 3:
         from .images import IMAGENET_MEAN, IMAGENET_STD
