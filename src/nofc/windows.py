@@ -491,18 +491,26 @@ def cached_geometry(fcn: nn.Module, size) -> Geometry:
 
 def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list]:
     """Shapes of every node at the reference size (plus ``extra``) and at two larger sizes
-    the map must follow (odd ones, so that a layer that needs even sizes shows itself)."""
-    sizes = [(size[1] + extra[0], size[2] + extra[1]), (2 * size[1] + 3, 2 * size[2] + 5),
-             (3 * size[1] + 1, 3 * size[2])]
-    probes = []
-    for hw in sizes:
-        try:
-            probes.append(probe(gm, (1, size[0], *hw), param_like(gm)[1]))
-        except NodeFailure as f:
-            raise NofcError(f"cannot derive the geometry: {describe_node(gm, f.node)} fails on "
-                            f"a {size[0]}x{hw[0]}x{hw[1]} input ({first_line(f.exc)})"
-                            ) from None
-    return sizes, probes
+    the map must follow: odd ones, so that a layer that needs even sizes shows itself, or,
+    for a network that only runs at multiples of its stride (residual adds of stride-2
+    branches, window attention, patch reshapes), multiples of the reference size."""
+    ref = (size[1] + extra[0], size[2] + extra[1])
+    failure = None
+    for larger in ([(2 * size[1] + 3, 2 * size[2] + 5), (3 * size[1] + 1, 3 * size[2])],
+                   [(2 * size[1], 3 * size[2]), (3 * size[1], 2 * size[2])]):
+        sizes = [ref, *larger]
+        probes = []
+        for hw in sizes:
+            try:
+                probes.append(probe(gm, (1, size[0], *hw), param_like(gm)[1]))
+            except NodeFailure as f:
+                failure = failure or (f, hw)
+                break
+        else:
+            return sizes, probes
+    f, hw = failure
+    raise NofcError(f"cannot derive the geometry: {describe_node(gm, f.node)} fails on "
+                    f"a {size[0]}x{hw[0]}x{hw[1]} input ({first_line(f.exc)})") from None
 
 
 class _Walk:
@@ -519,8 +527,13 @@ class _Walk:
         self.out_name = ""
 
     def spatial(self, p, name: str, dims=None) -> tuple[int, int] | None:
-        """(H, W) of node ``name`` in probe ``p``."""
-        return _spatial(p.shapes.get(name), dims or self.layout.get(name, (2, 3)))
+        """(H, W) of node ``name`` in probe ``p``; of every item of a tuple of maps
+        (``chunk``, ``split``) when they share it."""
+        dims = dims or self.layout.get(name, (2, 3))
+        if name in p.items:
+            hw = {_spatial(s, dims) for s in p.items[name]}
+            return hw.pop() if len(hw) == 1 else None
+        return _spatial(p.shapes.get(name), dims)
 
     def run(self) -> None:
         for n in self.gm.graph.nodes:
@@ -549,6 +562,9 @@ class _Walk:
         ins = [a for a in n.all_input_nodes if self.axes.get(a.name) is not None]
         if not ins:
             self.axes[n.name] = None
+            return
+        if all(p.shapes.get(n.name) is None and n.name not in p.items for p in self.probes):
+            self.axes[n.name] = None  # x.ndim, x.shape, x.size(): reads the map, is no map
             return
         label = describe_node(self.gm, n)
         if self._global(n, label):
