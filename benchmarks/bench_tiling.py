@@ -192,10 +192,11 @@ def dask_scaling(args) -> list[dict]:
 
 
 def faults(args) -> list[dict]:
-    """Kill one of 2 workers (SIGKILL; its nanny starts a replacement) at 25, 50 and 75%
-    of a run; extra time against the undisturbed run, blocks recomputed, maps equal."""
+    """Kill one of 2 workers (SIGKILL; its nanny starts a replacement) when 25, 50 and 75%
+    of the blocks are done; each killed run is paired with an undisturbed run just before
+    it. Reports the extra time, the blocks the lost worker held (running, or finished and
+    not yet collected), how many were recomputed, and whether the maps are equal."""
     import signal
-    import threading
 
     from distributed import Client, LocalCluster
     from distributed.diagnostics.plugin import SchedulerPlugin
@@ -203,67 +204,71 @@ def faults(args) -> list[dict]:
     from nofc.tiling import plan_tiles
 
     class Watch(SchedulerPlugin):
-        """How often tasks were sent to a worker, and when workers joined (the
-        LocalCluster's scheduler runs in this process)."""
+        """Counts tasks sent to workers and finished; kills ``victim`` (address, pid) when
+        ``kill_at`` have finished. The LocalCluster's scheduler runs in this process."""
 
         def __init__(self):
-            self.sent, self.joined = 0, []
+            self.reset()
+
+        def reset(self, kill_at=None, victim=None):
+            self.sent = self.done = 0
+            self.kill_at, self.victim, self.lost, self.killed, self.joined = (
+                kill_at, victim, None, None, None)
 
         def transition(self, key, start, finish, *args, **kwargs):
             self.sent += finish == "processing"
+            self.done += finish == "memory"
+            if finish == "memory" and self.done == self.kill_at:
+                ws = self.scheduler.workers.get(self.victim[0])
+                self.lost = len(ws.processing) + len(ws.has_what) if ws else 0
+                self.killed = time.perf_counter()
+                os.kill(self.victim[1], signal.SIGKILL)
 
         def add_worker(self, scheduler=None, worker=None):
-            self.joined.append(time.perf_counter())
+            if self.killed and self.joined is None:
+                self.joined = time.perf_counter() - self.killed
 
     model, size = _model(args.faults_model)
     fcn = nofc.convert(model, input_size=size)
     side, tile = args.faults_side, args.faults_tile
     img = np.random.default_rng(0).random((size[0], side, side), dtype=np.float32)
     n = len(plan_tiles(nofc.geometry(fcn, size), (side, side), tile=tile)[0])
-    rows = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        watch = Watch()
-        cluster.scheduler.add_plugin(watch, name="bench-watch")
+    print(f"faults {args.faults_model} {side}x{side} tile {tile}: {n} blocks on 2 "
+          f"single-threaded workers", flush=True)
+    rows, ref = [], None
+    for frac in (0.25, 0.5, 0.75):
+        # a fresh cluster each time: under heavy load a nanny may give up restarting
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            watch = Watch()
+            watch.scheduler = cluster.scheduler
+            cluster.scheduler.add_plugin(watch, name="bench-watch")
 
-        def run():
-            watch.sent, watch.joined[:] = 0, []
-            t = time.perf_counter()
-            out = nofc.tiled_predict(fcn, img, input_size=size, tile=tile, backend="dask",
-                                     scheduler=cluster.scheduler_address, progress=False)
-            return out, time.perf_counter() - t
+            def run(kill_at=None):
+                watch.reset(kill_at, sorted(client.run(os.getpid).items())[0])
+                t = time.perf_counter()
+                out = nofc.tiled_predict(fcn, img, input_size=size, tile=tile,
+                                         backend="dask", scheduler=cluster.scheduler_address,
+                                         progress=False)
+                return out, time.perf_counter() - t
 
-        run()  # warm-up
-        ref, base = run()
-        print(f"faults {args.faults_model} {side}x{side} tile {tile}: {n} blocks on 2 "
-              f"workers, undisturbed {base:.1f}s", flush=True)
-        for frac in (0.25, 0.5, 0.75):
-            client.wait_for_workers(2)
-            victim, lost = {}, []
-
-            def kill():
-                addr, pid = sorted(client.run(os.getpid).items())[0]
-                ws = cluster.scheduler.workers.get(addr)
-                # running or finished but not yet collected: what dies with the worker
-                lost.append(len(ws.processing) + len(ws.has_what) if ws else 0)
-                victim["at"] = time.perf_counter()
-                os.kill(pid, signal.SIGKILL)
-
-            timer = threading.Timer(frac * base, kill)
-            timer.start()
-            got, secs = run()
-            timer.join()
-            joined = [t - victim["at"] for t in watch.joined if t > victim["at"]]
-            equal = bool(np.array_equal(got, ref))
-            row = {"model": args.faults_model, "image": f"{side}x{side}", "blocks": n,
-                   "kill_at": frac, "undisturbed_s": round(base, 2), "run_s": round(secs, 2),
-                   "extra": round(secs / base - 1, 3), "in_flight_lost": lost[0],
-                   "recomputed": watch.sent - n, "replacement_after_s":
-                       round(joined[0], 1) if joined else None, "maps_equal": equal}
-            rows.append(row)
-            print(f"  kill at {frac:.0%}: {secs:.1f}s ({row['extra']:+.1%}), in flight on the "
-                  f"lost worker {lost[0]}, recomputed {row['recomputed']}, replacement after "
-                  f"{row['replacement_after_s']}s, maps equal: {equal}", flush=True)
+            first, _ = run()  # warm-up: ships the model
+            ref = first if ref is None else ref
+            _, base = run()
+            got, secs = run(kill_at=round(frac * n))
+        equal = bool(np.array_equal(got, ref))
+        row = {"model": args.faults_model, "image": f"{side}x{side}", "blocks": n,
+               "kill_at": frac, "undisturbed_s": round(base, 2), "run_s": round(secs, 2),
+               "extra": round(secs / base - 1, 3), "lost_blocks": watch.lost,
+               "recomputed": watch.sent - n, "replacement_after_s":
+                   None if watch.joined is None else round(watch.joined, 1),
+               "maps_equal": equal}
+        rows.append(row)
+        print(f"  kill at {frac:.0%}: undisturbed {base:.1f}s, with the kill {secs:.1f}s "
+              f"({row['extra']:+.1%}); the lost worker held {watch.lost} blocks, "
+              f"{row['recomputed']} recomputed; replacement joined after "
+              f"{row['replacement_after_s']}s; maps equal: {equal}", flush=True)
     return rows
 
 

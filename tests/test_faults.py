@@ -57,8 +57,8 @@ def _run(fcn, image, **kw):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Two single-threaded worker processes, shared by the cluster tests (each waits for
-    two workers first: a killed one is restarted by its nanny)."""
+    """Two single-threaded worker processes, shared by the cluster tests; the one that
+    kills a worker comes last (a nanny that restarts it under heavy load may give up)."""
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=None) as cluster:
         yield cluster
@@ -176,16 +176,6 @@ def test_client_killed_then_second_writer_refused_then_resume(fcn, ref, writes, 
     _assert_complete(got, ref, first + writes, store)
 
 
-def test_worker_killed_mid_run(fcn, ref, writes, tmp_path, cluster, client, processed):
-    store = tmp_path / "map.zarr"
-    victim = min(client.run(os.getpid).values())
-    writes.hooks[3] = lambda: os.kill(victim, signal.SIGKILL)
-    got = _run(fcn, IMG, out=store, backend="dask", scheduler=cluster.scheduler_address)
-    _assert_complete(got, ref, writes, store)
-    assert victim not in client.run(os.getpid).values()
-    assert sum(processed.by_worker.values()) >= BLOCKS  # lost tasks were recomputed
-
-
 def test_worker_joins_mid_run(fcn, ref, writes, cluster, client, processed):
     before = set(client.run(os.getpid))
 
@@ -199,6 +189,16 @@ def test_worker_joins_mid_run(fcn, ref, writes, cluster, client, processed):
     [new] = set(client.run(os.getpid)) - before
     assert client.run(lambda: tiling._UNPICKLED, workers=[new]) == {new: 1}  # got the model
     assert processed.by_worker[new] > 0, processed.by_worker  # and computed blocks
+
+
+def test_worker_killed_mid_run(fcn, ref, writes, tmp_path, cluster, client, processed):
+    store = tmp_path / "map.zarr"
+    victim = min(client.run(os.getpid).values())
+    writes.hooks[3] = lambda: os.kill(victim, signal.SIGKILL)
+    got = _run(fcn, IMG, out=store, backend="dask", scheduler=cluster.scheduler_address)
+    _assert_complete(got, ref, writes, store)
+    assert victim not in client.run(os.getpid).values()
+    assert sum(processed.by_worker.values()) >= BLOCKS  # lost tasks were recomputed
 
 
 _SCHEDULER = textwrap.dedent("""

@@ -410,10 +410,28 @@ def _dask_client(scheduler, workers):
     try:
         yield client
     finally:
-        with contextlib.suppress(Exception):  # a lost scheduler: nothing left to close
-            client.close(timeout=5)
+        with contextlib.suppress(Exception), _quiet(client.status != "running"):
+            client.close(timeout=5)  # a lost scheduler: only its reconnect loop to stop
         if cluster is not None:
             cluster.close()
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence distributed's loggers: stopping the reconnect loop of a client whose
+    scheduler is gone logs tracebacks, and nofc has already said it in one line."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("distributed", "distributed.client",
+                                              "distributed.utils")] if enabled else []
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _run_threads(runner, src, todo, blocks: _Blocks) -> None:
