@@ -67,9 +67,8 @@ def _make_store(folder: Path, *, record_image: bool = True) -> tuple[Path, Path]
     tifffile.imwrite(tif, img, tile=(256, 256))
     fcn = nofc.convert(Bright().eval(), (1, 16, 16))
     store = folder / "square.zarr"
-    meta = {"classes": ["background", "bright"]}
-    if record_image:
-        meta["image"] = str(tif)
+    # tiled_predict records the image it read; None says: record none
+    meta = {"classes": ["background", "bright"], "image": str(tif) if record_image else None}
     nofc.tiled_predict(fcn, str(tif), (1, 16, 16), tile=512, out=str(store), progress=False,
                        metadata=meta)
     return tif, store

@@ -39,6 +39,7 @@ class _Map:
     image_shape: tuple[int, int, int]  # (C, H, W) at full resolution
     info: dict  # geometry and run facts: printed, and saved with the scores
     every: int = 1  # draw every f-th cell (a map larger than the picture can show)
+    placement: object = None  # nofc.placement.Placement: boxes in level-0 / world coords
 
     @property
     def tiled(self) -> bool:
@@ -68,6 +69,11 @@ def heatmap(
     workers: int | None = None,
     verify: bool = False,
     skip_bad_tiles: bool = False,
+    level: int | None = None,
+    mpp: float | None = None,
+    bands=None,
+    mask=None,
+    threshold: float = 0.5,
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
 
@@ -84,18 +90,27 @@ def heatmap(
     difference between the map and the crops (whole images only).
     With ``skip_bad_tiles`` the image is read by region (tiled) and blocks whose region
     cannot be read (a corrupt or truncated TIFF tile) are left NaN, with one warning.
+    Slides (``level``, ``mpp``) and rasters (``bands``) are always tiled, and so is a run
+    with a ``mask`` (``info["windows_computed"]`` says how many); their boxes are in
+    level-0 slide pixels. ``out`` may also be a GeoTIFF ``.tif`` or a QuPath
+    ``.geojson`` (cells whose top class reaches ``threshold``).
     Returns a summary (classes drawn, map shape, geometry).
     """
     _check_outputs(output, scores_path, force=force)
+    if out is not None and Path(out).suffix.lower() in (".tif", ".tiff", ".geojson"):
+        refuse_overwrite(out, force=force)
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
     size = tuple(input_size)
+    read = {"level": level, "mpp": mpp, "bands": bands}
     if tile is not None or out is not None or scheduler is not None or workers is not None \
-            or skip_bad_tiles or _pixels(image_path) > TILE_ABOVE:
+            or skip_bad_tiles or mask is not None or any(v is not None for v in read.values()) \
+            or _file_kind(image_path) in ("slide", "raster") or _pixels(image_path) > TILE_ABOVE:
         computed = _tiled_map(model, image_path, size, spec=spec, step=step, mean=mean,
                               std=std, device=device, progress=progress, tile=tile or 2048,
                               out=out, scheduler=scheduler, workers=workers,
-                              on_error="skip" if skip_bad_tiles else "raise")
+                              on_error="skip" if skip_bad_tiles else "raise", read=read,
+                              mask=mask, threshold=threshold, labels_file=labels_file)
     else:
         computed = _whole_map(model, image_path, size, spec=spec, step=step, mean=mean,
                               std=std, device=device, progress=progress, verify=verify)
@@ -142,29 +157,39 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
 
 
 def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progress, tile, out,
-               scheduler, workers, on_error="raise") -> _Map:
-    """The image read by region, tile by tile (optionally to a zarr store, or on Dask)."""
-    from .images import image_layout, open_image_array, spatial_shape
-    from .tiling import tiled_predict
+               scheduler, workers, on_error="raise", read=None, mask=None, threshold=0.5,
+               labels_file=None) -> _Map:
+    """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
+    GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
+    from .placement import placement_of
+    from .sources import open_source
+    from .tiling import _num_outputs, tiled_predict
 
-    src = open_image_array(image_path)
-    layout = image_layout(tuple(src.shape), size[0], "auto")
-    H, W = spatial_shape(tuple(src.shape), layout)
+    src = open_source(image_path, channels=size[0], **(read or {}))
+    H, W = src.hw
     mean, std = _norm(model, spec, size[0], mean, std)
     fcn, geo, steps = _network(model, size, step)
     backend = "dask" if scheduler is not None or workers is not None else "local"
-    print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix): tiled with tile {tile} (tiling is "
-          f"automatic above {TILE_ABOVE / 1e6:.1f} Mpix), backend {backend}"
-          + (f", map to {out}" if out else ""), file=sys.stderr)
+    print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
+          + (f", downsample {src.downsample[0]:g}" if src.downsample != (1.0, 1.0) else "")
+          + f"): tiled with tile {tile} (tiling is automatic above {TILE_ABOVE / 1e6:.1f} "
+          f"Mpix), backend {backend}" + (f", map to {out}" if out else ""), file=sys.stderr)
+    stats: dict = {}
+    names = _class_names(model, _num_outputs(fcn, size), labels_file)
     scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
-                           step=None if steps == geo.stride else steps, layout=layout,
-                           mean=mean, std=std, scheduler=scheduler, workers=workers,
-                           device=device, progress=progress, on_error=on_error)
+                           step=None if steps == geo.stride else steps, mean=mean, std=std,
+                           scheduler=scheduler, workers=workers, device=device,
+                           progress=progress, on_error=on_error, mask=mask,
+                           threshold=threshold, stats=stats, metadata={"classes": names})
     h, w = scores.shape[1:]
-    info = _info(geo, steps, (size[0], H, W), (h, w), mean, std, tile=tile)
-    picture = _thumbnail(src, layout, (H, W), skip_bad=on_error == "skip")
+    place = placement_of(src, geo, steps)
+    extra = {"placement": place.as_dict()}
+    if mask is not None:
+        extra["windows_computed"] = [stats["computed"], stats["windows"]]
+    info = _info(geo, steps, (size[0], H, W), (h, w), mean, std, tile=tile, **extra)
+    picture = _thumbnail(src, "hwc", (H, W), skip_bad=on_error == "skip")
     return _Map(scores, geo, steps, picture, (size[0], H, W), info,
-                every=_every((h, w)))
+                every=_every((h, w)), placement=place)
 
 
 def _norm(model, spec, channels: int, mean, std):
@@ -208,8 +233,9 @@ def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_p
         render_heatmap(tmp, m.picture, probs, labels, m.geo, (m.steps[0] * f, m.steps[1] * f),
                        title=_title(image_path, m), image_hw=m.image_shape[1:])
         if scores_path:
-            _save_scores(scores_path, np.asarray(m.scores[:]),
-                         m.geo.boxes(m.image_shape[1:], step=m.steps), m.info, force=force)
+            boxes = m.geo.boxes(m.image_shape[1:], step=m.steps) if m.placement is None \
+                else m.placement.boxes(m.image_shape[1:])  # level-0 slide pixels
+            _save_scores(scores_path, np.asarray(m.scores[:]), boxes, m.info, force=force)
     return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
             "geometry": m.info, "max_prob": [float(peaks[c]) for c in chosen]}
 
@@ -343,6 +369,16 @@ def _default_norm(model, spec: str, channels: int):
 
         return IMAGENET_MEAN, IMAGENET_STD
     return None, None
+
+
+def _file_kind(image_path) -> str | None:
+    """``"slide"``, ``"raster"``, ``"tiff"`` or ``"picture"``: how a file is read."""
+    from .sources import file_kind
+
+    try:
+        return file_kind(Path(image_path))
+    except Exception:  # noqa: BLE001 - unreadable files fail later with a clear message
+        return None
 
 
 def _pixels(image_path) -> int:

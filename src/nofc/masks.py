@@ -3,9 +3,10 @@
 ``mask=`` is a 2-D array or an image file (nonzero: foreground) of the image's aspect at
 any resolution, or ``"auto"``: for a slide (or any picture) tissue is told from glass by
 Otsu's threshold on the saturation of a low-resolution level, cleaned by a 3x3 opening and
-closing; for a raster it is GDAL's mask (nodata, alpha). A map cell is foreground when its
-window holds a foreground mask pixel; a tile with no foreground cell is not computed, and
-background cells are NaN in the map (nodata in a GeoTIFF).
+closing; for a raster it is GDAL's mask (nodata, alpha). A map cell is foreground when the
+``step x step`` square it stands for (centred on its window's centre, as in a GeoTIFF of
+the map) holds a foreground mask pixel; a tile with no foreground cell is not computed,
+and background cells are NaN in the map (nodata in a GeoTIFF).
 
 >>> fg = cell_foreground(np.eye(4, dtype=bool), 8.0, np.array([[[0, 0, 8, 8], [0, 24, 8, 32]]]))
 >>> fg.tolist()
@@ -20,7 +21,7 @@ import numpy as np
 
 from .errors import NofcError
 
-__all__ = ["resolve_mask", "cell_foreground", "otsu", "MaskedSink"]
+__all__ = ["resolve_mask", "cell_foreground", "mask_cells", "otsu", "MaskedSink"]
 
 _AUTO_SIDE = 2048  # longest side of the level "auto" looks at
 
@@ -94,7 +95,7 @@ def resolve_mask(mask, source) -> tuple[np.ndarray, float]:
 
 
 def cell_foreground(mask: np.ndarray, per: float, boxes: np.ndarray) -> np.ndarray:
-    """``(h, w)`` bool: whether the window ``boxes[i, j]`` (pixels read) holds foreground
+    """``(h, w)`` bool: whether the box ``boxes[i, j]`` (pixels read) holds foreground
     of ``mask``, one mask pixel per ``per`` pixels read (a summed-area table)."""
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask, 0), 1)
@@ -104,6 +105,19 @@ def cell_foreground(mask: np.ndarray, per: float, boxes: np.ndarray) -> np.ndarr
     y1 = np.clip(np.ceil(b[..., 2]).astype(np.int64), 0, mask.shape[0])
     x1 = np.clip(np.ceil(b[..., 3]).astype(np.int64), 0, mask.shape[1])
     return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]) > 0
+
+
+def mask_cells(mask, source, geo, step, map_shape) -> np.ndarray:
+    """``(h, w)`` bool: the map cells of ``source`` whose square holds foreground."""
+    ys, xs = geo.centers(source.hw, step=step)
+    sy, sx = geo.check_step(step)
+    squares = np.empty((len(ys), len(xs), 4))
+    squares[..., 0], squares[..., 2] = (ys - sy / 2)[:, None], (ys + sy / 2)[:, None]
+    squares[..., 1], squares[..., 3] = (xs - sx / 2)[None], (xs + sx / 2)[None]
+    fg = cell_foreground(*resolve_mask(mask, source), squares)
+    if fg.shape != tuple(map_shape):  # pragma: no cover - a geometry bug
+        raise NofcError(f"internal: mask cells {fg.shape} for a map of {map_shape}")
+    return fg
 
 
 class MaskedSink:
@@ -124,9 +138,16 @@ class MaskedSink:
     def __exit__(self, *exc):
         return self.sink.__exit__(*exc)
 
-    def needed(self, tile) -> bool:
-        a, b, c, d = tile.out
-        return bool(self.fg[a:b, c:d].any())
+    def plan(self, todo: list) -> list:
+        """The tiles of ``todo`` with foreground; the others go in as NaN (:meth:`fill`)."""
+        keep = []
+        for t in todo:
+            a, b, c, d = t.out
+            if self.fg[a:b, c:d].any():
+                keep.append(t)
+            else:
+                self.fill(t)
+        return keep
 
     def aggregate(self, tile, block: np.ndarray) -> None:
         a, b, c, d = tile.out

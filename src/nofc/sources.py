@@ -5,10 +5,11 @@ Every image nofc reads, whole or tile by tile, locally or on Dask workers, is an
 (rasters) when known, and ``read(rows, cols)`` giving a ``(C, h, w)`` region. Three rules
 hold for every source, so every path sees the same pixels:
 
-* **channels and alpha**: an alpha channel (RGBA, LA, a raster's alpha band, OpenSlide's
-  transparent pixels outside the scanned area) is composited over white in the stored
-  dtype, rounded; then, when the caller says how many channels it wants, gray becomes 3
-  identical channels and RGB becomes 1 (ITU-R 601 luma); other counts are refused.
+* **channels and alpha**: in a file, an alpha channel (RGBA, LA, a raster's alpha band,
+  OpenSlide's transparent pixels outside the scanned area) is composited over white in
+  the stored dtype, rounded; then, when the caller says how many channels it wants, gray
+  becomes 3 identical channels and RGB becomes 1 (ITU-R 601 luma); other counts are
+  refused. An array given in memory must already have the channels asked for.
 * **scaling**: integers are divided by the largest value of their dtype (uint8 255,
   uint16 65535, int32 2**31 - 1), floats are kept as stored (:func:`scale_of`).
 * **errors**: a region that cannot be decoded is a :class:`nofc.images.BadRegion` naming
@@ -190,10 +191,12 @@ class ArraySource(ImageSource):
     def __init__(self, array, layout: str = "auto", want: int | None = None,
                  path: str | None = None, kind: str = "array"):
         shape = tuple(array.shape)
-        lay = _array_layout(shape, want, layout)
+        strict = path is None and want is not None  # an array in memory: as given
+        lay = image_layout(shape, want, layout) if strict else \
+            _array_layout(shape, want, layout)
         self.array, self.layout, self.path, self.kind = array, lay, path, kind
         c = 1 if lay == "hw" else shape[2] if lay == "hwc" else shape[0]
-        self._has_alpha = c in (2, 4) and want not in (2, 4)
+        self._has_alpha = c in (2, 4) and want not in (2, 4) and not strict
         hw = shape[:2] if lay != "chw" else shape[1:]
         super().__init__(hw, c - self._has_alpha, getattr(array, "dtype", np.float32), want)
         _check_channels(self._stored, want, self.name)
@@ -565,24 +568,37 @@ def open_source(image, *, channels: int | None = None, layout: str = "auto", lev
         raise NofcError(f"image file not found: {image}")
     if path.stat().st_size == 0:
         raise NofcError(f"cannot read image {image}: the file is empty")
-    suffix = path.suffix.lower()
     slide_args = level is not None or mpp is not None
     if bands is not None and slide_args:
         raise NofcError("bands= applies to rasters, level=/mpp= to slides: not both")
-    if suffix in SLIDE_SUFFIXES:
+    kind = file_kind(path, slide=slide_args, bands=bands is not None)
+    if slide_args and kind != "slide":
+        raise NofcError(f"level= and mpp= apply to whole-slide images; {image} is read as a "
+                        f"{kind}" + (" (choose bands= instead)" if kind == "raster" else ""))
+    if kind == "slide":
         return SlideSource(str(path), level=level, mpp=mpp, want=channels)
-    if suffix in TIFF_SUFFIXES:
-        if bands is not None or _is_geotiff(path):
-            if slide_args:
-                raise NofcError(f"{image} is a georeferenced raster: level=/mpp= apply to "
-                                "slides (choose bands= instead)")
-            return RasterSource(str(path), bands=bands, want=channels)
-        fmt = _slide_format(path) if slide_args or suffix in (".tif", ".tiff") else None
-        if slide_args or fmt not in (None, "generic-tiff"):
-            return SlideSource(str(path), level=level, mpp=mpp, want=channels)
+    if kind == "raster":
+        return RasterSource(str(path), bands=bands, want=channels)
+    if kind == "tiff":
         return TiffFileSource(str(path), want=channels)
-    if slide_args:
-        raise NofcError(f"level= and mpp= apply to whole-slide images, not {suffix} files")
-    if suffix in PICTURE_SUFFIXES and bands is None:
-        return PictureSource(str(path), want=channels)
-    return RasterSource(str(path), bands=bands, want=channels)
+    return PictureSource(str(path), want=channels)
+
+
+def file_kind(path: Path, *, slide: bool = False, bands: bool = False) -> str:
+    """How a file is read: ``"slide"`` (OpenSlide), ``"raster"`` (rasterio), ``"tiff"``
+    (tifffile) or ``"picture"`` (Pillow); ``slide``/``bands``: level/mpp or bands asked.
+
+    >>> file_kind(Path("scan.svs")), file_kind(Path("scene.jp2")), file_kind(Path("a.png"))
+    ('slide', 'raster', 'picture')
+    """
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_SUFFIXES:
+        return "slide"
+    if suffix in TIFF_SUFFIXES:
+        if bands or _is_geotiff(path):
+            return "raster"
+        fmt = _slide_format(path) if slide or suffix in (".tif", ".tiff") else None
+        return "slide" if slide or fmt not in (None, "generic-tiff") else "tiff"
+    if suffix in PICTURE_SUFFIXES and not bands:
+        return "picture"
+    return "raster"

@@ -30,15 +30,15 @@ from .dilation import fine_pass
 from .errors import NofcError, check_input_size, first_line
 from .images import (
     BadRegion,
-    TiffSource,
     default_scale,
-    image_layout,
-    open_image_array,
+    normalize,
     read_region,
-    spatial_shape,
     to_tensor,
 )
+from .masks import MaskedSink, mask_cells
+from .placement import placement_of
 from .sinks import open_sink
+from .sources import open_source
 from .windows import cached_geometry
 
 __all__ = ["tiled_predict", "plan_tiles"]
@@ -162,20 +162,29 @@ def tiled_predict(
     progress: bool = True,
     metadata: dict | None = None,
     on_error: str = "raise",
+    level: int | None = None,
+    mpp: float | None = None,
+    bands=None,
+    mask=None,
+    threshold: float = 0.5,
+    stats: dict | None = None,
 ):
     """Dense map of an image of any size, tile by tile; equals ``dense_predict`` exactly.
 
     Args:
         fcn: the converted network (``nofc.convert``); a classifier that is not converted
             yet is converted first.
-        image: numpy array or memmap, zarr array, dask array, tensor, or a file path (TIFF
-            is read lazily region by region; PNG/JPEG are read whole). ``(H, W)``,
-            ``(H, W, C)`` or ``(C, H, W)``: see ``layout``.
+        image: numpy array or memmap, zarr array, dask array, tensor, or a file path
+            (``nofc.sources``: TIFF, whole-slide images and rasters are read lazily region
+            by region; PNG/JPEG whole). ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``: see
+            ``layout``.
         input_size: ``(C, H, W)`` the classifier was trained on.
         tile: input pixels per tile side (before the halo); memory grows with it.
         out: a zarr store path: chunks are written as they finish, a killed run started
             again with the same arguments resumes, and a store made with other arguments
-            is refused. ``None`` returns a numpy array.
+            is refused. A ``.tif`` is a GeoTIFF with the map's georeferencing (level-0
+            pixels for slides), a ``.geojson`` QuPath detections (``nofc.geosinks``).
+            ``None`` returns a numpy array.
         backend: ``"local"`` (this process) or ``"dask"`` (a dask graph over the tiles,
             on the local scheduler, or the cluster at ``scheduler="tcp://host:8786"``, or a
             ``distributed.LocalCluster`` of ``workers`` processes).
@@ -191,6 +200,13 @@ def tiled_predict(
             tile) does: ``"raise"`` stops the run with one line naming the file and the
             region; ``"skip"`` leaves its blocks NaN, warns once and lists them in the
             store's ``nofc.bad_blocks`` (a later run tries them again).
+        level, mpp: a whole-slide image's level, or microns per pixel (``nofc.sources``).
+        bands: a raster's 1-based bands.
+        mask: ``"auto"``, a 2-D array or a mask file (``nofc.masks``): tiles without
+            foreground are not computed, background cells are NaN.
+        threshold: the top-class probability a cell needs to be a GeoJSON feature.
+        stats: a dict to fill with ``windows`` (map cells), ``computed`` (cells of the
+            tiles computed in this run), ``tiles`` and ``tiles_computed``.
 
     On a cluster, workers may die or join mid-run: their blocks are recomputed elsewhere
     and the map is the same. A block that fails for a transient reason is tried
@@ -217,9 +233,10 @@ def tiled_predict(
     fcn = as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
     geo = cached_geometry(fcn, size)
     _check_tileable(fcn, geo, tile)
-    src = open_image_array(image)
-    lay = image_layout(tuple(src.shape), size[0], layout)
-    hw = spatial_shape(tuple(src.shape), lay)
+    src = open_source(image, channels=size[0], layout=layout, level=level, mpp=mpp,
+                      bands=bands)
+    lay, hw = "hwc", src.hw
+    normalize(np.zeros((size[0], 1, 1), np.float32), mean, std)  # the same checks
     if scale is None:
         scale = default_scale(np.dtype(getattr(src, "dtype", np.float32)))
     device = torch.device(param_like(fcn)[0] if device is None else device)
@@ -229,10 +246,20 @@ def tiled_predict(
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
     sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
-                     metadata=metadata, blocks=len(tiles), arguments=lambda: _arguments(
+                     metadata={"image": src.describe(), **(metadata or {})},
+                     blocks=len(tiles), placement=placement_of(src, geo, geo.check_step(step)),
+                     threshold=threshold, arguments=lambda: _arguments(
                          fcn, size, hw, tile, step, scale, mean, std, dtype))
+    if mask is not None:
+        sink = MaskedSink(sink, mask_cells(mask, src, geo, step, (h, w)))
     with sink:  # a store is locked against a second writer until the run ends
         todo = [t for t in tiles if t.index not in sink.done]
+        if mask is not None:
+            todo = sink.plan(todo)  # tiles without foreground go in as NaN, not computed
+        if stats is not None:
+            stats.update(windows=h * w, tiles=len(tiles), tiles_computed=len(todo),
+                         computed=sum((t.out[1] - t.out[0]) * (t.out[3] - t.out[2])
+                                      for t in todo))
         with _progress(len(tiles), len(tiles) - len(todo), progress) as bar:
             blocks = _Blocks(sink, bar, on_error)
             if backend == "local":
@@ -498,7 +525,8 @@ class _Cluster:
         self.client, self.plugin, self.runner, self.src = client, plugin, runner, src
         self.blocks = blocks
         # workers read their own regions (the file must be reachable from them)
-        self.remote = isinstance(src, TiffSource) or type(src).__module__.startswith("zarr")
+        self.remote = getattr(src, "path", None) is not None or type(
+            getattr(src, "array", src)).__module__.startswith("zarr")
         self.tries: dict[tuple[int, int], int] = {}
         self.limit, self.checked = 2, -1.0
 
