@@ -6,6 +6,7 @@ Every figure is measured in this run, side by side:
     python benchmarks/bench_tiling.py rss --model resnet18 --sizes 2000 5000 10000 20000
     python benchmarks/bench_tiling.py dask         # 1 vs 2 single-threaded workers
     python benchmarks/bench_tiling.py faults       # kill 1 of 2 workers at 25/50/75%
+    python benchmarks/bench_tiling.py mask         # mask="auto" on a 70%-glass slide
     python benchmarks/bench_tiling.py all
 
 Peak RSS is measured in a fresh subprocess per run (ru_maxrss), reading a tiled TIFF
@@ -191,6 +192,63 @@ def dask_scaling(args) -> list[dict]:
              "workers_2_s": round(times[2], 2), "efficiency": round(eff, 3)}]
 
 
+def _glass_slide(path: Path, side: int, tissue: float = 0.3):
+    """A pyramidal tiled TIFF slide (3 levels, 0.25 micron pixels): white glass with a
+    disc of saturated 'tissue' covering ``tissue`` of it, for OpenSlide."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:side, :side]
+    r = side * np.sqrt(tissue / np.pi)
+    disc = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < r * r
+    img = np.full((side, side, 3), 235, np.uint8) + rng.integers(0, 10, (side, side, 3),
+                                                                 dtype=np.uint8)
+    img[disc] = rng.integers(0, 256, (int(disc.sum()), 3), dtype=np.uint8) // [1, 3, 2] + \
+        np.array([120, 0, 60], np.uint8)
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k in range(3):
+            res = 1e4 / (0.25 * 2 ** k)
+            tw.write(img[:: 2 ** k, :: 2 ** k], tile=(256, 256), photometric="rgb",
+                     resolution=(res, res), resolutionunit="CENTIMETER",
+                     subfiletype=0 if k == 0 else 1)
+
+
+def mask(args) -> list[dict]:
+    """All windows vs mask="auto" on a slide that is 70% glass, side by side: the speedup
+    against the bound (all windows / windows computed)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(  # a small RGB patch classifier: window 36, stride 8
+        torch.nn.Conv2d(3, 32, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(64, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 2 * 2, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 3)).eval()
+    size = (3, 36, 36)
+    fcn = nofc.convert(net, input_size=size)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        slide = Path(tmp) / "glass.tif"
+        _glass_slide(slide, args.mask_side)
+        run = dict(input_size=size, tile=args.mask_tile, progress=args.progress, level=0)
+        stats: dict = {}
+        t_all = _timeit(lambda: nofc.tiled_predict(fcn, str(slide), **run), args.repeat)
+        t_mask = _timeit(lambda: nofc.tiled_predict(fcn, str(slide), mask="auto",
+                                                    stats=stats, **run), args.repeat)
+        bound = stats["windows"] / stats["computed"]
+        speedup = t_all / t_mask
+        rows.append({"image": f"{args.mask_side}x{args.mask_side}", "tile": args.mask_tile,
+                     "windows": stats["windows"], "computed": stats["computed"],
+                     "all_s": round(t_all, 3), "masked_s": round(t_mask, 3),
+                     "speedup": round(speedup, 3), "bound": round(bound, 3),
+                     "of_bound": round(speedup / bound, 3)})
+        print(f"mask auto, slide {args.mask_side}x{args.mask_side} (70% glass), tile "
+              f"{args.mask_tile}: {stats['computed']} of {stats['windows']} windows computed "
+              f"({stats['computed'] / stats['windows']:.0%}); all {t_all:.2f}s  masked "
+              f"{t_mask:.2f}s  speedup {speedup:.2f}  bound {bound:.2f}  of bound "
+              f"{speedup / bound:.2f}", flush=True)
+    return rows
+
+
 def faults(args) -> list[dict]:
     """Kill one of 2 workers (SIGKILL; its nanny starts a replacement) when 25, 50 and 75%
     of the blocks are done; each killed run is paired with an undisturbed run just before
@@ -274,7 +332,7 @@ def faults(args) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["throughput", "rss", "dask", "faults", "all"])
+    p.add_argument("what", choices=["throughput", "rss", "dask", "faults", "mask", "all"])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
     p.add_argument("--tile", type=int, default=1024)
@@ -285,6 +343,8 @@ def main(argv=None):
     p.add_argument("--faults-model", default="digits")
     p.add_argument("--faults-side", type=int, default=4096)
     p.add_argument("--faults-tile", type=int, default=512)
+    p.add_argument("--mask-side", type=int, default=4096)
+    p.add_argument("--mask-tile", type=int, default=256)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tmp", default=None, help="folder for the temporary TIFF and zarr map")
     p.add_argument("--json", help="also write the rows here")
@@ -299,6 +359,8 @@ def main(argv=None):
         rows += dask_scaling(args)
     if args.what in ("faults", "all"):
         rows += faults(args)
+    if args.what in ("mask", "all"):
+        rows += mask(args)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1))
 
