@@ -252,3 +252,58 @@ def test_regressions_of_the_three_image_paths(fcn, tmp_path):
     # std 0 is refused by the tiled path too (it used to give a map of NaN)
     with pytest.raises(NofcError, match="--std values must be positive"):
         _run(fcn, str(tmp_path / "rgba.tif"), std=(0, 0, 0))
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    (d / "tiny.py").write_text(
+        "import torch.nn as nn\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 4, stride=2), nn.ReLU(),\n"
+        "                         nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(54, 3))\n")
+    return f"{d / 'tiny.py'}:build"
+
+
+def test_cli_slide_and_scene_to_geotiff_and_geojson(spec, files, tmp_path, capsys):
+    png, tif, gj = tmp_path / "heat.png", tmp_path / "map.tif", tmp_path / "cells.geojson"
+    args = ["heatmap", spec, files["slide"], "--input-size", "3x16x16", "--mpp", "0.5",
+            "--mask", "auto", "-o", str(png), "--out", str(tif)]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert png.exists() and tif.exists() and "windows computed" in out
+    args = ["heatmap", spec, files["geotiff"], "--input-size", "3x16x16", "-o",
+            str(tmp_path / "scene.png"), "--out", str(gj), "--threshold", "0.2"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads(gj.read_text())["crs"]["properties"]["name"].endswith("32633")
+
+
+def _cli_error(capsys, args, needle):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()  # an "image ... tiled" note may lead
+    errors = [line for line in err if line.startswith("nofc: error: ")]
+    assert code == 2 and errors == err[-1:] and needle in err[-1], (code, err)
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_cli_bad_inputs_one_line_exit_2_no_output(spec, files, tmp_path, capsys):
+    png, tif = tmp_path / "heat.png", tmp_path / "map.tif"
+    base = [spec, "--input-size", "3x16x16", "-o", str(png), "--out", str(tif)]
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(b"II*\x00" + RNG.bytes(500))
+    truncated = tmp_path / "truncated.tif"
+    data = open(files["slide"], "rb").read()
+    truncated.write_bytes(data[: len(data) // 3])
+    from PIL import Image
+
+    Image.fromarray(np.ones((40, 40), np.uint8)).save(tmp_path / "square.png")
+    cases = [
+        ([str(corrupt)], "cannot read slide"),
+        ([files["geotiff"], "--bands", "4"], "has bands 1..3, not [4]"),
+        ([files["slide"], "--mpp", "0.1"], "finer than level 0"),
+        ([files["slide"], "--level", "1", "--mask", str(tmp_path / "square.png")], "not the same aspect"),
+        ([str(truncated), "--level", "0"], "truncated.tif"),
+    ]
+    for where, needle in cases:
+        _cli_error(capsys, ["heatmap", base[0], *where, *base[1:]], needle)
+        assert not png.exists() and not tif.exists()
+        assert not list(tmp_path.glob(".map.tif*")), list(tmp_path.iterdir())

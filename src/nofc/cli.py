@@ -159,11 +159,21 @@ def _floats(text: str) -> tuple[float, ...]:
                         f"got {text!r}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise NofcError(f"expected band numbers separated by commas, like 3,2,1; got {text!r}"
+                        ) from None
+
+
 def _add_heatmap(sub) -> None:
     p = sub.add_parser("heatmap", help="draw class probability maps over an image (dense "
                                        "prediction in one pass)")
     _common_model_args(p)
-    p.add_argument("image", help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette)")
+    p.add_argument("image", help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette), a "
+                                 "whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF, ...) or "
+                                 "a raster (GeoTIFF, COG, JPEG 2000, ...)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--class", dest="cls", type=int, metavar="K", help="draw class K")
     which.add_argument("--top", type=int, metavar="N",
@@ -185,8 +195,10 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     big = p.add_argument_group("large images (tiling is automatic above 16.8 Mpix)")
     big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048)")
-    big.add_argument("--out", metavar="STORE.zarr",
-                     help="write the raw map to a zarr store as tiles finish; rerun to resume")
+    big.add_argument("--out", metavar="STORE.zarr|MAP.tif|CELLS.geojson",
+                     help="write the raw map as tiles finish: a zarr store (rerun to resume), "
+                          "a GeoTIFF (georeferenced; level-0 pixels for a slide: QGIS), or "
+                          "QuPath detections of the cells above --threshold (GeoJSON)")
     big.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the tiles on a Dask cluster, e.g. tcp://host:8786")
     big.add_argument("--workers", type=int, metavar="N",
@@ -194,6 +206,20 @@ def _add_heatmap(sub) -> None:
     big.add_argument("--skip-bad-tiles", action="store_true",
                      help="leave the map NaN where the image cannot be read (corrupt or "
                           "truncated TIFF tiles) and go on; listed in the --out store")
+    field = p.add_argument_group("slides and rasters")
+    field.add_argument("--level", type=int, help="slide level to read (0: full resolution)")
+    field.add_argument("--mpp", type=float,
+                       help="microns per pixel to read the slide at (the level is picked, "
+                            "resampled between levels)")
+    field.add_argument("--bands", type=_ints, metavar="B1,B2,...",
+                       help="raster bands to read, 1-based (default: all but alpha)")
+    field.add_argument("--mask", metavar="auto|FILE",
+                       help="compute only the foreground: 'auto' (tissue by Otsu on "
+                            "saturation for slides, the nodata/alpha mask for rasters) or a "
+                            "mask image of the same aspect; background cells are NaN")
+    field.add_argument("--threshold", type=float, default=0.5,
+                       help="top-class probability for a cell to be a GeoJSON detection "
+                            "(default 0.5)")
 
 
 def _cmd_heatmap(args) -> int:
@@ -204,18 +230,21 @@ def _cmd_heatmap(args) -> int:
                    top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
                    std=args.std, labels_file=args.labels, device=args.device, force=args.force,
                    tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers,
-                   verify=args.verify, skip_bad_tiles=args.skip_bad_tiles)
+                   verify=args.verify, skip_bad_tiles=args.skip_bad_tiles, level=args.level,
+                   mpp=args.mpp, bands=args.bands, mask=args.mask, threshold=args.threshold)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "
           f"{'exact' if geo['exact'] else 'not exact (padding: border cells differ from crops)'}")
+    if "windows_computed" in geo:
+        done, total = geo["windows_computed"]
+        print(f"mask: {done} of {total} windows computed ({done / total:.0%})")
     for label, peak in zip(info["labels"], info["max_prob"]):
         print(f"  {label}: peak probability {peak:.3f}")
     if args.verify:
         print(f"map vs crops: {geo.get('verify', 'not checked (tiled run)')}")
     print(f"wrote {args.output}" + (f" and {args.scores}" if args.scores else ""))
     return 0
-
 
 
 # --------------------------------------------------------------------------- view
@@ -246,6 +275,7 @@ def _cmd_view(args) -> int:
         return 0
     view(args.result, args.image, port=args.port, host=args.host)
     return 0
+
 
 _COMMANDS = {
     "explain": (_add_explain, _cmd_explain),

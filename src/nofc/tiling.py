@@ -245,16 +245,17 @@ def tiled_predict(
     tiles, (h, w) = plan_tiles(geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
+    fg = None if mask is None else mask_cells(mask, src, geo, step, (h, w))  # before out
     sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
                      metadata={"image": src.describe(), **(metadata or {})},
                      blocks=len(tiles), placement=placement_of(src, geo, geo.check_step(step)),
                      threshold=threshold, arguments=lambda: _arguments(
                          fcn, size, hw, tile, step, scale, mean, std, dtype))
-    if mask is not None:
-        sink = MaskedSink(sink, mask_cells(mask, src, geo, step, (h, w)))
+    if fg is not None:
+        sink = MaskedSink(sink, fg)
     with sink:  # a store is locked against a second writer until the run ends
         todo = [t for t in tiles if t.index not in sink.done]
-        if mask is not None:
+        if fg is not None:
             todo = sink.plan(todo)  # tiles without foreground go in as NaN, not computed
         if stats is not None:
             stats.update(windows=h * w, tiles=len(tiles), tiles_computed=len(todo),
