@@ -95,16 +95,20 @@ def _cases(quick: bool):
     return cases
 
 
+def _setup(make, size, hw):
+    """The seeded model, its conversion, its geometry and a random image of ``hw``."""
+    torch.manual_seed(0)
+    model = make().eval()
+    fcn = nofc.convert(model, size)
+    return model, fcn, nofc.geometry(fcn, size), torch.randn(1, size[0], *hw)
+
+
 def run(quick: bool = False, only: str | None = None, repeat: int = 3) -> list[dict]:
     rows = []
     for name, make, size, hw, divisors, bs, heavy in _cases(quick):
         if only and only not in name:
             continue
-        torch.manual_seed(0)
-        model = make().eval()
-        fcn = nofc.convert(model, size)
-        geo = nofc.geometry(fcn, size)
-        image = torch.randn(1, size[0], *hw)
+        model, fcn, geo, image = _setup(make, size, hw)
         for d in divisors:
             step = (geo.stride[0] // d, geo.stride[1] // d)
             dense = nofc.dense_predict(fcn, image, size, step)  # warm-up, and the shape
@@ -185,11 +189,7 @@ def run_fine(only: str | None = None, repeat: int = 3, batches: int = 8) -> list
     for name, make, size, hw, steps, bs in _FINE:
         if only and only not in name:
             continue
-        torch.manual_seed(0)
-        model = make().eval()
-        fcn = nofc.convert(model, size)
-        geo = nofc.geometry(fcn, size)
-        image = torch.randn(1, size[0], *hw)
+        model, fcn, geo, image = _setup(make, size, hw)
         for s in steps:
             step = (s, s)
             net = nofc.dilate(fcn, size, step)
