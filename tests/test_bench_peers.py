@@ -31,15 +31,12 @@ def test_help_needs_no_peers(bench, capsys):
 
 
 def test_default_plan_skips_the_long_runs(bench):
-    args = bench.main.__globals__["argparse"].Namespace(
-        sizes=[2048, 8192], models=list(bench.MODELS), tools=list(bench.TOOLS), strides=None,
-        dense_max={"tissue": 2048, "resnet18": 2048, "densenet121": 0},
-        mask_models=["tissue", "resnet18"], tissue_max=2048, fine_max=2048, tile=2048,
-        method="dilate")
-    runs = bench._plan(args)
+    runs = bench._plan(bench._parser().parse_args([]))
     skipped = {(r["tool"], r["model"], r["size"], r["stride"]) for r in runs if r.get("skip")}
     assert ("tiatoolbox", "resnet18", 8192, 32) in skipped
     assert ("monai", "densenet121", 2048, 32) in skipped
+    assert ("monai", "densenet121", 8192, 224) in skipped
+    assert ("tiatoolbox", "resnet18", 8192, 224) not in skipped
     assert not any(r["model"] == "tissue" and r["size"] == 8192 for r in runs)
     # nofc is the reference: it comes first for every model and slide
     first = {}
