@@ -388,18 +388,25 @@ def _run_monai(spec, net):
     return dict(seconds=secs, windows=count[0], note="", map_step=stride)
 
 
-def _run(spec: dict) -> dict:
-    import resource
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork
+    and exec, so a child started by a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc/self/status: peak RSS needs Linux")
 
+
+def _run(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
     net = _model(spec["model"], spec["weights"])
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = _peak_rss_mb()
     res = {"nofc": _run_nofc, "tiatoolbox": _run_tiatoolbox, "monai": _run_monai}[
         spec["tool"]](spec, net)
-    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["rss_before_mb"] = rss0
+    res["rss_mb"] = _peak_rss_mb()
+    res["rss_before_mb"] = rss0    # imports and the model, before the run
     return res
 
 
