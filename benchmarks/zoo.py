@@ -76,8 +76,8 @@ def _child(spec: str) -> None:
         stage = "geometry"
         geo = nofc.geometry(fcn, size)
         sy, sx = geo.stride
-        emit(stage, "ok", f"stride {sy}x{sx}, " + ("exact" if geo.exact else
-                                                   f"not exact: {geo.reasons[-1]}"))
+        emit(stage, "ok", f"stride {sy}x{sx}{' (measured)' if geo.measured else ''}, "
+             + ("exact" if geo.exact else f"not exact: {geo.reasons[0]}"))
         stage = "dense"
         img = torch.randn(size[0], size[1] + 2 * sy, size[2] + 3 * sx)
         rep = nofc.verify(model, fcn, size, image=img, dtype=torch.float32)

@@ -117,7 +117,7 @@ def test_errors():
     up = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 4),
                        nn.AdaptiveAvgPool2d(1))
     with pytest.raises(NofcError, match=r"'1' \(Upsample\) changes the map in a way nofc "
-                                        "does not know"):
+                                        r"cannot read .*stays 1x1 at any input size"):
         nofc.geometry(up, (1, 8, 8))
     pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1))
     with pytest.raises(NofcError, match=r"'1' \(AdaptiveAvgPool2d\) pools over the whole map"):
@@ -154,5 +154,83 @@ def test_crop_that_depends_on_the_size_is_refused():
         def forward(self, x):
             return self.conv(x)[:, :, 0:4, 0:4]  # a fixed end: not a sliding window
 
-    with pytest.raises(NofcError, match="changes the map in a way nofc does not know"):
+    with pytest.raises(NofcError, match=r"node 'getitem' .* changes the map in a way nofc "
+                                        r"cannot read .* is \(4, 4\), not 1x1"):
         nofc.geometry(Head(), input_size=(1, 6, 6))
+
+
+# --------------------------------------------------------------------------- measured
+# Layers nofc cannot read from their arguments (a reshape into tokens and back, an
+# upsampling branch, a weight computed in the graph): the geometry is measured instead.
+
+
+class _SpaceToDepth(nn.Module):
+    """TResNet's stem: each 2x2 block of pixels becomes 4 channels (a reshape)."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
+        return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+class _TokenMix(nn.Module):
+    """Flatten the map into tokens, mix them, fold them back (``mix`` over all tokens or
+    per token)."""
+
+    def __init__(self, channels, everywhere: bool):
+        super().__init__()
+        self.proj = nn.Linear(channels, channels)
+        self.everywhere = everywhere
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.proj(x.flatten(2).transpose(1, 2))  # (B, HW, C): per token
+        if self.everywhere:
+            t = t + t.mean(1, keepdim=True)  # every token sees every token
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _measured_net(mix=None):
+    torch.manual_seed(0)
+    body = [_SpaceToDepth(), nn.Conv2d(4, 6, 3), nn.ReLU()]
+    if mix is not None:
+        body.append(_TokenMix(6, everywhere=mix))
+    return nn.Sequential(*body, nn.Conv2d(6, 5, 6)).double().eval()  # 16x16 -> 1x1
+
+
+def test_measured_geometry_is_exact_where_the_cells_are_the_crops():
+    net = _measured_net(mix=False)
+    geo = nofc.geometry(net, (1, 16, 16))
+    assert "'0' (_SpaceToDepth)" in geo.measured or "view" in geo.measured
+    assert (geo.stride, geo.exact, geo.receptive_field, geo.rf_offset) == (
+        (2, 2), True, (16, 16), (0, 0))
+    assert geo.output_shape((40, 56)) == (13, 21)
+    img = torch.randn(1, 40, 56, dtype=torch.float64)
+    report = nofc.verify(net, net, (1, 16, 16), image=img)
+    assert report.exact and report.cells == 13 * 21 and report.ok, report
+    with pytest.raises(NofcError, match="measured"):  # no layer by layer dilation
+        nofc.dilate(net, (1, 16, 16), 1)
+    tiled = nofc.tiled_predict(net, img.numpy(), (1, 16, 16), tile=20, progress=False)
+    dense = nofc.dense_predict(net, img, (1, 16, 16))[0].numpy()
+    np.testing.assert_allclose(tiled, dense, rtol=0, atol=1e-4 * np.abs(dense).max())
+
+
+def test_measured_global_context_is_flagged_and_tiling_refused():
+    net = _measured_net(mix=True)  # a mean over all tokens nothing records
+    geo = nofc.geometry(net, (1, 16, 16))
+    assert not geo.exact and "every map cell depends on every input pixel" in geo.reasons[0]
+    assert "global context" in geo.reasons[0]
+    img = np.random.default_rng(0).standard_normal((1, 40, 56))
+    assert nofc.dense_predict(net, torch.from_numpy(img), (1, 16, 16)).shape == (1, 5, 13, 21)
+    with pytest.raises(NofcError, match="global context inside its body: .*every map cell "
+                                        "depends on every input pixel"):
+        nofc.tiled_predict(net, img, (1, 16, 16), tile=20, progress=False)
+
+
+def test_measured_map_that_follows_no_stride_is_refused():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Upsample(scale_factor=2),
+                        nn.Conv2d(2, 2, 8))  # 9 -> 4 -> 8 -> 1: grows by 2 every 2 pixels
+    size = (1, 9, 9)
+    with pytest.raises(NofcError, match=r"\(Upsample\) changes the map .* does not grow by "
+                                        "one cell per fixed number of pixels"):
+        nofc.geometry(net, size)

@@ -1,5 +1,6 @@
 """Cross-check against timm, whose VGG already holds fc6/fc7 as convolutions (ConvMlp)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,5 +103,55 @@ def test_timm_model_from_the_command_line(capsys):
     assert default_input_size(model) == (3, 176, 176)  # its pretrained config
     assert main(["explain", "timm:resnet10t", "--input-size", "3x64x64", "--changed"]) == 0
     assert "Conv2d 512->1000" in capsys.readouterr().out
+    assert main(["explain", "timm:resnet10t", "--changed"]) == 0  # its own 3x176x176
+    assert "at input 3x176x176" in capsys.readouterr().out
+    assert main(["explain", "nofc:lenet5"]) == 2  # no size of its own: one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--input-size is needed for nofc:lenet5" in err
     with pytest.raises(nofc.NofcError, match="unknown timm model 'resnet_nope'"):
         load_model("timm:resnet_nope")
+
+
+# --------------------------------------------------------------------------- the pipeline
+# geometry, a non-square dense map, the cells against the crops, tiled equal to dense: on
+# geometry read layer by layer (shape queries, chunk/split, channels-last blocks, stride
+# multiples) and measured (token reshapes, stacks, computed weights, upsampling branches);
+# global context (SE gates, attention over all positions) refuses tiling, in one line
+_PIPELINE = [("resnet10t", "read"), ("dla34", "read"),  # residual adds of stride-2 branches
+             ("cs3darknet_s", "read"),  # norm-act layers that read x.ndim
+             ("fasternet_t0", "read"),  # torch.split of the map
+             ("mambaout_femto", "read"),  # channels-last blocks and head
+             ("test_nfnet", "context"),  # F.conv2d with a standardised (computed) weight
+             ("skresnet18", "context"),  # torch.stack of branches
+             ("resnest14d", "context"),  # radix reshapes
+             ("pvt_v2_b0", "context"),  # tokens and back, attention over all positions
+             ("hrnet_w18_small", "measured"),  # upsampling branches, 775-pixel field
+             ("edgenext_xx_small", "context")]  # transposed attention over all tokens
+_PIPELINE_SLOW = {"hrnet_w18_small", "edgenext_xx_small", "mambaout_femto"}
+
+
+@pytest.mark.parametrize("name, expect", [
+    pytest.param(*case, marks=[pytest.mark.slow] if case[0] in _PIPELINE_SLOW else [])
+    for case in _PIPELINE])
+def test_timm_pipeline(name, expect):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).eval()
+    size = (3, 64, 64)
+    fcn = nofc.convert(model, size)
+    geo = nofc.geometry(fcn, size)
+    assert geo.stride == (32, 32) and bool(geo.measured) == (expect != "read"), geo
+    img = torch.randn(3, 64 + 2 * 32, 64 + 3 * 32)
+    dense = nofc.dense_predict(fcn, img, size)
+    assert dense.shape == (1, 4, 3, 4) == (1, 4, *geo.output_shape(img.shape[1:]))
+    report = nofc.verify(model, fcn, size, image=img)
+    assert report.cells == 12 and report.exact is False  # all padded: honest, not equal
+    context = [r for r in geo.reasons if "global context" in r]
+    assert bool(context) == (expect == "context"), geo.reasons
+    if context:
+        with pytest.raises(nofc.NofcError, match="global context inside its body") as info:
+            nofc.tiled_predict(fcn, img.numpy(), size, tile=64, progress=False)
+        assert "\n" not in str(info.value)
+        return
+    tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=64, progress=False)
+    np.testing.assert_allclose(tiled, dense[0].numpy(), rtol=0,
+                               atol=1e-4 * float(dense.abs().max()))

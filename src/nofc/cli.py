@@ -16,9 +16,11 @@ EXIT_USAGE = 2
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME, path/to/file.py:factory, or a model file")
-    p.add_argument("--input-size", required=True, metavar="CxHxW",
-                   help="the size the classifier was trained on, e.g. 3x224x224")
+    p.add_argument("model", help="torchvision:NAME, timm:NAME, path/to/file.py:factory, or a "
+                                 "model file")
+    p.add_argument("--input-size", metavar="CxHxW",
+                   help="the size the classifier was trained on, e.g. 3x224x224 (a timm:NAME "
+                        "model's default: the input size of its pretrained config)")
     p.add_argument("--weights", metavar="FILE",
                    help="state_dict file (loaded with weights_only=True)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -35,10 +37,15 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .io import load_model, parse_size
+    from .io import default_input_size, load_model, parse_size
 
-    size = parse_size(args.input_size)
+    size = parse_size(args.input_size) if args.input_size else None
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+    size = size or default_input_size(model)
+    if size is None:
+        raise NofcError(f"--input-size is needed for {args.model}: the CxHxW the classifier "
+                        "was trained on, e.g. --input-size 3x224x224 (only timm:NAME models "
+                        "name their own)")
     return model, size
 
 
@@ -98,6 +105,9 @@ def _cmd_convert_onnx(args) -> int:
     from .io import parse_size
     from .onnx_import import convert_onnx, verify_onnx
 
+    if not args.input_size:
+        raise NofcError("--input-size is needed for an ONNX classifier: the CxHxW it was "
+                        "trained on, e.g. --input-size 3x224x224")
     size = parse_size(args.input_size)
     refuse_overwrite(args.output, force=args.force)
     if Path(args.output).suffix.lower() != ".onnx":
@@ -235,7 +245,7 @@ def _cmd_heatmap(args) -> int:
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "
-          f"{'exact' if geo['exact'] else 'not exact (padding: border cells differ from crops)'}")
+          + ("exact" if geo["exact"] else f"not exact: {(geo['reasons'] or ['?'])[0]}"))
     if "windows_computed" in geo:
         done, total = geo["windows_computed"]
         print(f"mask: {done} of {total} windows computed ({done / total:.0%})")

@@ -106,6 +106,9 @@ def plan(gm: fx.GraphModule, geo: Geometry, step) -> DilationPlan:
     if any("global context" in r for r in geo.reasons):
         return _refused(base, "the network pools over the whole image inside its body "
                               "(global context), which one dilated pass cannot split by shift")
+    if geo.measured:
+        return _refused(base, f"its geometry was measured, not read layer by layer "
+                              f"({geo.measured}), so nofc does not know which layers to dilate")
     nodes = {n.name: n for n in gm.graph.nodes}
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     jump: dict[str, tuple[int, int]] = {}

@@ -279,11 +279,16 @@ def tiled_predict(
 
 def _check_tileable(fcn, geo, tile: int) -> None:
     """Refuse networks no tile can reproduce, and tiles smaller than the stride."""
-    context = list(getattr(getattr(fcn, "_nofc_record", None), "global_context", []) or [])
-    if context or any("global context" in r for r in geo.reasons):
+    record = getattr(fcn, "_nofc_record", None)
+    plan = getattr(record, "plan", None)
+    context = [plan.context_reasons.get(name) or f"'{name}' pools over the whole image "
+               "(squeeze-and-excitation)" for name in plan.global_context] if plan else []
+    context = context or [r for r in geo.reasons if "global context" in r]
+    if context:
+        more = f" (and {len(context) - 1} more)" if len(context) > 1 else ""
         raise NofcError(
-            "the network pools over the whole image inside its body (squeeze-and-excitation: "
-            f"{', '.join(context[:3])}...), so a tile cannot reproduce the whole-image map; "
+            f"the network has global context inside its body: {context[0]}{more}; every "
+            "map cell sees the whole image, so a tile cannot reproduce the whole-image map; "
             "run dense_predict on the whole image instead")
     if tile < geo.stride[0] or tile < geo.stride[1]:
         raise NofcError(f"tile={tile} is smaller than the network stride {geo.stride}; use a "

@@ -28,8 +28,10 @@ take ``step=`` (default: the stride).
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,8 +146,10 @@ class Geometry:
     receptive_field: tuple[int, int]
     rf_offset: tuple[int, int]
     reasons: tuple[str, ...] = ()  # why not exact
+    measured: str = ""  # why the layers could not be read and the geometry was measured
     _nodes: tuple = field(default=(), repr=False, compare=False)
     _output: str = field(default="", repr=False, compare=False)
+    _shape_of: Any = field(default=None, repr=False, compare=False)  # measured geometry
 
     # -- steps
     def check_step(self, step=None) -> tuple[int, int]:
@@ -192,7 +196,10 @@ class Geometry:
         return (max(h, 0), max(w, 0))
 
     def _coarse_shape(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """The map at the network stride, layer by layer (the nodes the walk recorded)."""
+        """The map at the network stride, layer by layer (the nodes the walk recorded), or
+        by a shape-only run where the geometry was measured."""
+        if self._shape_of is not None:
+            return self._shape_of(hw)
         sizes: dict[str, tuple[int, int]] = {}
         for name, kind, srcs, layer in self._nodes:
             if kind == "input":
@@ -290,7 +297,7 @@ class Geometry:
             "stride": list(self.stride), "offset": list(self.offset),
             "window": list(self.window), "exact": self.exact,
             "receptive_field": list(self.receptive_field), "rf_offset": list(self.rf_offset),
-            "reasons": list(self.reasons),
+            "reasons": list(self.reasons), "measured": self.measured,
             "box_convention": "cell (i, j) -> (y0, x0, y1, x1) = (oy + i*sy, ox + j*sx, "
                               "y0 + window_h, x0 + window_w), pixel rows y0..y1-1",
         }
@@ -388,7 +395,7 @@ def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
         kernel = tuple(get_attr(gm, w.target).shape[2:])
         return _conv_layer(kernel, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1))
     if n.target in (F.max_pool2d, torch.max_pool2d):
-        a = bind(F.max_pool2d, n)
+        a = bind(F._max_pool2d, n)  # F.max_pool2d's own signature is (*args, **kwargs)
         if not a:
             return None
         return _pool_layer(a["kernel_size"], a.get("stride"), a.get("padding", 0),
@@ -406,6 +413,13 @@ def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
         if len(pad) in (2, 4):
             return _pad_layer(*(pad + (0, 0) * ((4 - len(pad)) // 2)))
     return None
+
+
+def _computed(layer: _Layer) -> bool:
+    """True when a kernel, stride or padding is a value computed in the graph (a pad to
+    the next multiple of a window size), not a number nofc can read."""
+    return not all(isinstance(v, (int, bool)) for f in (layer.kernel, layer.stride,
+                   layer.pad_lo, layer.pad_hi, layer.dilation) for v in f)
 
 
 def _layer_of(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
@@ -471,7 +485,16 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     # probe it a stride of the original network larger
     sizes, probes = _probe_sizes(gm, size, dilated.stride if dilated else (0, 0))
     walk = _Walk(gm, probes, set(getattr(record, "global_context", []) or []))
-    walk.run()
+    try:
+        walk.run()
+    except _Unreadable as unreadable:
+        if dilated is not None:
+            raise NofcError(f"cannot derive the geometry of a dilated network: {unreadable}") \
+                from None
+        known = getattr(getattr(record, "plan", None), "context_reasons", {})
+        context = [known.get(name) or f"'{name}' pools over the whole image"
+                   for name in sorted(walk.global_context)]
+        return _measured(gm, size, sizes, probes, why=str(unreadable), context=context)
     geo = walk.result(size, dilated=dilated is not None)
     for hw, p in zip(sizes, probes):
         got = walk.spatial(p, walk.out_name)
@@ -511,6 +534,11 @@ def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list]:
     f, hw = failure
     raise NofcError(f"cannot derive the geometry: {describe_node(gm, f.node)} fails on "
                     f"a {size[0]}x{hw[0]}x{hw[1]} input ({first_line(f.exc)})") from None
+
+
+class _Unreadable(Exception):
+    """A node whose effect on the map nofc cannot read from its arguments: geometry is
+    then measured instead (``_measured``)."""
 
 
 class _Walk:
@@ -569,11 +597,16 @@ class _Walk:
         label = describe_node(self.gm, n)
         if self._global(n, label):
             return
-        layer = _layer_of(self.gm, n)
+        try:
+            layer = _layer_of(self.gm, n)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise _Unreadable(f"{label} slides by amounts computed from the input size") \
+                from None
+        if layer is not None and _computed(layer):
+            raise _Unreadable(f"{label} slides by amounts computed from the input size")
         if layer is not None:
             if len(ins) != 1 or self.layout.get(ins[0].name, (2, 3)) != (2, 3):
-                raise NofcError(f"cannot derive the geometry: {label} has several map inputs "
-                                "or a channels-last input")
+                raise _Unreadable(f"{label} has several map inputs or a channels-last input")
             self.axes[n.name] = self.axes[ins[0].name].then(layer)
             self.nodes.append((n.name, "layer", (ins[0].name,), layer))
             if layer.padded:
@@ -609,16 +642,13 @@ class _Walk:
             out = self.spatial(p, n.name, dims)
             if out is None or any(self.spatial(p, a.name) != out for a in maps
                                   if self.spatial(p, a.name) != (1, 1) or out == (1, 1)):
-                raise NofcError(
-                    f"cannot derive the geometry: {label} changes the map in a way nofc does "
-                    "not know (only convolutions, pooling, padding, permutes and elementwise "
-                    "or concatenating ops are understood)")
+                raise _Unreadable(f"{label} changes the map in a way nofc cannot read from "
+                                  "its arguments")
         self.layout[n.name] = dims
         geo = [self.axes[a.name] for a in spatial_maps]
         if len({g.jump for g in geo}) > 1:
-            raise NofcError(
-                f"cannot derive the geometry: the inputs of {label} have different strides "
-                f"({', '.join(str(g.jump) for g in geo)})")
+            raise _Unreadable(f"the inputs of {label} have different strides "
+                              f"({', '.join(str(g.jump) for g in geo)})")
         lo = tuple(min(g.start[a] for g in geo) for a in (0, 1))
         hi = tuple(max(g.start[a] + g.size[a] for g in geo) for a in (0, 1))
         self.axes[n.name] = _Axis(geo[0].jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
@@ -643,4 +673,170 @@ class _Walk:
             exact = False
             reasons = [*reasons, "the receptive field reaches outside the window"]
         return Geometry(final.jump, (0, 0), window, exact, final.size, final.start,
-                        tuple(dict.fromkeys(reasons)), tuple(self.nodes), self.out_name)
+                        tuple(dict.fromkeys(reasons)), _nodes=tuple(self.nodes),
+                        _output=self.out_name)
+
+
+# --------------------------------------------------------------------------- measured
+
+
+def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
+              context: list[str]) -> Geometry:
+    """Geometry measured by running the network, for graphs with a layer nofc cannot read
+    (a reshape into tokens and back, an upsampling branch, a weight computed in the graph).
+
+    * map sizes: a shape-only run at each image size asked for (``_ProbedShape``);
+    * stride: from the map sizes at the window plus a large multiple of every usual
+      stride, checked at the window plus 1, 2 and 5 strides;
+    * receptive field: the input pixels with a nonzero gradient for a middle cell, over
+      two random images (float64 where the network runs in it), on images large enough
+      that it does not touch their border; a field that fills the whole input at two sizes
+      is global context (attention over all positions);
+    * exactness: cells compared with the network on their crops, as ``verify`` does.
+    """
+    out = _output_node(gm)
+    shape_of = _ProbedShape(gm, size[0], out.name)
+    window = (size[1], size[2])
+    if shape_of(window) != (1, 1):
+        raise NofcError(f"cannot derive the geometry: {why}, and the map at the reference "
+                        f"size {size[1]}x{size[2]} is {shape_of(window)}, not 1x1")
+    far = shape_of((window[0] + _FAR, window[1] + _FAR))
+    if far == (1, 1):
+        raise NofcError(f"cannot derive the geometry: {why}, and the map stays 1x1 at any "
+                        "input size (a global pooling: convert with pooling='window')")
+    stride = tuple(_FAR // (far[a] - 1) if far[a] > 1 and _FAR % (far[a] - 1) == 0 else 0
+                   for a in (0, 1))
+    if min(stride) < 1 or any(shape_of((window[0] + k * stride[0], window[1] + k * stride[1]))
+                              != (1 + k, 1 + k) for k in (1, 5)):
+        raise NofcError(f"cannot derive the geometry: {why}, and the map does not grow by "
+                        f"one cell per fixed number of pixels (at "
+                        f"{window[0] + _FAR}x{window[1] + _FAR} it is {far[0]}x{far[1]})")
+    reasons = [f"{c} (global context)" for c in context[:3]]
+    if len(context) > 3:
+        reasons.append(f"and {len(context) - 3} more layers with global context")
+    margin = tuple(-(-window[a] // stride[a]) for a in (0, 1))  # strides in a window
+    touched = []  # borders of the image the field touches, per size tried
+    for grow in (1, max(2, -(-_FIELD // (2 * max(window))))):  # 3 windows, then 5 or more
+        cells = tuple(2 * grow * margin[a] + 1 for a in (0, 1))
+        hw = tuple(window[a] + (cells[a] - 1) * stride[a] for a in (0, 1))
+        (rf_offset, rf), edges = _dependence(gm, size[0], hw, stride)
+        touched.append(edges)
+        if reasons or not edges:  # global context known already, or the whole field seen
+            break
+    if not reasons and touched[-2:] == [4, 4]:
+        reasons.append(f"{why}: every map cell depends on every input pixel (measured at "
+                       f"{hw[0]}x{hw[1]} and smaller), so cells see the whole image "
+                       "(global context)")
+    elif not reasons and touched[-1]:
+        reasons.append(f"{why}: the receptive field reaches past a {hw[0]}x{hw[1]} image, "
+                       "so nofc cannot bound it and treats it as global context")
+    if not reasons and (min(rf_offset) < 0 or any(rf_offset[a] + rf[a] > window[a]
+                                                   for a in (0, 1))):
+        reasons.append(f"the receptive field (measured: {rf[0]}x{rf[1]} from "
+                       f"{rf_offset[0]},{rf_offset[1]}) reaches outside the window")
+    if not reasons:
+        net, tol = _runnable(gm, size)
+        err = _crop_error(net, size, window, stride, tol.dtype)
+        if err > tol.limit:
+            reasons.append(f"map cells differ from the network on their crops (measured: max "
+                           f"error {err:.1e} of the largest output), and {why}")
+    return Geometry(stride, (0, 0), window, not reasons, rf, rf_offset, tuple(reasons),
+                    measured=why, _output=out.name, _shape_of=shape_of)
+
+
+_FIELD = 1024  # receptive fields up to about this many pixels are measured, even for a
+# small window; larger ones, like attention over the whole image, count as global context
+_FAR = 2 ** 7 * 3 * 5 * 7  # a multiple of every usual network stride (2^k, 3 * 2^k, ...)
+
+
+class _ProbedShape:
+    """The map size for any image size, by a shape-only run of the network (remembered);
+    a NofcError for a size the network does not run at."""
+
+    def __init__(self, gm: fx.GraphModule, channels: int, out_name: str):
+        self.gm, self.channels, self.out_name = gm, channels, out_name
+        self.known: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def __call__(self, hw: tuple[int, int]) -> tuple[int, int]:
+        hw = (int(hw[0]), int(hw[1]))
+        if hw not in self.known:
+            try:
+                rec = probe(self.gm, (1, self.channels, *hw))
+            except NodeFailure as f:
+                raise NofcError(f"the network does not run on a {hw[0]}x{hw[1]} image: "
+                                f"{describe_node(self.gm, f.node)} fails "
+                                f"({first_line(f.exc)})") from None
+            got = _spatial(rec.shapes.get(self.out_name)) or (0, 0)
+            self.known[hw] = got
+        return self.known[hw]
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    dtype: torch.dtype
+    limit: float  # relative to max(1, max |output|)
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    src = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    while isinstance(src, (tuple, list)) and src:
+        src = src[0]
+    return src
+
+
+def _runnable(gm: fx.GraphModule, size):
+    """A float64 copy of the network where it runs in float64, else the network itself."""
+    device, dtype = param_like(gm)
+    try:
+        net = copy.deepcopy(gm).double().eval()
+        with torch.no_grad():
+            net(torch.zeros(1, *size, dtype=torch.float64, device=device))
+        return net, _Tolerance(torch.float64, 1e-10)
+    except Exception:  # noqa: BLE001 - e.g. a float32 constant in the graph: measure as is
+        return gm.eval(), _Tolerance(dtype, 1e-4)
+
+
+def _first(out):
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def _dependence(net, channels: int, hw, stride):
+    """((rf_offset), (rf)) of the middle cell, measured by gradients over two random
+    images, and how many of the image's four borders that field touches."""
+    device, dtype = param_like(net)
+    seen = torch.zeros(hw, dtype=torch.bool, device=device)
+    cell = (0, 0)
+    for seed in (0, 1):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(1, channels, *hw, generator=g, dtype=dtype).to(device).requires_grad_()
+        y = _first(net(x))
+        cell = (y.shape[2] // 2, y.shape[3] // 2)
+        y[0, :, cell[0], cell[1]].sum().backward()
+        seen |= (x.grad[0] != 0).any(0)
+    rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        return ((0, 0), (1, 1)), 0
+    lo = (int(rows[0]), int(cols[0]))
+    hi = (int(rows[-1]) + 1, int(cols[-1]) + 1)
+    edges = (lo[0] == 0) + (lo[1] == 0) + (hi[0] == hw[0]) + (hi[1] == hw[1])
+    start = (cell[0] * stride[0], cell[1] * stride[1])
+    return ((lo[0] - start[0], lo[1] - start[1]), (hi[0] - lo[0], hi[1] - lo[1])), edges
+
+
+def _crop_error(net, size, window, stride, dtype) -> float:
+    """Largest difference between the cells of a 3 x 3 map and the network on their
+    crops, relative to max(1, max |crop output|)."""
+    device, _ = param_like(net)
+    hw = (window[0] + 2 * stride[0], window[1] + 2 * stride[1])
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(1, size[0], *hw, generator=g, dtype=dtype).to(device)
+    with torch.no_grad():
+        y = _first(net(x))
+        cells = [(i, j) for i in range(y.shape[2]) for j in range(y.shape[3])]
+        crops = torch.cat([x[:, :, i * stride[0]:i * stride[0] + window[0],
+                             j * stride[1]:j * stride[1] + window[1]] for i, j in cells])
+        ref = _first(net(crops))[:, :, 0, 0]
+        got = torch.stack([y[0, :, i, j] for i, j in cells])
+    return float((ref - got).abs().max() / max(1.0, float(ref.abs().max())))
