@@ -152,6 +152,14 @@ def test_zarr_output_metadata_and_refusal(tmp_path):
     with pytest.raises(NofcError, match="different arguments.*step"):
         nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store, step=2,
                            progress=False)
+    half = np.zeros((100, 80), bool)
+    half[:, :40] = True  # a mask or a pass method changes the map too
+    with pytest.raises(NofcError, match="different arguments.*mask"):
+        nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store, mask=half,
+                           progress=False)
+    with pytest.raises(NofcError, match="different arguments.*method"):
+        nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store,
+                           method="shift", progress=False)
     other = _fcn(LeNet5(), (1, 32, 32), dtype=torch.float32)
     with torch.no_grad():
         next(other.parameters()).add_(1)
@@ -353,3 +361,20 @@ def test_sinks_count_their_own_nan_cells_and_report_done_blocks(tmp_path):
     assert again.done == {(0, 1)} and again.nan_cells == 0
     stored = again.finalize()
     assert not np.isnan(stored[:, :8, 8:]).any() and np.isnan(stored[:, 8:]).all()
+
+
+def test_field_smaller_than_the_window_still_tiles_exactly():
+    # 16 -> 7 -> 1 with a 3x3 stride-2 first conv: cells see 15 of the window's 16 pixels,
+    # yet each tile must hold whole windows
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 3, 7)).eval()
+    assert nofc.geometry(net, (1, 16, 16)).receptive_field == (15, 15)
+    img = np.random.default_rng(0).random((48, 64)).astype(np.float32)
+    for step in (None, 1):
+        dense = nofc.dense_predict(net, torch.from_numpy(img)[None], (1, 16, 16),
+                                   step=step)[0].numpy()
+        for tile in (2, 16):
+            got = nofc.tiled_predict(net, img, (1, 16, 16), tile=tile, step=step,
+                                     progress=False)
+            np.testing.assert_allclose(got, dense, rtol=0, atol=1e-6)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from concurrent.futures import CancelledError
 import os
+from concurrent.futures import CancelledError
 import time
 import uuid
 import warnings
@@ -249,8 +249,9 @@ def tiled_predict(
     sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
                      metadata={"image": src.describe(), **(metadata or {})},
                      blocks=len(tiles), placement=placement_of(src, geo, geo.check_step(step)),
-                     threshold=threshold, arguments=lambda: _arguments(
-                         fcn, size, hw, tile, step, scale, mean, std, dtype))
+                     threshold=threshold, arguments=lambda: {**_arguments(
+                         fcn, size, hw, tile, step, scale, mean, std, dtype), **_reading(
+                         method, level, mpp, bands, mask)})
     if fg is not None:
         sink = MaskedSink(sink, fg)
     with sink:  # a store is locked against a second writer until the run ends
@@ -308,6 +309,18 @@ def _arguments(fcn, size, hw, tile, step, scale, mean, std, dtype) -> dict:
         "scale": scale, "mean": _jsonable(mean), "std": _jsonable(std),
         "dtype": str(dtype),
     }
+
+
+def _reading(method, level, mpp, bands, mask) -> dict:
+    """The options that change which pixels or which pass make the map, where they differ
+    from the defaults (so a store written before they were recorded still resumes)."""
+    if mask is not None and not isinstance(mask, (str, os.PathLike)):
+        arr = np.ascontiguousarray(np.asarray(mask))
+        mask = f"array {arr.shape} {hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
+    given = {"method": None if method == "auto" else method, "level": level, "mpp": mpp,
+             "bands": None if bands is None else [int(b) for b in np.atleast_1d(bands)],
+             "mask": None if mask is None else str(mask)}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _model_hash(fcn: nn.Module) -> str:

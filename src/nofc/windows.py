@@ -272,8 +272,12 @@ class Geometry:
         """
         stride, step_ = self.stride[axis], self.check_step(step)[axis]
         fine = stride // step_
-        first = a * step_ + self.rf_offset[axis]  # field start of fine cell a
-        last = (b - 1) * step_ + self.rf_offset[axis] + self.receptive_field[axis]
+        # from the start of cell a's field or window, whichever is first, to the end of
+        # cell b-1's, whichever is last (a field can be smaller than the window: the
+        # network still needs the whole window to give the cell)
+        first = a * step_ + min(0, self.rf_offset[axis])
+        last = (b - 1) * step_ + max(self.rf_offset[axis] + self.receptive_field[axis],
+                                     self.window[axis])
         if fine > 1:
             first -= stride - step_
             last += stride
