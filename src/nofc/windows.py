@@ -722,8 +722,11 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
     touched = []  # borders of the image the field touches, per size tried
     for grow in (1, max(2, -(-_FIELD // (2 * max(window))))):  # 3 windows, then 5 or more
         cells = tuple(2 * grow * margin[a] + 1 for a in (0, 1))
-        hw = tuple(window[a] + (cells[a] - 1) * stride[a] for a in (0, 1))
-        (rf_offset, rf), edges = _dependence(gm, size[0], hw, stride)
+        wanted = tuple(window[a] + (cells[a] - 1) * stride[a] for a in (0, 1))
+        if touched and saved * wanted[0] * wanted[1] / (hw[0] * hw[1]) > _MEMORY:
+            break  # measuring further would need more memory than a geometry should
+        hw = wanted
+        (rf_offset, rf), edges, saved = _dependence(gm, size[0], hw, stride)
         touched.append(edges)
         if reasons or not edges:  # global context known already, or the whole field seen
             break
@@ -748,6 +751,7 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
                     measured=why, _output=out.name, _shape_of=shape_of)
 
 
+_MEMORY = 3e9  # bytes of activations a measurement may keep for its backward pass
 _FIELD = 1024  # receptive fields up to about this many pixels are measured, even for a
 # small window; larger ones, like attention over the whole image, count as global context
 _FAR = 2 ** 7 * 3 * 5 * 7  # a multiple of every usual network stride (2^k, 3 * 2^k, ...)
@@ -808,25 +812,34 @@ def _first(out):
 
 def _dependence(net, channels: int, hw, stride):
     """((rf_offset), (rf)) of the middle cell, measured by gradients over two random
-    images, and how many of the image's four borders that field touches."""
+    images, how many of the image's four borders that field touches, and the bytes the
+    backward pass kept."""
     device, dtype = param_like(net)
     seen = torch.zeros(hw, dtype=torch.bool, device=device)
     cell = (0, 0)
+    saved = [0]
+
+    def count(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
     for seed in (0, 1):
         g = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(1, channels, *hw, generator=g, dtype=dtype).to(device).requires_grad_()
-        y = _first(net(x))
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            y = _first(net(x))
         cell = (y.shape[2] // 2, y.shape[3] // 2)
         y[0, :, cell[0], cell[1]].sum().backward()
         seen |= (x.grad[0] != 0).any(0)
     rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
     if len(rows) == 0:
-        return ((0, 0), (1, 1)), 0
+        return ((0, 0), (1, 1)), 0, saved[0] // 2
     lo = (int(rows[0]), int(cols[0]))
     hi = (int(rows[-1]) + 1, int(cols[-1]) + 1)
     edges = (lo[0] == 0) + (lo[1] == 0) + (hi[0] == hw[0]) + (hi[1] == hw[1])
     start = (cell[0] * stride[0], cell[1] * stride[1])
-    return ((lo[0] - start[0], lo[1] - start[1]), (hi[0] - lo[0], hi[1] - lo[1])), edges
+    return ((lo[0] - start[0], lo[1] - start[1]), (hi[0] - lo[0], hi[1] - lo[1])), edges, \
+        saved[0] // 2
 
 
 def _crop_error(net, size, window, stride, dtype) -> float:
