@@ -155,3 +155,21 @@ def test_timm_pipeline(name, expect):
     tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=64, progress=False)
     np.testing.assert_allclose(tiled, dense[0].numpy(), rtol=0,
                                atol=1e-4 * float(dense.abs().max()))
+
+
+def test_timm_dla_exports_to_onnx_with_free_height_and_width():
+    # torch.onnx's own symbolic shapes fail on DLA's stride-2 branches; torch.export's work
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    size = (3, 64, 64)
+    fcn = nofc.convert(timm.create_model("dla34", num_classes=4).eval(), size)
+    proto = nofc.export_onnx(fcn, input_size=size)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    img = torch.randn(1, 3, 64 + 2 * 32, 64 + 3 * 32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": img.numpy()})[0]
+    with torch.no_grad():
+        ref = fcn(img).numpy()
+    assert got.shape == ref.shape == (1, 4, 3, 4)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())

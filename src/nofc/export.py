@@ -117,6 +117,13 @@ def export_program(fcn: nn.Module, path=None, *, input_size, force: bool = False
     return ep
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause of an exporter's error (its own first line is a banner)."""
+    while exc.__cause__ is not None and str(exc.__cause__).strip():
+        exc = exc.__cause__
+    return exc
+
+
 def _name_dims(model_proto) -> None:
     """Rename the exporter's symbols (s0, s77, ...) to batch/height/width everywhere."""
     inp = model_proto.graph.input[0].type.tensor_type.shape.dim
@@ -155,14 +162,21 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
         raise NofcError("ONNX export needs the onnx extra: pip install 'nofc[onnx]'") from None
     x = _example_input(fcn, input_size)
     kwargs = {} if opset is None else {"opset_version": int(opset)}
+    names = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
     try:
         with _quiet():
-            program = torch.onnx.export(
-                fcn.eval(), (x,), dynamo=True, dynamic_shapes=_dynamic_shapes(),
-                input_names=["input"], output_names=["logits"], verbose=False, **kwargs)
+            program = torch.onnx.export(fcn.eval(), (x,), dynamo=True,
+                                        dynamic_shapes=_dynamic_shapes(), **names, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise NofcError(f"ONNX export of the converted model failed: "
-                        f"{first_line(exc)}") from None
+        # the exporter's own symbolic shapes can fail where torch.export's succeed (DLA's
+        # stride-2 branches: "Eq(x/8 - ((x/4)//2), 0) cannot be solved"): export first
+        try:
+            with _quiet(), _size_oblivious():
+                ep = torch.export.export(fcn.eval(), (x,), dynamic_shapes=_dynamic_shapes())
+                program = torch.onnx.export(ep, (x,), dynamo=True, **names, **kwargs)
+        except Exception:  # noqa: BLE001 - the first failure says more
+            raise NofcError(f"ONNX export of the converted model failed: "
+                            f"{first_line(_root_cause(exc))}") from None
     proto = program.model_proto
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     fixed = [name for name, i in zip(_INPUT_DIMS, (0, 2, 3)) if not dims[i].dim_param]
