@@ -39,7 +39,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from .io import default_input_size, load_model, parse_size
 
-    size = parse_size(args.input_size) if args.input_size else None
+    size = parse_size(args.input_size) if args.input_size is not None else None
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
     size = size or default_input_size(model)
     if size is None:
@@ -105,7 +105,7 @@ def _cmd_convert_onnx(args) -> int:
     from .io import parse_size
     from .onnx_import import convert_onnx, verify_onnx
 
-    if not args.input_size:
+    if args.input_size is None:
         raise NofcError("--input-size is needed for an ONNX classifier: the CxHxW it was "
                         "trained on, e.g. --input-size 3x224x224")
     size = parse_size(args.input_size)
