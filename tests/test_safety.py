@@ -219,8 +219,12 @@ def test_atomic_output_cleans_up_on_error(tmp_path):
 
 
 _KILLED_RUN = textwrap.dedent("""
-    import sys, time, torch
+    import signal, sys, time, torch
     from nofc.cli import main
+
+    # Ctrl-C as in a terminal, also when the suite runs as a background job (whose
+    # children inherit SIGINT ignored, so Python installs no KeyboardInterrupt handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow_save(module, path, *args, **kwargs):  # a long write, stopped halfway
         with open(path, "wb") as f:
