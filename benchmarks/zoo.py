@@ -207,14 +207,23 @@ def _summary(rows: list[dict], what: str) -> list[str]:
     """Pass counts per stage and refusals by kind, for one group of rows."""
     counts = collections.Counter()
     reasons = collections.Counter()
+    whole = context = 0  # every stage right; of them, tiling refused for global context
     for row in rows:
+        status = {stage: row["stages"].get(stage, ["-", ""]) for stage in STAGES}
         for stage in STAGES:
-            counts[stage] += row["stages"].get(stage, ["-"])[0] == "ok"
+            counts[stage] += status[stage][0] == "ok"
+        refused_tiling = status["tiled"][0] == "refused" and "inside its body" in status[
+            "tiled"][1]
+        if all(status[s][0] == "ok" for s in STAGES if s != "tiled") and (
+                status["tiled"][0] == "ok" or refused_tiling):
+            whole += 1
+            context += refused_tiling
         r = _refusal(row)
         if r:
             reasons[_reason_kind(r)] += 1
     return [f"**{what}** ({len(rows)}): " + ", ".join(f"{s} {counts[s]}" for s in STAGES)
-            + " pass; first refusal by kind: " + (", ".join(
+            + f" pass; the whole pipeline {whole} ({whole - context} tile, {context} have "
+            "global context and rightly refuse tiling); first refusal by kind: " + (", ".join(
                 f"{k} {v}" for k, v in reasons.most_common()) or "none") + ".", ""]
 
 
@@ -225,7 +234,8 @@ def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> N
         f"Measured by `{command}` (random weights, each model's own input size, one "
         "thread, one process per model). Stages: `convert`; `verify` (float64 at the "
         "reference size, abs error <= 1e-10 x max(1, max|reference|)); `geometry` "
-        "(stride, exactness); `dense` (`dense_predict` on a non-square image of window + "
+        "(stride, exactness; `(measured)` where a layer could not be read and the geometry "
+        "was measured by running the network); `dense` (`dense_predict` on a non-square image of window + "
         "(2, 3) strides, compared with the classifier on each crop: WRONG would be a map "
         "that disagrees where geometry says exact); `tiled` (`tiled_predict` equals "
         "`dense_predict`, or refuses a network with global context); `onnx` (`export_onnx` "
@@ -257,6 +267,7 @@ _KINDS = [  # (substring of the refusal, kind) in the order they are tried
     ("depends on the input size", "runs at one input size only"),
     ("cannot trace", "not traceable"), ("cannot derive the geometry", "geometry unknown"),
     ("does not run on input_size", "does not run at its size"),
+    ("the network does not run on a ", "runs at some input sizes only"),
 ]
 
 
