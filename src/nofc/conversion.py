@@ -139,6 +139,11 @@ class Plan:
     global_context: list[str] = field(default_factory=list)
     context_reasons: dict[str, str] = field(default_factory=dict)  # name -> why, if not pooling
 
+    def context_reason(self, name: str) -> str:
+        """Why the kept global node ``name`` sees the whole image, in one phrase."""
+        return (self.context_reasons.get(name)
+                or f"'{name}' pools over the whole image (squeeze-and-excitation)")
+
     def __str__(self) -> str:
         lines = [f"{r.kind} {r.name}: {r.before} -> {r.after} ({r.reason})"
                  for r in self.replacements]

@@ -282,8 +282,7 @@ def _check_tileable(fcn, geo, tile: int) -> None:
     """Refuse networks no tile can reproduce, and tiles smaller than the stride."""
     record = getattr(fcn, "_nofc_record", None)
     plan = getattr(record, "plan", None)
-    context = [plan.context_reasons.get(name) or f"'{name}' pools over the whole image "
-               "(squeeze-and-excitation)" for name in plan.global_context] if plan else []
+    context = [plan.context_reason(name) for name in plan.global_context] if plan else []
     context = context or [r for r in geo.reasons if "global context" in r]
     if context:
         more = f" (and {len(context) - 1} more)" if len(context) > 1 else ""

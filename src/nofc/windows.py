@@ -495,9 +495,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
         if dilated is not None:
             raise NofcError(f"cannot derive the geometry of a dilated network: {unreadable}") \
                 from None
-        known = getattr(getattr(record, "plan", None), "context_reasons", {})
-        context = [known.get(name) or f"'{name}' pools over the whole image"
-                   for name in sorted(walk.global_context)]
+        plan = getattr(record, "plan", None)
+        context = [plan.context_reason(name) if plan else f"'{name}' pools over the whole "
+                   "image" for name in sorted(walk.global_context)]
         return _measured(gm, size, sizes, probes, why=str(unreadable), context=context)
     geo = walk.result(size, dilated=dilated is not None)
     for hw, p in zip(sizes, probes):
@@ -583,9 +583,7 @@ class _Walk:
                 self._node(n)
 
     def _output(self, n: fx.Node) -> None:
-        src = n.args[0]
-        while isinstance(src, (tuple, list)) and src:
-            src = src[0]
+        src = _output_node(self.gm)
         if not isinstance(src, fx.Node) or self.axes.get(src.name) is None:
             raise NofcError("cannot derive the geometry: the network's output is not a map")
         self.out_name = src.name
@@ -691,12 +689,13 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
 
     * map sizes: a shape-only run at each image size asked for (``_ProbedShape``);
     * stride: from the map sizes at the window plus a large multiple of every usual
-      stride, checked at the window plus 1, 2 and 5 strides;
+      stride, checked at the window plus 1 and 5 strides;
     * receptive field: the input pixels with a nonzero gradient for a middle cell, over
-      two random images (float64 where the network runs in it), on images large enough
-      that it does not touch their border; a field that fills the whole input at two sizes
-      is global context (attention over all positions);
-    * exactness: cells compared with the network on their crops, as ``verify`` does.
+      two random images in the network's dtype, on images of 3 windows a side and then at
+      least ``_FIELD`` pixels (where the activations fit ``_MEMORY``); a field that fills
+      the whole input at two sizes, or that cannot be bounded, is global context;
+    * exactness: the cells of a 3 x 3 map against the network on their crops, in float64
+      where the network runs in it (as ``verify`` does).
     """
     out = _output_node(gm)
     shape_of = _ProbedShape(gm, size[0], out.name)
