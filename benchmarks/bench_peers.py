@@ -447,7 +447,7 @@ def _plan(args) -> list[dict]:
             for tool in args.tools:
                 if tool == "nofc":
                     runs.append(dict(tool=tool, model=model, size=size, stride=net_stride))
-                    if masked and size > args.tile:
+                    if masked and size > (args.tile or 2048):
                         runs.append(dict(tool=tool, model=model, size=size, stride=net_stride,
                                          mask=True))
                     if model != "tissue" and size <= args.fine_max:
@@ -640,7 +640,7 @@ def _parser() -> argparse.ArgumentParser:
                    default={"tissue": 2048, "resnet18": 2048, "densenet121": 0},
                    help="largest slide side per model on which the peers run at a stride "
                         "below the window (JSON; default %(default)s)")
-    p.add_argument("--peer-max", type=json.loads, default={"densenet121": 2048},
+    p.add_argument("--peer-max", type=json.loads, default={},
                    help="largest slide side per model on which the peers run at all "
                         "(JSON; default %(default)s)")
     p.add_argument("--mask-models", nargs="*", choices=MODELS, default=["resnet18"],
@@ -652,7 +652,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="dilate", choices=["dilate", "auto"])
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
     p.add_argument("--train-seconds", type=float, default=60)
-    p.add_argument("--tile", type=int, default=2048, help="nofc's tile")
+    p.add_argument("--tile", type=int, default=None,
+                   help="nofc's tile (default: tiled_predict's own, 2048 or more for a "
+                        "network whose receptive field reaches far past its window)")
     p.add_argument("--batch", type=int, default=8, help="the peers' batch (their default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tmp", default=None)

@@ -378,3 +378,17 @@ def test_field_smaller_than_the_window_still_tiles_exactly():
             got = nofc.tiled_predict(net, img, (1, 16, 16), tile=tile, step=step,
                                      progress=False)
             np.testing.assert_allclose(got, dense, rtol=0, atol=1e-6)
+
+
+def test_default_tile_grows_with_the_halo():
+    """DenseNet-121's field reaches 2039 pixels past its window: the default tile is three
+    times that (rounded to the stride 32), so halos cost less than the tiles; ResNet-18's
+    reaches 243 and keeps 2048."""
+    from nofc.tiling import default_tile
+
+    tiles = {}
+    for name in ("densenet121", "resnet18"):
+        fcn = nofc.convert(getattr(torchvision.models, name)(num_classes=2), (3, 224, 224))
+        geo = nofc.geometry(fcn, (3, 224, 224))
+        tiles[name] = default_tile(geo)
+    assert tiles == {"densenet121": 6144, "resnet18": 2048}

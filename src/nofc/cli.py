@@ -204,7 +204,8 @@ def _add_heatmap(sub) -> None:
                         "from it (measured; exact only for networks without padding)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     big = p.add_argument_group("large images (tiling is automatic above 16.8 Mpix)")
-    big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048)")
+    big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048, more for a network "
+                     "whose receptive field reaches far past its window)")
     big.add_argument("--out", metavar="STORE.zarr|MAP.tif|CELLS.geojson",
                      help="write the raw map as tiles finish: a zarr store (rerun to resume), "
                           "a GeoTIFF (georeferenced; level-0 pixels for a slide: QGIS), or "

@@ -24,6 +24,7 @@ from ._fx import param_like
 from .conversion import as_fcn
 from .dilation import fine_pass
 from .errors import NofcError, check_input_size
+from .streaming import streamed
 from .windows import Geometry, cached_geometry, parse_step
 
 __all__ = ["dense_predict", "sliding_window_predict", "BAND_BUDGET"]
@@ -145,7 +146,7 @@ def dense_predict(
                                      geo.output_shape(xb.shape[-2:], step=steps)))
                 bar.update()
             elif factors == (1, 1):
-                outs.append(net(xb))
+                outs.append(streamed(net, geo, xb))
                 bar.update()
             else:
                 outs.append(_shift_and_stitch(net, xb, geo, steps, factors, bar.update))
@@ -188,12 +189,12 @@ def _dilated(net, bytes_per_pixel: float, x: torch.Tensor, size, hw) -> torch.Te
     row_bytes = bytes_per_pixel * x.element_size() / 4 * x.shape[0] * x.shape[-1]
     rows = int(BAND_BUDGET // max(row_bytes, 1) - geo.receptive_field[0]) // geo.stride[0]
     if rows >= h:
-        return net(x)[..., :h, :w]
+        return streamed(net, geo, x)[..., :h, :w]
     out = None
     for a in range(0, h, max(1, rows)):
         b = min(h, a + max(1, rows))
         p0, p1, skip = geo.span(0, a, b, x.shape[-2])
-        part = net(x[..., p0:p1, :])[..., skip:skip + b - a, :w]  # (B, K, b - a, w)
+        part = streamed(net, geo, x[..., p0:p1, :])[..., skip:skip + b - a, :w]  # (B, K, b-a, w)
         if out is None:
             out = part.new_empty((*part.shape[:2], h, w))
         out[:, :, a:b] = part
@@ -212,7 +213,7 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch
             dy, dx = a * steps[0], b * steps[1]
             if min(geo.output_shape((H - dy, W - dx))) < 1:
                 continue
-            part = net(x[..., dy:, dx:])  # (B, K, n_a, n_b)
+            part = streamed(net, geo, x[..., dy:, dx:])  # (B, K, n_a, n_b)
             if tick is not None:
                 tick()
             if out is None:

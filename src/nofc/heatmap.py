@@ -107,7 +107,7 @@ def heatmap(
             or skip_bad_tiles or mask is not None or any(v is not None for v in read.values()) \
             or _file_kind(image_path) in ("slide", "raster") or _pixels(image_path) > TILE_ABOVE:
         computed = _tiled_map(model, image_path, size, spec=spec, step=step, mean=mean,
-                              std=std, device=device, progress=progress, tile=tile or 2048,
+                              std=std, device=device, progress=progress, tile=tile,
                               out=out, scheduler=scheduler, workers=workers,
                               on_error="skip" if skip_bad_tiles else "raise", read=read,
                               mask=mask, threshold=threshold, labels_file=labels_file)
@@ -163,12 +163,13 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     from .placement import placement_of
     from .sources import open_source
-    from .tiling import _num_outputs, tiled_predict
+    from .tiling import _num_outputs, default_tile, tiled_predict
 
     src = open_source(image_path, channels=size[0], **(read or {}))
     H, W = src.hw
     mean, std = _norm(model, spec, size[0], mean, std)
     fcn, geo, steps = _network(model, size, step)
+    tile = default_tile(geo) if tile is None else tile
     backend = "dask" if scheduler is not None or workers is not None else "local"
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
           + (f", downsample {src.downsample[0]:g}" if src.downsample != (1.0, 1.0) else "")

@@ -145,7 +145,7 @@ def tiled_predict(
     fcn: nn.Module,
     image,
     input_size,
-    tile: int = 2048,
+    tile: int | None = None,
     out: str | os.PathLike | None = None,
     backend: str = "local",
     *,
@@ -179,7 +179,10 @@ def tiled_predict(
             by region; PNG/JPEG whole). ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``: see
             ``layout``.
         input_size: ``(C, H, W)`` the classifier was trained on.
-        tile: input pixels per tile side (before the halo); memory grows with it.
+        tile: input pixels per tile side (before the halo); memory grows with it. Default
+            (``None``): 2048, or three times the receptive field's reach past the window
+            where that is more, so that halos cost less than the tiles they surround
+            (DenseNet-121: 6144 pixels, a halo of 2039).
         out: a zarr store path: chunks are written as they finish, a killed run started
             again with the same arguments resumes, and a store made with other arguments
             is refused. A ``.tif`` is a GeoTIFF with the map's georeferencing (level-0
@@ -228,10 +231,11 @@ def tiled_predict(
         raise NofcError(f"backend must be 'local' or 'dask', got {backend!r}")
     if on_error not in ("raise", "skip"):
         raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if not isinstance(tile, int) or tile < 1:
+    if tile is not None and (not isinstance(tile, int) or tile < 1):
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
     fcn = as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
     geo = cached_geometry(fcn, size)
+    tile = default_tile(geo) if tile is None else tile
     _check_tileable(fcn, geo, tile)
     src = open_source(image, channels=size[0], layout=layout, level=level, mpp=mpp,
                       bands=bands)
@@ -276,6 +280,24 @@ def tiled_predict(
                       f"be read (listed in the store's nofc.bad_blocks when out= is given); "
                       f"the first: {next(iter(sink.bad.values()))}", stacklevel=2)
     return sink.finalize()
+
+
+def default_tile(geo) -> int:
+    """2048 pixels, or three times the receptive field's reach past the window (a halo
+    on both sides) when that is more, rounded up to the stride.
+
+    >>> import nofc
+    >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+    >>> default_tile(geo)
+    2048
+    """
+    halo = max(max(0, -geo.rf_offset[a]) + max(0, geo.rf_offset[a] + geo.receptive_field[a]
+                                                - geo.window[a]) for a in (0, 1))
+    stride = max(geo.stride)
+    return max(_TILE, -(-3 * halo // stride) * stride)
+
+
+_TILE = 2048  # the default tile side, for networks whose halo is small
 
 
 def _check_tileable(fcn, geo, tile: int) -> None:

@@ -1,0 +1,77 @@
+"""Stage-by-stage passes in chunks (nofc.streaming) give the whole pass's map."""
+
+import pytest
+import torch
+import torchvision
+
+import nofc
+from nofc import streaming
+from nofc.streaming import stages
+
+# torchvision models covering each rule: padding and residual adds (resnet18), concatenated
+# dense blocks (densenet121), ceil_mode pools (googlenet, squeezenet1_0), branches of
+# different kernels and asymmetric convs (inception_v3), channels-last permutes inside a
+# stage (convnext_tiny), plain conv stacks (vgg11, alexnet)
+MODELS = ["resnet18", "densenet121", "googlenet", "squeezenet1_0", "inception_v3",
+          "convnext_tiny", "vgg11", "alexnet", "mnasnet0_5"]
+
+
+def _model(name: str):
+    torch.manual_seed(0)
+    kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet",
+                                                                 "inception_v3") else {}
+    size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    return getattr(torchvision.models, name)(num_classes=5, **kw).eval(), size
+
+
+def _close(got, want, rel):
+    scale = max(1.0, float(want.abs().max()))
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= rel * scale
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stages_equal_the_whole_pass_float64(name):
+    model, size = _model(name)
+    fcn = nofc.convert(model, size).double()
+    geo = nofc.geometry(fcn, size)
+    parts = stages(fcn, geo, 3)
+    assert parts is not None and len(parts) >= 3 and all(p.chunked for p in parts)
+    x = torch.randn(1, 3, size[1] + 251, size[2] + 187, dtype=torch.float64)
+    with torch.no_grad():
+        want = fcn(x)
+        for chunk in (48, 160):  # chunks of a few cells and of many: every edge case
+            _close(streaming._run(parts, x, chunk=chunk), want, 1e-10)
+
+
+def test_dense_predict_streams_large_images(monkeypatch):
+    """dense_predict at the stride, at a finer step (dilated and shift-and-stitch) and
+    tiled_predict give the same map with streaming on as off (float32, channels-last)."""
+    model, size = _model("resnet18")
+    fcn = nofc.convert(model, size)
+    x = torch.rand(3, 421, 389)
+    calls = []
+    run = streaming._run
+    monkeypatch.setattr(streaming, "_run", lambda *a, **k: calls.append(1) or run(*a, **k))
+    results = {}
+    for limit in (10 ** 12, 1):
+        monkeypatch.setattr(streaming, "STREAM_PIXELS", limit)
+        monkeypatch.setattr(streaming, "CHUNK", 96)
+        results[limit] = [
+            nofc.dense_predict(fcn, x, size),
+            nofc.dense_predict(fcn, x, size, step=16, method="shift"),
+            torch.from_numpy(nofc.tiled_predict(fcn, x.numpy(), size, tile=256,
+                                                progress=False))[None],
+        ]
+    assert calls  # streaming ran
+    for got, want in zip(results[1], results[10 ** 12]):
+        _close(got, want, 1e-4)
+
+
+def test_global_context_is_not_streamed():
+    """Squeeze-and-excitation sees the whole map: a chunk cannot reproduce it."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    fcn = nofc.convert(model, (3, 224, 224))
+    assert stages(fcn, nofc.geometry(fcn, (3, 224, 224)), 3) is None
+
