@@ -11,6 +11,13 @@ speedup / bound (1.0: dense is exactly as fast per FLOP as the naive run).
     python benchmarks/bench_dense.py --only vgg16
     python benchmarks/bench_dense.py --fine      # steps below the stride: dilated vs
                                                  # shift-and-stitch vs naive
+    python benchmarks/bench_dense.py --large     # large images: stage by stage in chunks
+                                                 # (nofc.streaming) vs one whole pass
+
+With ``--large``, each row times one whole pass of the converted network (``fcn(x)``), the
+stage-by-stage pass ``dense_predict`` takes above ``nofc.streaming.STREAM_PIXELS`` and the
+original classifier on batches of 8 crops (a few batches, per window), and prints the
+windows per second of each, with the streamed pass's largest difference from the whole one.
 
 With ``--fine``, ``of bound`` = (naive time / dilated time) / (naive FLOPs / dilated FLOPs).
 Where a full run would take minutes, the naive time is measured on ``--batches`` batches of
@@ -217,6 +224,45 @@ def run_fine(only: str | None = None, repeat: int = 3, batches: int = 8) -> list
     return rows
 
 
+_LARGE = [("resnet18", 2048), ("densenet121", 2048), ("vgg16", 2048), ("resnet50", 2048),
+          ("densenet121", 4096)]
+
+
+def run_large(only: str | None = None, repeat: int = 2) -> list[dict]:
+    """One whole pass, the streamed pass and batched crops, on large images."""
+    from nofc import streaming
+
+    rows = []
+    print(f"{'case':<14}{'image':>11}{'windows':>9}{'whole s':>9}{'streamed s':>11}"
+          f"{'speedup':>9}{'crops/s':>9}{'streamed windows/s':>20}{'vs crops':>10}"
+          f"{'max rel diff':>14}")
+    for name, side in _LARGE:
+        if only and only not in name:
+            continue
+        model, fcn, geo, image = _setup(getattr(torchvision.models, name), (3, 224, 224),
+                                        (side, side))
+        fcn.eval()
+        with torch.no_grad():
+            whole = fcn(image)
+            t_whole = _best(lambda: fcn(image), repeat)
+            streamed = streaming.streamed(fcn, geo, image)
+            t_stream = _best(lambda: streaming.streamed(fcn, geo, image), repeat)
+            crops = torch.randn(8, 3, 224, 224)
+            model(crops)
+            t_crops = _best(lambda: model(crops), repeat) / 8
+        cells = whole.shape[2] * whole.shape[3]
+        diff = float((whole - streamed).abs().max() / whole.abs().max())
+        r = {"case": name, "image": f"{side}x{side}", "windows": cells, "whole_s": t_whole,
+             "streamed_s": t_stream, "speedup": t_whole / t_stream,
+             "crops_per_s": 1 / t_crops, "streamed_per_s": cells / t_stream,
+             "vs_crops": cells / t_stream * t_crops, "max_rel_diff": diff}
+        rows.append(r)
+        print(f"{name:<14}{r['image']:>11}{cells:>9}{t_whole:>9.2f}{t_stream:>11.2f}"
+              f"{r['speedup']:>8.2f}x{r['crops_per_s']:>9.1f}{r['streamed_per_s']:>20.0f}"
+              f"{r['vs_crops']:>9.1f}x{diff:>14.1e}", flush=True)
+    return rows
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -237,9 +283,13 @@ def main(argv=None) -> int:
                    help="steps below the stride: dilated vs shift-and-stitch vs naive")
     p.add_argument("--batches", type=int, default=8,
                    help="with --fine: naive batches timed when there are more (scaled to all)")
+    p.add_argument("--large", action="store_true",
+                   help="large images: stage by stage in chunks vs one whole pass")
     args = p.parse_args(argv)
     print(f"machine: {machine()}")
-    if args.fine:
+    if args.large:
+        run_large(only=args.only, repeat=min(args.repeat, 2))
+    elif args.fine:
         run_fine(only=args.only, repeat=args.repeat, batches=args.batches)
     else:
         run(quick=args.quick, only=args.only, repeat=args.repeat)

@@ -479,6 +479,33 @@ def test_float64_tolerance_scales_with_the_logits():
     assert r.max_rel_error <= 1e-14
 
 
+def test_float32_inside_a_float64_model_is_named():
+    """A model that builds a float32 constant in its forward (timm's csatv2 does) cannot
+    meet float64's tolerance; verify says where precision is lost instead of leaving a
+    bare MISMATCH, and float32 passes."""
+
+    class Scale(nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.dtype = dtype
+
+        def forward(self, x):
+            return x * torch.tensor(1.1, dtype=self.dtype or x.dtype).to(x.dtype)
+
+    def net(dtype):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), Scale(dtype), nn.Flatten(),
+                             nn.Linear(4 * 6 * 6, 5)).eval()
+
+    model, clean = net(torch.float32), net(None)
+    fcn = nofc.convert(clean, input_size=(3, 8, 8))
+    assert nofc.verify(clean, fcn, (3, 8, 8)).ok
+    r = nofc.verify(model, fcn, (3, 8, 8))
+    assert not r.ok and 1e-10 < r.max_rel_error < 1e-6
+    assert "a float32 constant in module '1'" in r.note and "dtype=torch.float32" in str(r)
+    assert nofc.verify(model, fcn, (3, 8, 8), dtype=torch.float32).ok
+
+
 def test_channels_last_head_becomes_windowed_pooling():
     torch.manual_seed(0)
     model = ChannelsLastHead().eval()

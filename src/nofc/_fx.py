@@ -18,6 +18,7 @@ import inspect
 import io
 import logging
 import operator
+import weakref
 from typing import Any
 
 import torch
@@ -115,15 +116,25 @@ def _quiet_fake_log():
         log.removeFilter(drop)
 
 
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # gm -> {key: recorder}
+
+
 def probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None, *,
           partial: bool = False) -> ShapeRecorder:
     """Shape-only run of ``gm`` on a fake input of ``shape``; raises NodeFailure.
 
     The input is made on the network's own device (CPU, CUDA or meta) in ``dtype``
     (default: the network's). With ``partial`` a failing node ends the run quietly and
-    the shapes recorded up to it are returned.
+    the shapes recorded up to it are returned. A successful probe is remembered on
+    ``gm`` for the same input, graph and parameter shapes (a DenseNet probe takes a
+    second, and geometry, tiling and streaming each ask for the reference size).
     """
     device, own = param_like(gm)
+    key = (tuple(shape), dtype or own, device, partial, gm.code,
+           tuple((name, tuple(p.shape)) for name, p in gm.named_parameters()))
+    cache = _PROBES.setdefault(gm, {})
+    if key in cache:
+        return cache[key]
     rec = ShapeRecorder(gm)
     with fake_mode():
         try:
@@ -131,6 +142,7 @@ def probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None, *,
         except NodeFailure:
             if not partial:
                 raise
+    cache[key] = rec
     return rec
 
 

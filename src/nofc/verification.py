@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._fx import param_like
 from .conversion import as_fcn
@@ -57,6 +58,7 @@ class VerifyReport:
     cells: int = 0
     exact: bool | None = None
     reasons: tuple[str, ...] = ()
+    note: str = ""  # why a mismatch may not be the conversion's (a float32 op in float64)
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
@@ -70,6 +72,8 @@ class VerifyReport:
             if self.exact is False and self.reasons:
                 more = f" and {len(self.reasons) - 1} more" if len(self.reasons) > 1 else ""
                 text += f"; cells near borders differ because {self.reasons[0]}{more}"
+        if self.note:
+            text += f"; {self.note}"
         return text
 
 
@@ -140,8 +144,60 @@ def verify(
     max_rel = max_abs / scale if scale > 0 else max_abs
     ok = _passes(kind, tol, max_abs, scale) and bool(
         torch.isfinite(b2).all() == torch.isfinite(a).all())
+    note = "" if ok or dtype != torch.float64 else _lower_precision(model, x)
     return VerifyReport(max_abs, max_rel, str(dtype).replace("torch.", ""), tuple(x.shape),
-                        tuple(b.shape), _tol_text(kind, tol), ok)
+                        tuple(b.shape), _tol_text(kind, tol), ok, note=note)
+
+
+class _LowerPrecision(TorchDispatchMode):
+    """Records the first op that gives a float32 or half tensor in a float64 run."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = None
+        self.where: list[str] = []  # the modules whose forward is running
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.first is None and any(
+                isinstance(t, torch.Tensor) and t.dtype in _LOWER
+                for t in (out if isinstance(out, (tuple, list)) else (out,))):
+            op = func.overloadpacket.__name__
+            what = {"lift_fresh": "a float32 constant", "lift_fresh_copy": "a float32 "
+                    "constant", "_to_copy": "a cast"}.get(op, f"op {op}")
+            place = f"module '{self.where[-1]}'" if self.where else "the model's own forward"
+            self.first = f"{what} in {place}"
+        return out
+
+
+_LOWER = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _lower_precision(model: nn.Module, x: torch.Tensor) -> str:
+    """A note when ``model`` in float64 still computes something in lower precision
+    (a float32 constant or cast made in its forward): float64's tolerance is then out of
+    reach for reasons that are the model's, not the conversion's.
+
+    >>> import torch
+    >>> class Casts(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x * torch.tensor(0.1, dtype=torch.float32).to(x.dtype)
+    >>> _lower_precision(Casts(), torch.ones(1, dtype=torch.float64))[:60]
+    'the model computes in float32 inside its forward even in flo'
+    """
+    mode = _LowerPrecision()
+    m = copy.deepcopy(model).to(device=x.device, dtype=torch.float64).eval()
+    for name, sub in m.named_modules():
+        if name:
+            sub.register_forward_pre_hook(lambda *_, name=name: mode.where.append(name))
+            sub.register_forward_hook(lambda *_: mode.where.pop() and None)
+    with torch.no_grad(), mode:
+        m(x.to(torch.float64))
+    if mode.first is None:
+        return ""
+    return (f"the model computes in float32 inside its forward even in float64 (first: "
+            f"{mode.first}), so float64's tolerance is out of reach; compare in float32 "
+            "(dtype=torch.float32)")
 
 
 def _verify_image(model, fcn, size, image, dtype, device, kind, tol) -> VerifyReport:

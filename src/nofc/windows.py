@@ -720,7 +720,9 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
     margin = tuple(-(-window[a] // stride[a]) for a in (0, 1))  # strides in a window
     touched = []  # borders of the image the field touches, per size tried
     for grow in (1, max(2, -(-_FIELD // (2 * max(window))))):  # 3 windows, then 5 or more
-        cells = tuple(2 * grow * margin[a] + 1 for a in (0, 1))
+        # with global context known from the layers, the field is the whole image
+        # anyway: measure it on a 3 x 3 map, not on 3 windows (SAM2's 896-pixel Hiera)
+        cells = (3, 3) if reasons else tuple(2 * grow * margin[a] + 1 for a in (0, 1))
         wanted = tuple(window[a] + (cells[a] - 1) * stride[a] for a in (0, 1))
         if touched and saved * wanted[0] * wanted[1] / (hw[0] * hw[1]) > _MEMORY:
             break  # measuring further would need more memory than a geometry should
