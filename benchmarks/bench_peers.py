@@ -388,17 +388,11 @@ def _run_monai(spec, net):
     return dict(seconds=secs, windows=count[0], note="", map_step=stride)
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork
-    and exec, so a child started by a large parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit("no VmHWM in /proc/self/status: peak RSS needs Linux")
-
-
 def _run(spec: dict) -> dict:
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_tiling import peak_rss_mb as _peak_rss_mb
 
     torch.set_num_threads(spec["threads"])
     net = _model(spec["model"], spec["weights"])

@@ -9,7 +9,7 @@ Every figure is measured in this run, side by side:
     python benchmarks/bench_tiling.py mask         # mask="auto" on a 70%-glass slide
     python benchmarks/bench_tiling.py all
 
-Peak RSS is measured in a fresh subprocess per run (ru_maxrss), reading a tiled TIFF
+Peak RSS is measured in a fresh subprocess per run (VmHWM), reading a tiled TIFF
 lazily and writing the map to a zarr store, as for a slide.
 """
 
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -100,11 +99,20 @@ def throughput(args) -> list[dict]:
     return rows
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork
+    and exec, so a child started by a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc/self/status: peak RSS needs Linux")
+
+
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, torch, nofc
 sys.path.insert(0, {bench_dir!r})
-from bench_tiling import _model
+from bench_tiling import _model, peak_rss_mb
 model, size = _model({model!r})
 fcn = nofc.convert(model, input_size=size)
 del model
@@ -113,7 +121,7 @@ arr = nofc.tiled_predict(fcn, {tif!r}, input_size=size, tile={tile}, out={out!r}
                          progress={progress})
 secs = time.perf_counter() - t
 print(json.dumps({{"seconds": secs, "map": list(arr.shape),
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                   "peak_rss_mb": peak_rss_mb()}}))
 """
 
 

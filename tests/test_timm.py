@@ -1,5 +1,7 @@
 """Cross-check against timm, whose VGG already holds fc6/fc7 as convolutions (ConvMlp)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import nofc
+from nofc import streaming
 from nofc.conversion import convert_with_record
 
 timm = pytest.importorskip("timm")
@@ -155,6 +158,16 @@ def test_timm_pipeline(name, expect):
     tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=64, progress=False)
     np.testing.assert_allclose(tiled, dense[0].numpy(), rtol=0,
                                atol=1e-4 * float(dense.abs().max()))
+    # stage by stage in chunks (nofc.streaming), as large images run: the same map
+    parts = streaming.stages(fcn, geo, 3)
+    assert (parts is not None) == (expect == "read")
+    if parts:
+        fcn64 = copy.deepcopy(fcn).double()
+        x = img[None].double()
+        with torch.no_grad():
+            want = fcn64(x)
+            got = streaming._run(streaming.stages(fcn64, geo, 3), x, chunk=32)
+        assert float((got - want).abs().max()) <= 1e-10 * max(1.0, float(want.abs().max()))
 
 
 def test_timm_dla_exports_to_onnx_with_free_height_and_width():

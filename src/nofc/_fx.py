@@ -19,6 +19,7 @@ import io
 import logging
 import operator
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,7 +121,7 @@ _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # gm -> {key: 
 
 
 def probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None, *,
-          partial: bool = False) -> ShapeRecorder:
+          partial: bool = False) -> "Probed":
     """Shape-only run of ``gm`` on a fake input of ``shape``; raises NodeFailure.
 
     The input is made on the network's own device (CPU, CUDA or meta) in ``dtype``
@@ -142,8 +143,19 @@ def probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None, *,
         except NodeFailure:
             if not partial:
                 raise
-    cache[key] = rec
-    return rec
+    # only the shapes are kept: the recorder holds the network, which would then never
+    # leave the cache (a weak key whose value refers to it)
+    cache[key] = Probed(rec.shapes, rec.values, rec.items)
+    return cache[key]
+
+
+@dataclass(frozen=True)
+class Probed:
+    """What a shape probe found: every node's shape, plain numbers, tuples of tensors."""
+
+    shapes: dict
+    values: dict
+    items: dict
 
 
 def describe_node(gm: fx.GraphModule, n: fx.Node) -> str:

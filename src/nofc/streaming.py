@@ -15,8 +15,9 @@ not every layer's activations.
 
 Only what the layer-by-layer geometry reads is streamed: a network with global context
 (squeeze-and-excitation), measured geometry, or a stage with a node the walk does not
-know runs that stage (or the network) whole. On a CPU the chunks are handed over
-channels-last, which oneDNN's convolutions run about 1.5x faster.
+know runs that stage (or the network) whole. Only on a CPU, where float32 chunks are
+handed over channels-last (oneDNN's convolutions run them about 1.5x faster); a GPU keeps
+its cores busy on the whole map.
 
 >>> import torch, torchvision, nofc
 >>> fcn = nofc.convert(torchvision.models.resnet18(), (3, 224, 224))
@@ -200,8 +201,8 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
     ...     torch.allclose(_run(stages(fcn, geo, 3), x, chunk=128), fcn(x), atol=1e-4)
     True
     """
-    if x.shape[-2] * x.shape[-1] <= STREAM_PIXELS:
-        return fcn(x)
+    if x.device.type != "cpu" or x.shape[-2] * x.shape[-1] <= STREAM_PIXELS:
+        return fcn(x)  # a GPU keeps its cores busy on the whole map: no chunks there
     parts = stages(fcn, geo, x.shape[1])
     if parts is None:
         return fcn(x)
@@ -235,7 +236,10 @@ def _run_stage(stage: Stage, x: torch.Tensor, chunk: int) -> torch.Tensor:
         for c in range(0, w, per[1]):
             d = min(w, c + per[1])
             x0, x1, sx = stage.geo.span(1, c, d, W)
-            part = _call(stage.module, x[..., y0:y1, x0:x1])[..., sy:sy + b - a, sx:sx + d - c]
+            # a copy: a stage may work in place on its input (ReLU(inplace=True)), and the
+            # chunks' halos overlap
+            region = x[..., y0:y1, x0:x1].clone(memory_format=_chunk_format(x))
+            part = _call(stage.module, region)[..., sy:sy + b - a, sx:sx + d - c]
             if part.shape[-2:] != (b - a, d - c):  # pragma: no cover - a planning bug
                 raise NofcError(f"internal: stage {stage.output!r} chunk gave "
                                 f"{tuple(part.shape)} for cells {(a, b, c, d)}")
@@ -251,10 +255,15 @@ def _format(t: torch.Tensor) -> torch.memory_format:
             and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
 
 
+def _chunk_format(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if x.device.type == "cpu" and x.dtype == torch.float32
+            else torch.contiguous_format)
+
+
 def _call(module: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``; on a CPU in float32 with the input channels-last (oneDNN's faster
     layout), falling back to the plain layout for a graph that needs it (a ``view``)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4:
+    if _chunk_format(x) == torch.channels_last and x.dim() == 4:
         try:
             return module(x.contiguous(memory_format=torch.channels_last))
         except RuntimeError:
