@@ -150,7 +150,8 @@ def verify(
 
 
 class _LowerPrecision(TorchDispatchMode):
-    """Records the first op that gives a float32 or half tensor in a float64 run."""
+    """Records the first op that takes or gives a float32 or half tensor in a float64 run
+    (a constant made in the forward, or a plain tensor attribute ``.double()`` leaves)."""
 
     def __init__(self):
         super().__init__()
@@ -159,9 +160,9 @@ class _LowerPrecision(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        seen = [*(out if isinstance(out, (tuple, list)) else (out,)), *args]
         if self.first is None and any(
-                isinstance(t, torch.Tensor) and t.dtype in _LOWER
-                for t in (out if isinstance(out, (tuple, list)) else (out,))):
+                isinstance(t, torch.Tensor) and t.dtype in _LOWER for t in seen):
             op = func.overloadpacket.__name__
             what = {"lift_fresh": "a float32 constant", "lift_fresh_copy": "a float32 "
                     "constant", "_to_copy": "a cast"}.get(op, f"op {op}")
