@@ -117,7 +117,7 @@ def _quiet_fake_log():
         log.removeFilter(drop)
 
 
-_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # gm -> {key: recorder}
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # gm -> {key: Probed}
 
 
 def probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None, *,

@@ -57,10 +57,6 @@ class Stage:
     scale: tuple[int, int]  # image pixels per cell of its output map
     chunked: bool  # False: the stage has a node the geometry does not read; run it whole
 
-    @property
-    def stride(self) -> tuple[int, int]:
-        return self.geo.stride
-
 
 def stages(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     """The network cut into stages at the maps that carry everything forward, or None
@@ -84,11 +80,10 @@ def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     out = _output_node(gm)
     if not isinstance(out, fx.Node) or out.name != geo._output:
         return None
-    entries = {name: (kind, srcs, layer) for name, kind, srcs, layer in geo._nodes}
     absolute = _axes(geo._nodes, None)
     nodes = list(gm.graph.nodes)
     shapes = probe(gm, (1, channels, *geo.window)).shapes
-    sizes = _sizes(geo._nodes, geo.window)
+    sizes = geo._sizes(geo.window)
     # candidate cuts: after node n, n is the only value (other than parameters) still used
     pos = {n: i for i, n in enumerate(nodes)}
     open_until: dict[int, int] = {}
@@ -102,7 +97,7 @@ def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
         open_until.pop(i, None)
         alive = sum(open_until.values())
         shape = shapes.get(n.name)
-        if (alive == 1 and last > i and n.name in entries and n.name in absolute
+        if (alive == 1 and last > i and n.name in absolute
                 and shape is not None and len(shape) == 4
                 and tuple(shape[2:]) == sizes.get(n.name)):  # (B, C, H, W), not channels-last
             candidates.append(n)
@@ -125,22 +120,8 @@ def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     result = []
     for u, v in zip(bounds, bounds[1:]):
         inner = nodes[pos[u] + 1:pos[v] + 1]
-        result.append(_stage(gm, u, v, inner, geo._nodes, entries, absolute[v.name].jump))
+        result.append(_stage(gm, u, v, inner, geo._nodes, absolute[v.name].jump))
     return result if len(result) > 1 else None
-
-
-def _sizes(nodes, hw) -> dict[str, tuple[int, int]]:
-    """Every map node's (H, W) for an ``hw`` image, from the walk's record."""
-    sizes: dict[str, tuple[int, int]] = {}
-    for name, kind, srcs, layer in nodes:
-        if kind == "input":
-            sizes[name] = tuple(hw)
-        elif kind == "layer":
-            h, w = sizes[srcs[0]]
-            sizes[name] = (layer.out_size(h, 0), layer.out_size(w, 1))
-        else:
-            sizes[name] = sizes[srcs[0]]
-    return sizes
 
 
 def _axes(nodes, start: str | None) -> dict[str, _Axis]:
@@ -156,15 +137,12 @@ def _axes(nodes, start: str | None) -> dict[str, _Axis]:
             ax[name] = ax[srcs[0]].then(layer)
         else:  # "same" or "merge": the union of the inputs' fields (the walk's rule)
             geo = [ax[s] for s in srcs]
-            if len({g.jump for g in geo}) > 1:
-                continue
-            lo = tuple(min(g.start[a] for g in geo) for a in (0, 1))
-            hi = tuple(max(g.start[a] + g.size[a] for g in geo) for a in (0, 1))
-            ax[name] = _Axis(geo[0].jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
+            if len({g.jump for g in geo}) == 1:
+                ax[name] = _Axis.union(geo)
     return ax
 
 
-def _stage(gm, u: fx.Node, v: fx.Node, inner: list, walk_nodes, entries, scale) -> Stage:
+def _stage(gm, u: fx.Node, v: fx.Node, inner: list, walk_nodes, scale) -> Stage:
     """The sub-graph from map ``u`` to map ``v`` as a module, and its geometry."""
     graph = fx.Graph()
     env = {u: graph.placeholder("x")}

@@ -98,6 +98,13 @@ class _Axis:
             (r[0] + (k[0] - 1) * j[0], r[1] + (k[1] - 1) * j[1]),
         )
 
+    @staticmethod
+    def union(axes: list["_Axis"]) -> "_Axis":
+        """The field of a node that merges maps of one stride: the union of theirs."""
+        lo = tuple(min(g.start[a] for g in axes) for a in (0, 1))
+        hi = tuple(max(g.start[a] + g.size[a] for g in axes) for a in (0, 1))
+        return _Axis(axes[0].jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
+
 
 def parse_step(step) -> tuple[int, int]:
     """A positive int or ``(sy, sx)`` as a pair of positive ints, or a NofcError.
@@ -200,17 +207,21 @@ class Geometry:
         by a shape-only run where the geometry was measured."""
         if self._shape_of is not None:
             return self._shape_of(hw)
+        h, w = self._sizes(hw)[self._output]
+        return (max(h, 0), max(w, 0))
+
+    def _sizes(self, hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        """Every map node's ``(H, W)`` for an ``hw`` image, layer by layer."""
         sizes: dict[str, tuple[int, int]] = {}
         for name, kind, srcs, layer in self._nodes:
             if kind == "input":
-                sizes[name] = hw
+                sizes[name] = tuple(hw)
             elif kind == "layer":
                 h, w = sizes[srcs[0]]
                 sizes[name] = (layer.out_size(h, 0), layer.out_size(w, 1))
             else:  # "same" or "merge": the size of its map inputs
                 sizes[name] = sizes[srcs[0]]
-        h, w = sizes[self._output]
-        return (max(h, 0), max(w, 0))
+        return sizes
 
     def _starts(self, image_size, step) -> tuple[np.ndarray, np.ndarray]:
         h, w = self.output_shape(image_size, step=step)
@@ -651,9 +662,7 @@ class _Walk:
         if len({g.jump for g in geo}) > 1:
             raise _Unreadable(f"the inputs of {label} have different strides "
                               f"({', '.join(str(g.jump) for g in geo)})")
-        lo = tuple(min(g.start[a] for g in geo) for a in (0, 1))
-        hi = tuple(max(g.start[a] + g.size[a] for g in geo) for a in (0, 1))
-        self.axes[n.name] = _Axis(geo[0].jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
+        self.axes[n.name] = _Axis.union(geo)
         self.nodes.append((n.name, "merge" if len(spatial_maps) > 1 else "same",
                            tuple(a.name for a in spatial_maps), None))
 
