@@ -128,6 +128,7 @@ _PIPELINE = [("resnet10t", "read"), ("dla34", "read"),  # residual adds of strid
              ("skresnet18", "context"),  # torch.stack of branches
              ("resnest14d", "context"),  # radix reshapes
              ("pvt_v2_b0", "context"),  # tokens and back, attention over all positions
+             ("tf_efficientnet_lite0", "read"),  # TensorFlow "same" padding, fixed
              ("hrnet_w18_small", "measured"),  # upsampling branches, 775-pixel field
              ("edgenext_xx_small", "context")]  # transposed attention over all tokens
 _PIPELINE_SLOW = {"hrnet_w18_small", "edgenext_xx_small", "mambaout_femto"}
@@ -168,6 +169,65 @@ def test_timm_pipeline(name, expect):
             want = fcn64(x)
             got = streaming._run(streaming.stages(fcn64, geo, 3), x, chunk=32)
         assert float((got - want).abs().max()) <= 1e-10 * max(1.0, float(want.abs().max()))
+
+
+class _SameCell(torch.nn.Module):
+    """NASNet's reduction cell in miniature, from timm's TensorFlow "same" layers: a 1x1
+    and a 3x3 stride-2 branch and a stride-2 max pool meet in an add; timm's global
+    average head."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import create_conv2d, create_pool2d
+
+        self.stem = create_conv2d(3, 8, 3, stride=2, padding="same")
+        self.one = create_conv2d(8, 8, 1, stride=2, padding="same")
+        self.three = create_conv2d(8, 8, 3, stride=2, padding="same")
+        self.pool = create_pool2d("max", 3, stride=2, padding="same")
+        self.last = create_conv2d(8, 6, 3, stride=2, padding="same")
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = self.one(x) + self.three(x) + self.pool(x)
+        return self.fc(self.last(x).mean((2, 3)))
+
+
+def test_tensorflow_same_padding_is_fixed_at_the_reference_size():
+    """Pads computed from the input size become the reference size's amounts: the network
+    is the original on every window + k x stride image, and only runs there (its branches
+    meet only there), so every run is cropped to such a size."""
+    torch.manual_seed(0)
+    size = (3, 32, 32)
+    model = _SameCell().double().eval()
+    fcn, record = convert_with_record(model, size)
+    fixed = [r for r in record.changes if r.kind == "fixed_pad"]
+    assert [(r.node, r.pad) for r in fixed] == [
+        ("pad", (0, 1, 0, 1)), ("pad_2", (0, 1, 0, 1)), ("pad_3", (0, 1, 0, 1)),
+        ("pad_4", (0, 1, 0, 1))]  # the 1x1 branch's pad is 0 at any size
+    table = str(nofc.explain(model, size))
+    assert "pad (amounts from the input size)" in table and "pad (0, 1, 0, 1)" in table
+    assert nofc.verify(model, fcn, size).ok
+    # the original on a lattice size (window + k x stride) is the converted body there
+    glob = nofc.convert(model, size, pooling="global")
+    x = torch.randn(1, 3, 32 + 2 * 16, 32 + 3 * 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(glob(x)[:, :, 0, 0], model(x), rtol=0, atol=1e-12)
+        with pytest.raises(RuntimeError):  # off the lattice the fixed branches disagree
+            fcn(x[..., :-1, :-1])
+    geo = nofc.geometry(fcn, size)
+    assert geo.lattice and not geo.measured and geo.stride == (8, 8), geo
+    assert geo.fit((32 + 2 * 8 + 5, 32 + 3 * 8 + 7)) == (48, 56)
+    img = torch.randn(3, 32 + 2 * 8 + 5, 32 + 3 * 8 + 7, dtype=torch.float64)
+    dense = nofc.dense_predict(fcn, img, size)
+    assert dense.shape == (1, 5, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(dense, fcn(img[None, :, :48, :56]), rtol=0, atol=0)
+    tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=8, progress=False)  # float32
+    np.testing.assert_allclose(tiled, dense[0].numpy(), rtol=0, atol=1e-6)
+    with pytest.warns(UserWarning, match="branches that meet only there"):
+        fine = nofc.dense_predict(fcn, img, size, step=4)
+    torch.testing.assert_close(fine[..., ::2, ::2], dense, rtol=0, atol=1e-12)
 
 
 def test_timm_dla_exports_to_onnx_with_free_height_and_width():

@@ -29,12 +29,13 @@ import torch.nn as nn
 from .errors import NofcError, first_line
 
 __all__ = [
-    "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
+    "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
     "describe_node", "fake_mode", "fmt_shape", "get_attr", "global_pool", "pair", "param_like",
     "probe", "trace",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
+ANY_STRIDE = 2 ** 7 * 3 * 5 * 7  # a multiple of every usual network stride (2^k, 3 * 2^k, ...)
 
 
 def param_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:

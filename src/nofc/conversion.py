@@ -26,12 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._fx import (
+    ANY_STRIDE,
     PROBE_BATCH as _BATCH,
     NodeFailure,
     ShapeRecorder,
     channels_last_pool,
     describe_node,
     fmt_shape,
+    bind,
     global_pool,
     pair,
     param_like,
@@ -110,7 +112,8 @@ class Replacement:
     take its input), ``"pool"`` (a new pooling module), ``"squeeze_pair"`` (the first of two
     squeezes of a ``(B, C, 1, 1)`` map; the second is dropped as the flatten) or
     ``"last_dim"`` (a LayerNorm over the features: it runs on the map permuted to
-    channels-last and back).
+    channels-last and back) or ``"fixed_pad"`` (an ``F.pad`` by amounts computed from the
+    input size, TensorFlow's "same", fixed at the amounts of the reference size: ``pad``).
     """
 
     kind: str
@@ -125,6 +128,7 @@ class Replacement:
     stride: int = 1  # linear_to_conv
     dim_at: int | str | None = None  # softmax_dim of a call: where its dim argument goes
     channels_last: bool = False  # pool: its input is (B, H, W, C), permuted to (B, C, H, W)
+    pad: tuple[int, ...] = ()  # fixed_pad: the amounts at the reference size
 
 
 @dataclass
@@ -242,8 +246,11 @@ def convert_with_record(
     ref = (_BATCH, *options.input_size)
     before = _probe_or_explain(gm, ref, options.input_size, model_name=type(model).__name__)
     record = ConversionRecord(_plan(gm, before.shapes, options), dict(before.shapes))
+    _plan_fixed_pads(gm, before, record.plan)
     record.replaced = _apply(gm, record.plan)
-    record.shapes_after, big = _check_converted(gm, before, options.input_size)
+    record.shapes_after, big = _check_converted(
+        gm, before, options.input_size,
+        lattice=any(r.kind == "fixed_pad" for r in record.plan.replacements))
     for name, why in _global_mixers(gm, record.shapes_after, big).items():
         record.plan.global_context.append(name)
         record.plan.context_reasons[name] = why
@@ -266,9 +273,11 @@ def _options(model, input_size, pooling, fc_stride, flatten_order) -> Options:
     return Options(size, pooling, fc_stride, flatten_order)
 
 
-def _check_converted(gm: fx.GraphModule, before: ShapeRecorder, size) -> tuple[dict, dict]:
+def _check_converted(gm: fx.GraphModule, before: ShapeRecorder, size, *,
+                     lattice: bool = False) -> tuple[dict, dict]:
     """Same output at the reference size, and it runs larger; return the shapes after, at
-    the reference size and at twice it."""
+    the reference size and at twice it (with fixed "same" padding, at the reference size
+    plus a multiple of every usual stride: NASNet's branches meet only there)."""
     ref = (_BATCH, *size)
     try:
         after = probe(gm, ref, dtype=param_like(gm)[1])
@@ -276,7 +285,8 @@ def _check_converted(gm: fx.GraphModule, before: ShapeRecorder, size) -> tuple[d
         raise NofcError(f"internal: converted graph fails at {describe_node(gm, f.node)}: "
                         f"{f.exc}") from None
     _check_outputs(gm, before, after)
-    big = (_BATCH, size[0], 2 * size[1], 2 * size[2])
+    big = ((_BATCH, size[0], size[1] + ANY_STRIDE, size[2] + ANY_STRIDE) if lattice
+           else (_BATCH, size[0], 2 * size[1], 2 * size[2]))
     try:
         at_big = probe(gm, big, dtype=param_like(gm)[1])
     except NodeFailure as f:
@@ -567,6 +577,63 @@ def _plan(gm: fx.GraphModule, shapes: dict, options: Options) -> Plan:
             "flattened Linear or global pooling"
         )
     return p.plan
+
+
+_SLIDING_FUNCS = {F.conv2d, torch.conv2d, F.max_pool2d, torch.max_pool2d, F.avg_pool2d,
+                  torch._C._nn.avg_pool2d}
+_SLIDING_MODULES = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _plan_fixed_pads(gm: fx.GraphModule, before, plan: Plan) -> None:
+    """TensorFlow's "same" padding (timm's ``Conv2dSame``, ``MaxPool2dSame``, ``pad_same``;
+    NASNet, PNASNet, the ``tf_`` EfficientNets and MixNets): an ``F.pad`` whose amounts are
+    computed from the input size, right before a convolution or pooling.
+
+    On an image of the reference size plus any multiple of the network stride every
+    layer's input keeps its size modulo the layer's stride, so the amounts stay those of
+    the reference size: fixed at them, the converted network is the original on every such
+    image and slides like any padded network on the others (a map cell's window starts on
+    a multiple of the stride, as on a crop). Checked at two such sizes; an amount that
+    changes there (padding to a multiple of an attention window) is left computed.
+    """
+    size = plan.options.input_size
+    pads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.pad
+            and any(isinstance(a, fx.Node) for a in _pad_amounts(n))
+            and n.users and all(_sliding(gm, u) for u in n.users)]
+    if not pads:
+        return
+    probes = [before]
+    for k in ((1, 2), (2, 1)):
+        hw = (size[1] + k[0] * ANY_STRIDE, size[2] + k[1] * ANY_STRIDE)
+        try:
+            probes.append(probe(gm, (_BATCH, size[0], *hw), dtype=param_like(gm)[1]))
+        except NodeFailure:
+            return  # runs at the reference size only: convert's own check says so
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    for n in pads:
+        amounts = {tuple(p.values.get(a.name) if isinstance(a, fx.Node) else a
+                         for a in _pad_amounts(n)) for p in probes}
+        fixed = amounts.pop()
+        if amounts or not all(isinstance(a, int) for a in fixed):
+            continue
+        plan.replacements.append(Replacement(
+            "fixed_pad", n.name, n.name, "pad (amounts from the input size)",
+            f"pad {fixed}", "TensorFlow 'same' padding: the amounts of the reference size, "
+            "which it has on every image of the window plus a multiple of the stride",
+            pad=fixed))
+    plan.replacements.sort(key=lambda r: order.get(r.node, -1))
+
+
+def _pad_amounts(n: fx.Node) -> tuple:
+    pad = bind(F.pad, n).get("pad", ())
+    return tuple(pad) if isinstance(pad, (tuple, list)) else ()
+
+
+def _sliding(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """A convolution or pooling (what TensorFlow's "same" padding comes before)."""
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _SLIDING_MODULES)
+    return n.op == "call_function" and n.target in _SLIDING_FUNCS
 
 
 def _is_reshape(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -980,6 +1047,13 @@ def _apply_last_dim(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: 
     n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
 
 
+def _apply_fixed_pad(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:
+    if "pad" in n.kwargs:
+        n.kwargs = {**n.kwargs, "pad": rep.pad}
+    else:
+        n.args = (n.args[0], rep.pad, *n.args[2:])
+
+
 def _set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     parent_name, _, leaf = target.rpartition(".")
     setattr(gm.get_submodule(parent_name) if parent_name else gm, leaf, new)
@@ -1003,4 +1077,5 @@ _APPLY: dict[str, Callable[[fx.GraphModule, fx.Node, Replacement, dict], None]] 
     "squeeze_pair": _apply_drop,
     "pool": _apply_pool,
     "last_dim": _apply_last_dim,
+    "fixed_pad": _apply_fixed_pad,
 }

@@ -475,6 +475,12 @@ def fine_pass(fcn: nn.Module, size, steps, method: str = "auto") -> _Entry | Non
     geo = cached_geometry(fcn, size)
     if method == "shift" or geo.factors(steps) == (1, 1):
         return None
+    if geo.lattice:
+        warnings.warn(f"nofc: step {steps[0]}x{steps[1]} runs shift-and-stitch: the network "
+                      "runs only on images of the window plus a multiple of its stride "
+                      "(branches that meet only there), which a dilated pass does not keep",
+                      stacklevel=3)
+        return None
     entry = _cached(fcn, size, steps)
     why = entry.plan.refusal or (entry.plan.differs[0] if method == "auto" and entry.plan.differs
                                  else "")

@@ -201,6 +201,10 @@ def _row(original: fx.GraphModule, fcn: fx.GraphModule, n: fx.Node, rep: Replace
         op_b, k_b, p_b = rep.before, "-", 0
     if n.op == "call_module" and n.name in after_nodes:
         new = after_nodes[n.name]
+    elif rep is not None and rep.kind == "fixed_pad":  # the same node, its amounts fixed
+        return Row(rep.name, op_b, k_b, _shape_txt(record.shapes_before.get(n.name)),
+                   rep.after, "-", _shape_txt(record.shapes_after.get(n.name)),
+                   "" if shapes_at is None else _shape_txt(shapes_at.get(n.name)), 0, 0, True)
     elif rep is not None and rep.kind == "drop":
         return Row(rep.name, op_b, k_b, _shape_txt(record.shapes_before.get(n.name)),
                    "removed", "-", "-", "" if shapes_at is None else "-", p_b, 0, True)

@@ -184,10 +184,10 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
         raise NofcError(f"the ONNX exporter fixed the input's {', '.join(fixed)}; the "
                         "exported model would only run at one size")
     _name_dims(proto)
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as exc:  # noqa: BLE001 - a >2GB model is checked by path below
-        if proto.ByteSize() < 2**31:
+    if not _large(proto):  # a larger one is checked as written, weights beside it
+        try:
+            onnx.checker.check_model(proto)
+        except Exception as exc:  # noqa: BLE001
             raise NofcError(f"the exported ONNX model fails onnx.checker: "
                             f"{first_line(exc)}") from None
     if path is not None:
@@ -195,14 +195,29 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
     return proto
 
 
+def _large(proto) -> bool:
+    """Past protobuf's 2 GiB limit (where ``ByteSize`` itself fails: regnet_y_128gf)."""
+    try:
+        return proto.ByteSize() >= 2**31
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError
+        return True
+
+
 def save_onnx(proto, path, *, force: bool = False) -> None:
-    """Write an ``onnx.ModelProto`` atomically; over 2 GiB the weights go to PATH.data."""
+    """Write an ``onnx.ModelProto`` atomically; over 2 GiB the weights go to PATH.data
+    (and the model is checked there by ``onnx.checker``, which cannot hold it whole)."""
     import onnx
 
-    large = proto.ByteSize() >= 2**31
+    large = _large(proto)
     with atomic_output(path, force=force) as tmp:
         onnx.save_model(proto, tmp, save_as_external_data=large,
                         location=Path(path).name + ".data" if large else None)
+        if large:
+            try:
+                onnx.checker.check_model(str(tmp))
+            except Exception as exc:  # noqa: BLE001
+                raise NofcError(f"the exported ONNX model fails onnx.checker: "
+                                f"{first_line(exc)}") from None
 
 
 def save_model(fcn: nn.Module, path, *, input_size, force: bool = False) -> str:

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._fx import (
+    ANY_STRIDE,
     NodeFailure,
     bind,
     describe_node,
@@ -154,6 +155,10 @@ class Geometry:
     rf_offset: tuple[int, int]
     reasons: tuple[str, ...] = ()  # why not exact
     measured: str = ""  # why the layers could not be read and the geometry was measured
+    # the network runs only on images of the window plus a multiple of the stride (stride-2
+    # branches that meet in an add, as in DLA, or that TensorFlow "same" padding kept in
+    # step): every run is cropped to the largest such size (``fit``), losing no map cell
+    lattice: bool = False
     _nodes: tuple = field(default=(), repr=False, compare=False)
     _output: str = field(default="", repr=False, compare=False)
     _shape_of: Any = field(default=None, repr=False, compare=False)  # measured geometry
@@ -204,7 +209,8 @@ class Geometry:
 
     def _coarse_shape(self, hw: tuple[int, int]) -> tuple[int, int]:
         """The map at the network stride, layer by layer (the nodes the walk recorded), or
-        by a shape-only run where the geometry was measured."""
+        by a shape-only run where the geometry was measured; on the image ``fit`` keeps."""
+        hw = self.fit(hw)
         if self._shape_of is not None:
             return self._shape_of(hw)
         h, w = self._sizes(hw)[self._output]
@@ -293,7 +299,28 @@ class Geometry:
             first -= stride - step_
             last += stride
         p0 = max(0, (first // stride) * stride)
+        if self.lattice:  # the span's length on the lattice too: window + k strides
+            last = p0 + self.window[axis] + max(0, -(-(last - p0 - self.window[axis])
+                                                     // stride)) * stride
         return p0, min(n, last), a - (p0 // stride) * fine
+
+    def fit(self, image_size) -> tuple[int, int]:
+        """The ``(H, W)`` the network runs on for an image of ``image_size``: the image
+        itself, or for a ``lattice`` network the largest window plus a multiple of the
+        stride inside it (the same map cells; the rows and columns past the last window
+        reach only its receptive field, which a crop would pad).
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> geo.fit((50, 41)), replace(geo, lattice=True).fit((50, 41))
+        ((50, 41), (48, 40))
+        """
+        hw = _hw(image_size)
+        if not self.lattice:
+            return hw
+        return tuple(hw[a] if hw[a] < self.window[a] else
+                     self.window[a] + (hw[a] - self.window[a]) // self.stride[a] * self.stride[a]
+                     for a in (0, 1))  # type: ignore[return-value]
 
     def min_size(self) -> tuple[int, int]:
         """The smallest ``(H, W)`` with at least one map cell."""
@@ -313,6 +340,7 @@ class Geometry:
             "window": list(self.window), "exact": self.exact,
             "receptive_field": list(self.receptive_field), "rf_offset": list(self.rf_offset),
             "reasons": list(self.reasons), "measured": self.measured,
+            "lattice": self.lattice,
             "box_convention": "cell (i, j) -> (y0, x0, y1, x1) = (oy + i*sy, ox + j*sx, "
                               "y0 + window_h, x0 + window_w), pixel rows y0..y1-1",
         }
@@ -401,10 +429,19 @@ def _module_layer(m: nn.Module) -> _Layer | None:
     return None
 
 
+def _conv2d_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d's arguments (a builtin: ``inspect`` cannot read them)."""
+
+
+def _avg_pool2d_signature(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+                          count_include_pad=True, divisor_override=None):
+    """F.avg_pool2d's arguments (a builtin too)."""
+
+
 def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
     if n.target is F.conv2d or n.target is torch.conv2d:
-        a = bind(F.conv2d, n) if n.target is F.conv2d else {}
-        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        a = bind(_conv2d_signature, n)
+        w = a.get("weight")
         if not a or not isinstance(w, fx.Node) or w.op != "get_attr":
             return None
         kernel = tuple(get_attr(gm, w.target).shape[2:])
@@ -416,7 +453,7 @@ def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
         return _pool_layer(a["kernel_size"], a.get("stride"), a.get("padding", 0),
                            a.get("dilation", 1), a.get("ceil_mode", False))
     if n.target in (F.avg_pool2d, torch._C._nn.avg_pool2d):
-        a = bind(F.avg_pool2d, n) if n.target is F.avg_pool2d else {}
+        a = bind(_avg_pool2d_signature, n)
         if not a:
             return None
         return _pool_layer(a["kernel_size"], a.get("stride"), a.get("padding", 0), 1,
@@ -498,7 +535,7 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     dilated = getattr(fcn, "_nofc_dilation", None)
     # a dilated network may have no cell at the window size itself (ceil_mode pooling):
     # probe it a stride of the original network larger
-    sizes, probes = _probe_sizes(gm, size, dilated.stride if dilated else (0, 0))
+    sizes, probes, lattice = _probe_sizes(gm, size, dilated.stride if dilated else (0, 0))
     walk = _Walk(gm, probes, set(getattr(record, "global_context", []) or []))
     try:
         walk.run()
@@ -509,8 +546,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
         plan = getattr(record, "plan", None)
         context = [plan.context_reason(name) if plan else f"'{name}' pools over the whole "
                    "image" for name in sorted(walk.global_context)]
-        return _measured(gm, size, sizes, probes, why=str(unreadable), context=context)
-    geo = walk.result(size, dilated=dilated is not None)
+        geo = _measured(gm, size, sizes, probes, why=str(unreadable), context=context)
+        return replace(geo, lattice=lattice)
+    geo = replace(walk.result(size, dilated=dilated is not None), lattice=lattice)
     for hw, p in zip(sizes, probes):
         got = walk.spatial(p, walk.out_name)
         if got != geo.output_shape(hw):
@@ -527,15 +565,21 @@ def cached_geometry(fcn: nn.Module, size) -> Geometry:
     return cache[size]
 
 
-def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list]:
+def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list, bool]:
     """Shapes of every node at the reference size (plus ``extra``) and at two larger sizes
-    the map must follow: odd ones, so that a layer that needs even sizes shows itself, or,
-    for a network that only runs at multiples of its stride (residual adds of stride-2
-    branches, window attention, patch reshapes), multiples of the reference size."""
+    the map must follow: odd ones, so that a layer that needs even sizes shows itself; for
+    a network that only runs at multiples of its stride (residual adds of stride-2
+    branches, window attention, patch reshapes), multiples of the reference size; for one
+    that only runs at the reference size plus a multiple of its stride (branches that
+    TensorFlow "same" padding keeps in step), such sizes. True with the last two: the
+    network runs on a lattice of sizes (``Geometry.lattice``)."""
     ref = (size[1] + extra[0], size[2] + extra[1])
     failure = None
-    for larger in ([(2 * size[1] + 3, 2 * size[2] + 5), (3 * size[1] + 1, 3 * size[2])],
-                   [(2 * size[1], 3 * size[2]), (3 * size[1], 2 * size[2])]):
+    for i, larger in enumerate((
+                   [(2 * size[1] + 3, 2 * size[2] + 5), (3 * size[1] + 1, 3 * size[2])],
+                   [(2 * size[1], 3 * size[2]), (3 * size[1], 2 * size[2])],
+                   [(ref[0] + ANY_STRIDE, ref[1] + 2 * ANY_STRIDE),
+                    (ref[0] + 2 * ANY_STRIDE, ref[1] + ANY_STRIDE)])):
         sizes = [ref, *larger]
         probes = []
         for hw in sizes:
@@ -545,7 +589,7 @@ def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list]:
                 failure = failure or (f, hw)
                 break
         else:
-            return sizes, probes
+            return sizes, probes, i > 0
     f, hw = failure
     raise NofcError(f"cannot derive the geometry: {describe_node(gm, f.node)} fails on "
                     f"a {size[0]}x{hw[0]}x{hw[1]} input ({first_line(f.exc)})") from None
@@ -712,17 +756,18 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
     if shape_of(window) != (1, 1):
         raise NofcError(f"cannot derive the geometry: {why}, and the map at the reference "
                         f"size {size[1]}x{size[2]} is {shape_of(window)}, not 1x1")
-    far = shape_of((window[0] + _FAR, window[1] + _FAR))
+    far = shape_of((window[0] + ANY_STRIDE, window[1] + ANY_STRIDE))
     if far == (1, 1):
         raise NofcError(f"cannot derive the geometry: {why}, and the map stays 1x1 at any "
                         "input size (a global pooling: convert with pooling='window')")
-    stride = tuple(_FAR // (far[a] - 1) if far[a] > 1 and _FAR % (far[a] - 1) == 0 else 0
-                   for a in (0, 1))
+    stride = tuple(ANY_STRIDE // (far[a] - 1)
+                   if far[a] > 1 and ANY_STRIDE % (far[a] - 1) == 0 else 0 for a in (0, 1))
     if min(stride) < 1 or any(shape_of((window[0] + k * stride[0], window[1] + k * stride[1]))
                               != (1 + k, 1 + k) for k in (1, 5)):
         raise NofcError(f"cannot derive the geometry: {why}, and the map does not grow by "
                         f"one cell per fixed number of pixels (at "
-                        f"{window[0] + _FAR}x{window[1] + _FAR} it is {far[0]}x{far[1]})")
+                        f"{window[0] + ANY_STRIDE}x{window[1] + ANY_STRIDE} it is "
+                        f"{far[0]}x{far[1]})")
     reasons = [f"{c} (global context)" for c in context[:3]]
     if len(context) > 3:
         reasons.append(f"and {len(context) - 3} more layers with global context")
@@ -764,7 +809,6 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
 _MEMORY = 3e9  # bytes of activations a measurement may keep for its backward pass
 _FIELD = 1024  # receptive fields up to about this many pixels are measured, even for a
 # small window; larger ones, like attention over the whole image, count as global context
-_FAR = 2 ** 7 * 3 * 5 * 7  # a multiple of every usual network stride (2^k, 3 * 2^k, ...)
 
 
 class _ProbedShape:
