@@ -147,6 +147,10 @@ def test_timm_pipeline(name, expect):
     img = torch.randn(3, 64 + 2 * 32, 64 + 3 * 32)
     dense = nofc.dense_predict(fcn, img, size)
     assert dense.shape == (1, 4, 3, 4) == (1, 4, *geo.output_shape(img.shape[1:]))
+    # rows and columns past the last window: the cells geometry says (DLA's adds crashed
+    # there before they were cropped to the lattice)
+    off = torch.randn(3, 64 + 2 * 32 + 5, 64 + 3 * 32 + 31)
+    assert nofc.dense_predict(fcn, off, size).shape[2:] == geo.output_shape(off.shape[1:])
     report = nofc.verify(model, fcn, size, image=img)
     assert report.cells == 12 and report.exact is False  # all padded: honest, not equal
     context = [r for r in geo.reasons if "global context" in r]
@@ -228,6 +232,35 @@ def test_tensorflow_same_padding_is_fixed_at_the_reference_size():
     with pytest.warns(UserWarning, match="branches that meet only there"):
         fine = nofc.dense_predict(fcn, img, size, step=4)
     torch.testing.assert_close(fine[..., ::2, ::2], dense, rtol=0, atol=1e-12)
+    # ONNX: the exporters write height and width as window + k x stride
+    ort = pytest.importorskip("onnxruntime")
+    fcn32 = nofc.convert(model.float(), size)
+    proto = nofc.export_onnx(fcn32, input_size=size)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = img[None, :, :48, :56].float()
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = fcn32(x).numpy()
+    assert got.shape == want.shape == (1, 5, 3, 4)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_timm_dla_runs_on_images_off_its_lattice():
+    """DLA's stride-2 branches meet in adds that need the window plus a multiple of the
+    stride: any other image is cropped to such a size (Geometry.fit), losing no cell."""
+    torch.manual_seed(0)
+    size = (3, 64, 64)
+    fcn = nofc.convert(timm.create_model("dla34", num_classes=4).eval(), size)
+    geo = nofc.geometry(fcn, size)
+    assert geo.lattice and geo.fit((64 + 2 * 32 + 5, 64 + 3 * 32 + 19)) == (128, 160)
+    img = torch.randn(3, 64 + 2 * 32 + 5, 64 + 3 * 32 + 19)
+    dense = nofc.dense_predict(fcn, img, size)
+    assert dense.shape == (1, 4, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(dense, fcn(img[None, :, :128, :160]), rtol=0, atol=0)
+    tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=32, progress=False)
+    np.testing.assert_allclose(tiled, dense[0].numpy(), rtol=0,
+                               atol=1e-4 * float(dense.abs().max()))
 
 
 def test_timm_dla_exports_to_onnx_with_free_height_and_width():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ._fx import param_like
+from ._fx import NodeFailure, param_like, probe
 from .errors import NofcError, check_input_size, first_line, refuse_overwrite
 from .io import atomic_output
 
@@ -38,11 +38,26 @@ def _quiet():
 def _example_input(fcn: nn.Module, input_size) -> torch.Tensor:
     """A (2, C, 2H, 2W) example: no dimension is 1, so torch.export keeps them all free.
 
-    At the reference size the map is 1 x 1 and torch.export would specialise H and W.
+    At the reference size the map is 1 x 1 and torch.export would specialise H and W. A
+    network that runs only on the window plus a multiple of its stride (NASNet's fixed
+    "same" padding, DLA) gets such a size, 2 strides larger: the exporters then write
+    height and width as ``stride * k + window`` (free ``k``).
     """
+    from .windows import cached_geometry
+
     c, h, w = check_input_size(input_size)
     device, dtype = param_like(fcn)
-    return torch.randn(2, c, 2 * h, 2 * w, device=device, dtype=dtype)
+    hw = (2 * h, 2 * w)
+    try:
+        probe(fcn, (2, c, *hw))
+    except NodeFailure:
+        try:
+            geo = cached_geometry(fcn, (c, h, w))
+        except NofcError:  # the exporter's own error says more
+            geo = None
+        if geo is not None and geo.lattice:
+            hw = (geo.window[0] + 2 * geo.stride[0], geo.window[1] + 2 * geo.stride[1])
+    return torch.randn(2, c, *hw, device=device, dtype=dtype)
 
 
 def _dynamic_shapes():

@@ -163,13 +163,14 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     from .placement import placement_of
     from .sources import open_source
-    from .tiling import _num_outputs, default_tile, tiled_predict
+    from .tiling import _check_tileable, _num_outputs, default_tile, tiled_predict
 
     src = open_source(image_path, channels=size[0], **(read or {}))
     H, W = src.hw
     mean, std = _norm(model, spec, size[0], mean, std)
     fcn, geo, steps = _network(model, size, step)
     tile = default_tile(geo) if tile is None else tile
+    _check_tileable(fcn, geo, tile)  # a refusal before the status line, not after it
     backend = "dask" if scheduler is not None or workers is not None else "local"
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
           + (f", downsample {src.downsample[0]:g}" if src.downsample != (1.0, 1.0) else "")
@@ -247,7 +248,13 @@ def _title(image_path, m: _Map) -> str:
             f"{m.geo.window[1]}, step {m.steps[0]}x{m.steps[1]}"
             + (", tiled" if m.tiled else "")
             + ("" if m.geo.exact else " (padded net: not exact)")
-            + (f", drawn every {m.every}th cell" if m.every > 1 else ""))
+            + (f", drawn every {_ordinal(m.every)} cell" if m.every > 1 else ""))
+
+
+def _ordinal(k: int) -> str:
+    """2nd, 3rd, 4th, 11th, 21st."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
 
 
 def _probabilities(scores, chosen=slice(None)):

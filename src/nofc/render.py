@@ -12,6 +12,7 @@ This module only draws what it is given; ``nofc.heatmap`` computes the maps.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
 
@@ -76,8 +77,14 @@ def render_heatmap(
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     aspect = H / W
-    fig, axes = plt.subplots(rows, cols, squeeze=False,
-                             figsize=(panel * cols + 0.9, panel * aspect * rows + 0.7))
+    width = panel * cols + 0.9
+    # a long title (a slide's file name) wraps to the figure's width: about 12 characters
+    # of 10-point text per inch
+    title_lines = textwrap.wrap(title, int(width * 12)) if title else []
+    height = panel * aspect * rows + 0.7 + 0.18 * max(0, len(title_lines) - 1)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(width, height))
+    if title_lines:  # room above the panels' own titles for every line of it
+        fig.subplots_adjust(top=1 - (0.45 + 0.18 * len(title_lines)) / height)
     extent = geo.extent(probs.shape[1:], step=step)
     shown = None
     for k, ax in enumerate(axes.flat):
@@ -102,7 +109,7 @@ def render_heatmap(
     if shown is not None:
         cbar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
         cbar.set_label("class probability")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title_lines:
+        fig.suptitle("\n".join(title_lines), fontsize=10)
     fig.savefig(path, dpi=dpi, format="png")
     plt.close(fig)

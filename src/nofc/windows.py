@@ -797,11 +797,14 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
         reasons.append(f"the receptive field (measured: {rf[0]}x{rf[1]} from "
                        f"{rf_offset[0]},{rf_offset[1]}) reaches outside the window")
     if not reasons:
-        net, tol = _runnable(gm, size)
-        err = _crop_error(net, size, window, stride, tol.dtype)
-        if err > tol.limit:
+        from .verification import _DEFAULT_TOL, _passes  # verify's rule (it imports us)
+
+        net, dtype = _runnable(gm, size)
+        max_abs, scale = _crop_error(net, size, window, stride, dtype)
+        if not _passes(*_DEFAULT_TOL.get(dtype, _DEFAULT_TOL[torch.float32]), max_abs, scale):
             reasons.append(f"map cells differ from the network on their crops (measured: max "
-                           f"error {err:.1e} of the largest output), and {why}")
+                           f"error {max_abs / max(1.0, scale):.1e} of the largest output), "
+                           f"and {why}")
     return Geometry(stride, (0, 0), window, not reasons, rf, rf_offset, tuple(reasons),
                     measured=why, _output=out.name, _shape_of=shape_of)
 
@@ -833,12 +836,6 @@ class _ProbedShape:
         return self.known[hw]
 
 
-@dataclass(frozen=True)
-class _Tolerance:
-    dtype: torch.dtype
-    limit: float  # relative to max(1, max |output|)
-
-
 def _output_node(gm: fx.GraphModule) -> fx.Node:
     src = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     while isinstance(src, (tuple, list)) and src:
@@ -847,15 +844,16 @@ def _output_node(gm: fx.GraphModule) -> fx.Node:
 
 
 def _runnable(gm: fx.GraphModule, size):
-    """A float64 copy of the network where it runs in float64, else the network itself."""
+    """A float64 copy of the network and float64 where it runs in float64, else the
+    network itself and its dtype."""
     device, dtype = param_like(gm)
     try:
         net = copy.deepcopy(gm).double().eval()
         with torch.no_grad():
             net(torch.zeros(1, *size, dtype=torch.float64, device=device))
-        return net, _Tolerance(torch.float64, 1e-10)
+        return net, torch.float64
     except Exception:  # noqa: BLE001 - e.g. a float32 constant in the graph: measure as is
-        return gm.eval(), _Tolerance(dtype, 1e-4)
+        return gm.eval(), dtype
 
 
 def _first(out):
@@ -896,9 +894,9 @@ def _dependence(net, channels: int, hw, stride):
         saved[0] // 2
 
 
-def _crop_error(net, size, window, stride, dtype) -> float:
+def _crop_error(net, size, window, stride, dtype) -> tuple[float, float]:
     """Largest difference between the cells of a 3 x 3 map and the network on their
-    crops, relative to max(1, max |crop output|)."""
+    crops, and the largest |crop output| (the scale verify's tolerance rule takes)."""
     device, _ = param_like(net)
     hw = (window[0] + 2 * stride[0], window[1] + 2 * stride[1])
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -910,4 +908,4 @@ def _crop_error(net, size, window, stride, dtype) -> float:
                              j * stride[1]:j * stride[1] + window[1]] for i, j in cells])
         ref = _first(net(crops))[:, :, 0, 0]
         got = torch.stack([y[0, :, i, j] for i, j in cells])
-    return float((ref - got).abs().max() / max(1.0, float(ref.abs().max())))
+    return float((ref - got).abs().max()), float(ref.abs().max())
