@@ -183,7 +183,9 @@ def _run_one(spec: str, timeout: int) -> dict:
             r = json.loads(line[len(_MARK):])
             row["stages"][r["stage"]] = [r["status"], r["detail"]]
     done = [s for s in STAGES if s in row["stages"]]
-    if rc != 0 and (not done or row["stages"][done[-1]][0] == "ok"):
+    # a refused tiling does not end the row (ONNX comes after it): a time limit or a crash
+    # there is the ONNX stage's
+    if rc != 0 and (not done or row["stages"][done[-1]][0] == "ok" or done[-1] == "tiled"):
         nxt = STAGES[len(done)] if len(done) < len(STAGES) else "onnx"
         row["stages"][nxt] = ["TIMEOUT" if rc == "timeout" else "CRASH",
                               f"after {timeout} s" if rc == "timeout" else f"exit code {rc}"]

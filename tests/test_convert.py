@@ -543,3 +543,29 @@ def test_class_token_head_is_refused_with_the_reason():
     with pytest.raises(NofcError, match=r"'fc' \(Linear\).* takes one token of a "
                                         r"\(2, 16, 8\) sequence \(a class token\)"):
         nofc.convert(ClassToken(), input_size=(3, 8, 8))
+
+
+class _BufferMath(nn.Module):
+    """A forward that computes from a buffer (CSATv2's DCT statistics, ``var ** 0.5``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.register_buffer("var", torch.rand(4, 1, 1) + 0.5)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = self.conv(x) / (self.var ** 0.5 + 1e-8)
+        return self.fc(x.flatten(1))
+
+
+def test_computation_on_a_buffer_stays_in_the_graph():
+    """torch.fx folds it into a float32 constant at trace time, which .double() and .to()
+    leave behind; read as a node, it follows the module (float64 verifies to 1e-10)."""
+    torch.manual_seed(0)
+    model = _BufferMath().eval()
+    fcn = nofc.convert(model, (1, 8, 8))
+    assert not [n for n in fcn.graph.nodes
+                if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
+    report = nofc.verify(model, fcn, (1, 8, 8))  # float64
+    assert report.ok and report.max_rel_error < 1e-14, report

@@ -186,7 +186,15 @@ _SAME_AS_BASE = {("timm.layers.linear", "Linear")}
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with nofc's own FullConv2d kept whole like any nn.Conv2d."""
+    """torch.fx's tracer, with nofc's own FullConv2d kept whole like any nn.Conv2d.
+
+    Buffers are read as graph nodes (``proxy_buffer_attributes``), so what the forward
+    computes from them stays in the graph: torch.fx would otherwise fold it into a
+    constant at trace time, in the dtype and on the device of that moment (CSATv2's
+    ``var ** 0.5``: a float32 copy that ``.double()`` and ``.to("cuda")`` leave behind).
+    """
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from .layers import FullConv2d
