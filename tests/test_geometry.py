@@ -234,3 +234,27 @@ def test_measured_map_that_follows_no_stride_is_refused():
     with pytest.raises(NofcError, match=r"\(Upsample\) changes the map .* does not grow by "
                                         "one cell per fixed number of pixels"):
         nofc.geometry(net, size)
+
+
+class _Blocks(nn.Module):
+    """HaloNet's attention in miniature: the map is cut into blocks of 32 cells (an assert
+    without a message checks it), so the network runs only on multiples of 256 pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 8, stride=8)
+        self.head = nn.Conv2d(2, 3, 32)  # one cell per 256-pixel window
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.shape
+        torch._assert(h % 32 == 0, "")
+        return self.head(x.reshape(b, c, h // 32, 32, w // 32, 32).reshape(b, c, h, w))
+
+
+def test_network_that_runs_in_coarser_steps_than_any_stride_is_refused_in_one_line():
+    with pytest.raises(NofcError) as info:
+        nofc.geometry(_Blocks(), (1, 256, 256))
+    msg = str(info.value)
+    assert "\n" not in msg and "fails (an assert without a message)" in msg, msg
+    assert "needs image sizes in coarser steps than nofc can map" in msg, msg

@@ -23,11 +23,14 @@ def first_line(exc: BaseException) -> str:
 
     >>> first_line(RuntimeError("shape mismatch\\n  at layer 3"))
     'shape mismatch'
-    >>> first_line(AssertionError())
-    'AssertionError'
+    >>> first_line(AssertionError()), first_line(KeyError())
+    ('an assert without a message', 'KeyError')
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    if lines:
+        return lines[0]
+    return "an assert without a message" if isinstance(exc, AssertionError) else \
+        type(exc).__name__
 
 
 def refuse_overwrite(path: str | os.PathLike, *, force: bool) -> None:

@@ -756,7 +756,13 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
     if shape_of(window) != (1, 1):
         raise NofcError(f"cannot derive the geometry: {why}, and the map at the reference "
                         f"size {size[1]}x{size[2]} is {shape_of(window)}, not 1x1")
-    far = shape_of((window[0] + ANY_STRIDE, window[1] + ANY_STRIDE))
+    try:
+        far = shape_of((window[0] + ANY_STRIDE, window[1] + ANY_STRIDE))
+    except NofcError as exc:  # attention in blocks of several strides (HaloNet), ...
+        raise NofcError(f"cannot derive the geometry: {why}, and {exc}: that is the window "
+                        f"plus {ANY_STRIDE} pixels, a multiple of every usual stride, so the "
+                        "network needs image sizes in coarser steps than nofc can map"
+                        ) from None
     if far == (1, 1):
         raise NofcError(f"cannot derive the geometry: {why}, and the map stays 1x1 at any "
                         "input size (a global pooling: convert with pooling='window')")
