@@ -126,3 +126,30 @@ def test_cli_writes_onnx_and_pt2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("nofc: error: unknown output format") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx", "lenet.pt2"]
+
+
+def test_onnx_that_onnxruntime_cannot_run_at_another_size_is_refused():
+    """An exporter can size a Reshape for its example input (sequencer2d_s's LSTMs):
+    onnx.checker passes it, onnxruntime fails at any other size. Refused, one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nofc.export import _check_in_onnxruntime
+
+    pytest.importorskip("onnxruntime")
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [1, 1, 32, 32])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["logits"])], "fixed",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 32, 32])], [shape])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    identity = torch.fx.symbolic_trace(torch.nn.Identity())
+    example = torch.zeros(2, 1, 64, 64)
+    with pytest.raises(NofcError, match=r"does not run in onnxruntime at 64x96 .*Reshape") as e:
+        _check_in_onnxruntime(proto, identity, example, (1, 32, 32))
+    assert "\n" not in str(e.value)
+    # a model that runs but computes something else is refused too
+    other = nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32))
+    with pytest.raises(NofcError, match="gives other outputs than the converted network"):
+        _check_in_onnxruntime(proto, other, example, (1, 32, 32))

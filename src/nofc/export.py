@@ -161,7 +161,9 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
     """Export the converted model to ONNX with dynamic batch, height and width.
 
     Uses torch's dynamo exporter (needs ``onnxscript``); the graph's input is named
-    ``input`` with dims ``batch x C x height x width`` and its output ``logits``.
+    ``input`` with dims ``batch x C x height x width`` and its output ``logits``. The
+    model is then run in onnxruntime at the reference size and at another one, against
+    the converted network, and refused when it does not run or differs there.
     Returns the ``onnx.ModelProto``; with ``path`` it is also written there (atomically).
 
     >>> import nofc
@@ -205,9 +207,61 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
         except Exception as exc:  # noqa: BLE001
             raise NofcError(f"the exported ONNX model fails onnx.checker: "
                             f"{first_line(exc)}") from None
+    _check_in_onnxruntime(proto, fcn, x, input_size)
     if path is not None:
         save_onnx(proto, path, force=force)
     return proto
+
+
+def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_size) -> None:
+    """Run the exported model in onnxruntime (where installed) at the reference size and
+    at a size other than the example's, batch 1, against the converted network.
+
+    onnx.checker does not see a Reshape or Gather that an exporter sized for the example
+    input (timm's sequencer2d_s LSTMs: "requested shape {1,36,38,0}"); such a model is
+    refused here, before anything is written. Over 2 GiB (no session from memory) the
+    check is left to the caller.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover - part of the onnx extra
+        return
+    if _large(proto):
+        return
+    from .windows import cached_geometry
+
+    c, h, w = check_input_size(input_size)
+    device, dtype = param_like(fcn)
+    sizes = [(h, w)]
+    other = (2 * h, 3 * w)
+    try:
+        probe(fcn, (1, c, *other))
+    except NodeFailure:  # runs on window + k x stride only (its geometry is known now)
+        geo = cached_geometry(fcn, (c, h, w))
+        other = (geo.window[0] + geo.stride[0], geo.window[1] + 3 * geo.stride[1])
+    if other != tuple(example.shape[-2:]):
+        sizes.append(other)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # its own error lines on stderr: ours is the one line
+    sess = ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    for hw in sizes:
+        x = torch.randn(1, c, *hw, generator=gen).to(dtype)
+        try:
+            got = sess.run(None, {"input": x.numpy()})[0]
+        except Exception as exc:  # noqa: BLE001
+            raise NofcError(f"the exported ONNX model does not run in onnxruntime at "
+                            f"{hw[0]}x{hw[1]} ({first_line(exc)}): the exporter sized an op "
+                            "for its example input; nothing was written") from None
+        with torch.no_grad():
+            want = fcn(x.to(device)).cpu().numpy()
+        scale = max(float(abs(want).max()), 1e-30)
+        err = float(abs(got - want).max()) / scale if got.shape == want.shape else float("inf")
+        if err > 1e-4:
+            raise NofcError(f"the exported ONNX model gives other outputs than the converted "
+                            f"network at {hw[0]}x{hw[1]} (shape {tuple(got.shape)}, max error "
+                            f"{err:.1e} of the largest output); nothing was written")
 
 
 def _large(proto) -> bool:
