@@ -197,7 +197,7 @@ class _SameCell(torch.nn.Module):
         return self.fc(self.last(x).mean((2, 3)))
 
 
-def test_tensorflow_same_padding_is_fixed_at_the_reference_size():
+def test_tensorflow_same_padding_is_fixed_at_the_reference_size(monkeypatch):
     """Pads computed from the input size become the reference size's amounts: the network
     is the original on every window + k x stride image, and only runs there (its branches
     meet only there), so every run is cropped to such a size."""
@@ -232,6 +232,11 @@ def test_tensorflow_same_padding_is_fixed_at_the_reference_size():
     with pytest.warns(UserWarning, match="branches that meet only there"):
         fine = nofc.dense_predict(fcn, img, size, step=4)
     torch.testing.assert_close(fine[..., ::2, ::2], dense, rtol=0, atol=1e-12)
+    with monkeypatch.context() as m:  # stage by stage in chunks, as a large image runs
+        m.setattr(streaming, "STREAM_PIXELS", 1)
+        m.setattr(streaming, "CHUNK", 16)
+        torch.testing.assert_close(nofc.dense_predict(fcn, img, size), dense, rtol=0,
+                                   atol=1e-12)
     # ONNX: the exporters write height and width as window + k x stride
     ort = pytest.importorskip("onnxruntime")
     fcn32 = nofc.convert(model.float(), size)
@@ -245,9 +250,10 @@ def test_tensorflow_same_padding_is_fixed_at_the_reference_size():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def test_timm_dla_runs_on_images_off_its_lattice():
+def test_timm_dla_runs_on_images_off_its_lattice(monkeypatch):
     """DLA's stride-2 branches meet in adds that need the window plus a multiple of the
-    stride: any other image is cropped to such a size (Geometry.fit), losing no cell."""
+    stride: any other image is cropped to such a size (Geometry.fit), losing no cell;
+    stage by stage in chunks (a large image) the map is the same."""
     torch.manual_seed(0)
     size = (3, 64, 64)
     fcn = nofc.convert(timm.create_model("dla34", num_classes=4).eval(), size)
@@ -261,6 +267,13 @@ def test_timm_dla_runs_on_images_off_its_lattice():
     tiled = nofc.tiled_predict(fcn, img.numpy(), size, tile=32, progress=False)
     np.testing.assert_allclose(tiled, dense[0].numpy(), rtol=0,
                                atol=1e-4 * float(dense.abs().max()))
+    monkeypatch.setattr(streaming, "STREAM_PIXELS", 1)
+    monkeypatch.setattr(streaming, "CHUNK", 40)
+    big = torch.randn(3, 64 + 9 * 32 + 5, 64 + 7 * 32 + 19)
+    with torch.no_grad():
+        whole = fcn(big[None, :, :352, :288])
+    torch.testing.assert_close(nofc.dense_predict(fcn, big, size), whole, rtol=0,
+                               atol=1e-4 * float(whole.abs().max()))
 
 
 def test_timm_dla_exports_to_onnx_with_free_height_and_width():
