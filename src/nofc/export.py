@@ -252,7 +252,7 @@ def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_si
             got = sess.run(None, {"input": x.numpy()})[0]
         except Exception as exc:  # noqa: BLE001
             raise NofcError(f"the exported ONNX model does not run in onnxruntime at "
-                            f"{hw[0]}x{hw[1]} ({first_line(exc)}): the exporter sized an op "
+                            f"{hw[0]}x{hw[1]} ({_ort_reason(exc)}): the exporter sized an op "
                             "for its example input; nothing was written") from None
         with torch.no_grad():
             want = fcn(x.to(device)).cpu().numpy()
@@ -262,6 +262,24 @@ def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_si
             raise NofcError(f"the exported ONNX model gives other outputs than the converted "
                             f"network at {hw[0]}x{hw[1]} (shape {tuple(got.shape)}, max error "
                             f"{err:.1e} of the largest output); nothing was written")
+
+
+def _ort_reason(exc: BaseException) -> str:
+    """onnxruntime's error without its source path and C++ signature.
+
+    >>> _ort_reason(RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code "
+    ...     "returned while running Reshape node. Name:'r' Status Message: /src/reshape.h:91 "
+    ...     "ns::Helper::Helper(const ns::Shape&, bool) Input shape:{36}, requested shape:{0}"))
+    "Reshape node 'r': Input shape:{36}, requested shape:{0}"
+    """
+    msg = first_line(exc)
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", msg)
+    if node is None or "Status Message: " not in msg:
+        return msg
+    status = msg.split("Status Message: ", 1)[1]
+    status = re.sub(r"^\S+\.(?:h|cc|cpp):\d+\s+", "", status)  # the source file
+    status = re.sub(r"^[\w:~<>]+\([^)]*\)\s*", "", status)  # the C++ function
+    return f"{node.group(1)} node '{node.group(2)}': {status}"
 
 
 def _large(proto) -> bool:
