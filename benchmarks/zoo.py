@@ -276,6 +276,7 @@ _KINDS = [  # (substring of the refusal, kind) in the order they are tried
     ("cannot trace", "not traceable"), ("cannot derive the geometry", "geometry unknown"),
     ("does not run on input_size", "does not run at its size"),
     ("the network does not run on a ", "runs at some input sizes only"),
+    ("does not run in onnxruntime", "ONNX the exporter sized for its example"),
 ]
 
 
