@@ -237,24 +237,28 @@ def test_measured_map_that_follows_no_stride_is_refused():
 
 
 class _Blocks(nn.Module):
-    """HaloNet's attention in miniature: the map is cut into blocks of 32 cells (an assert
-    without a message checks it), so the network runs only on multiples of 256 pixels."""
+    """HaloNet's or MobileViT's attention in miniature: the map is cut into blocks of
+    ``block`` cells (an assert without a message checks it), so the network runs only on
+    images in steps of ``block`` strides."""
 
-    def __init__(self):
+    def __init__(self, block: int):
         super().__init__()
+        self.block = block
         self.conv = nn.Conv2d(1, 2, 8, stride=8)
-        self.head = nn.Conv2d(2, 3, 32)  # one cell per 256-pixel window
+        self.head = nn.Conv2d(2, 3, block)  # one cell per window of block x 8 pixels
 
     def forward(self, x):
         x = self.conv(x)
         b, c, h, w = x.shape
-        torch._assert(h % 32 == 0, "")
-        return self.head(x.reshape(b, c, h // 32, 32, w // 32, 32).reshape(b, c, h, w))
+        k = self.block
+        torch._assert(h % k == 0, "")
+        return self.head(x.reshape(b, c, h // k, k, w // k, k).reshape(b, c, h, w))
 
 
-def test_network_that_runs_in_coarser_steps_than_any_stride_is_refused_in_one_line():
+@pytest.mark.parametrize("block", [32, 2])  # past the largest probe; at one stride more
+def test_network_that_runs_in_coarser_steps_than_its_stride_is_refused_in_one_line(block):
     with pytest.raises(NofcError) as info:
-        nofc.geometry(_Blocks(), (1, 256, 256))
+        nofc.geometry(_Blocks(block), (1, 8 * block, 8 * block))
     msg = str(info.value)
     assert "\n" not in msg and "fails (an assert without a message)" in msg, msg
-    assert "needs image sizes in coarser steps than nofc can map" in msg, msg
+    assert "needs image sizes in coarser steps than" in msg, msg

@@ -768,8 +768,16 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
                         "input size (a global pooling: convert with pooling='window')")
     stride = tuple(ANY_STRIDE // (far[a] - 1)
                    if far[a] > 1 and ANY_STRIDE % (far[a] - 1) == 0 else 0 for a in (0, 1))
-    if min(stride) < 1 or any(shape_of((window[0] + k * stride[0], window[1] + k * stride[1]))
-                              != (1 + k, 1 + k) for k in (1, 5)):
+    try:
+        grows = min(stride) >= 1 and all(
+            shape_of((window[0] + k * stride[0], window[1] + k * stride[1])) == (1 + k, 1 + k)
+            for k in (1, 5))
+    except NofcError as exc:  # MobileViT's 2x2 patches of the last map: steps of 2 strides
+        raise NofcError(f"cannot derive the geometry: {why}, and {exc}: that is the window "
+                        f"plus whole strides ({stride[0]}x{stride[1]}), so the network needs "
+                        "image sizes in coarser steps than its stride, which nofc cannot map"
+                        ) from None
+    if not grows:
         raise NofcError(f"cannot derive the geometry: {why}, and the map does not grow by "
                         f"one cell per fixed number of pixels (at "
                         f"{window[0] + ANY_STRIDE}x{window[1] + ANY_STRIDE} it is "
