@@ -153,3 +153,31 @@ def test_onnx_that_onnxruntime_cannot_run_at_another_size_is_refused():
     other = nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32))
     with pytest.raises(NofcError, match="gives other outputs than the converted network"):
         _check_in_onnxruntime(proto, other, example, (1, 32, 32))
+
+
+def test_onnx_over_2_gib_goes_beside_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Past protobuf's 2 GiB limit (regnet_y_128gf) the weights go to PATH.data: staged,
+    checked, moved into place with the .onnx; the proto keeps its weights; an existing
+    PATH.data is refused. Shown on LeNet-5 treated as large."""
+    from nofc import export
+
+    monkeypatch.setattr(export, "_large", lambda proto: True)
+    fcn = nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32))
+    proto = nofc.export_onnx(fcn, input_size=(1, 32, 32))
+    path = tmp_path / "lenet.onnx"
+    export.save_onnx(proto, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.onnx", "lenet.onnx.data"]
+    assert all(not t.external_data for t in proto.graph.initializer)  # whole again
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 1, 40, 36)
+    with torch.no_grad():
+        want = fcn(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
+    (tmp_path / "other.onnx.data").write_bytes(b"keep")
+    with pytest.raises(NofcError, match="other.onnx.data"):
+        export.save_onnx(proto, tmp_path / "other.onnx")
+    assert (tmp_path / "other.onnx.data").read_bytes() == b"keep"
+    assert not (tmp_path / "other.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lenet.onnx", "lenet.onnx.data", "other.onnx.data"]  # no staging folder left

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -291,20 +293,37 @@ def _large(proto) -> bool:
 
 
 def save_onnx(proto, path, *, force: bool = False) -> None:
-    """Write an ``onnx.ModelProto`` atomically; over 2 GiB the weights go to PATH.data
-    (and the model is checked there by ``onnx.checker``, which cannot hold it whole)."""
+    """Write an ``onnx.ModelProto`` atomically; over 2 GiB the weights go to PATH.data.
+
+    The large case is staged in a temporary folder beside PATH (checked there by
+    ``onnx.checker``, which cannot hold it whole), then both files are moved into place:
+    a failure leaves neither, and an existing PATH.data is refused like PATH. ``proto``
+    keeps its weights inside (``onnx.save_model`` moves them out in place; they are read
+    back).
+    """
     import onnx
 
-    large = _large(proto)
-    with atomic_output(path, force=force) as tmp:
-        onnx.save_model(proto, tmp, save_as_external_data=large,
-                        location=Path(path).name + ".data" if large else None)
-        if large:
-            try:
-                onnx.checker.check_model(str(tmp))
-            except Exception as exc:  # noqa: BLE001
-                raise NofcError(f"the exported ONNX model fails onnx.checker: "
-                                f"{first_line(exc)}") from None
+    if not _large(proto):
+        with atomic_output(path, force=force) as tmp:
+            onnx.save_model(proto, tmp)
+        return
+    from onnx.external_data_helper import load_external_data_for_model
+
+    target = Path(path)
+    data = target.with_name(target.name + ".data")
+    refuse_overwrite(data, force=force)
+    with atomic_output(path, force=force) as tmp, tempfile.TemporaryDirectory(
+            dir=target.parent if str(target.parent) else ".", prefix=f".{target.stem}.") as stage:
+        staged = Path(stage) / target.name
+        onnx.save_model(proto, staged, save_as_external_data=True, location=data.name)
+        load_external_data_for_model(proto, stage)  # the caller's proto, whole again
+        try:
+            onnx.checker.check_model(str(staged))
+        except Exception as exc:  # noqa: BLE001
+            raise NofcError(f"the exported ONNX model fails onnx.checker: "
+                            f"{first_line(exc)}") from None
+        os.replace(Path(stage) / data.name, data)
+        os.replace(staged, tmp)  # atomic_output renames it to PATH
 
 
 def save_model(fcn: nn.Module, path, *, input_size, force: bool = False) -> str:
