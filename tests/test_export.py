@@ -181,3 +181,14 @@ def test_onnx_over_2_gib_goes_beside_the_file_whole_or_not_at_all(tmp_path, monk
     assert not (tmp_path / "other.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "lenet.onnx", "lenet.onnx.data", "other.onnx.data"]  # no staging folder left
+
+
+def test_a_plain_fully_convolutional_module_exports_too():
+    """Not only nofc's converted graphs: any fully convolutional nn.Module."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 3, 28)).eval()
+    proto = export_onnx(net, input_size=(1, 32, 32))
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, "height", "width"]
+    assert export_program(net, input_size=(1, 32, 32)).module()(
+        torch.randn(1, 1, 40, 36)).shape == (1, 3, 9, 5)

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ._fx import NodeFailure, param_like, probe
@@ -51,7 +52,8 @@ def _example_input(fcn: nn.Module, input_size) -> torch.Tensor:
     device, dtype = param_like(fcn)
     hw = (2 * h, 2 * w)
     try:
-        probe(fcn, (2, c, *hw))
+        if isinstance(fcn, fx.GraphModule):  # any other module: the example as it is
+            probe(fcn, (2, c, *hw))
     except NodeFailure:
         try:
             geo = cached_geometry(fcn, (c, h, w))
@@ -237,7 +239,8 @@ def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_si
     sizes = [(h, w)]
     other = (2 * h, 3 * w)
     try:
-        probe(fcn, (1, c, *other))
+        if isinstance(fcn, fx.GraphModule):  # any other module: tried at 2H x 3W
+            probe(fcn, (1, c, *other))
     except NodeFailure:  # runs on window + k x stride only (its geometry is known now)
         geo = cached_geometry(fcn, (c, h, w))
         other = (geo.window[0] + geo.stride[0], geo.window[1] + 3 * geo.stride[1])
