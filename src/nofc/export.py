@@ -46,22 +46,33 @@ def _example_input(fcn: nn.Module, input_size) -> torch.Tensor:
     "same" padding, DLA) gets such a size, 2 strides larger: the exporters then write
     height and width as ``stride * k + window`` (free ``k``).
     """
-    from .windows import cached_geometry
-
     c, h, w = check_input_size(input_size)
     device, dtype = param_like(fcn)
-    hw = (2 * h, 2 * w)
-    try:
-        if isinstance(fcn, fx.GraphModule):  # any other module: the example as it is
-            probe(fcn, (2, c, *hw))
-    except NodeFailure:
-        try:
-            geo = cached_geometry(fcn, (c, h, w))
-        except NofcError:  # the exporter's own error says more
-            geo = None
-        if geo is not None and geo.lattice:
-            hw = (geo.window[0] + 2 * geo.stride[0], geo.window[1] + 2 * geo.stride[1])
+    hw = _size_that_runs(fcn, (c, h, w), (2 * h, 2 * w), strides=(2, 2)) or (2 * h, 2 * w)
     return torch.randn(2, c, *hw, device=device, dtype=dtype)
+
+
+def _size_that_runs(fcn: nn.Module, size, hw, *, strides):
+    """``hw`` where ``fcn`` runs on it (or cannot be probed: not an fx graph); for a
+    network that runs only on window + k x stride, the window plus ``strides`` strides;
+    None when neither."""
+    from .windows import cached_geometry
+
+    if not isinstance(fcn, fx.GraphModule):
+        return hw
+    try:
+        probe(fcn, (1, size[0], *hw))
+        return hw
+    except NodeFailure:
+        pass
+    try:
+        geo = cached_geometry(fcn, size)
+    except NofcError:  # the exporter's own error says more
+        return None
+    if not geo.lattice:
+        return None
+    return (geo.window[0] + strides[0] * geo.stride[0],
+            geo.window[1] + strides[1] * geo.stride[1])
 
 
 def _dynamic_shapes():
@@ -232,19 +243,11 @@ def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_si
         return
     if _large(proto):
         return
-    from .windows import cached_geometry
-
     c, h, w = check_input_size(input_size)
     device, dtype = param_like(fcn)
     sizes = [(h, w)]
-    other = (2 * h, 3 * w)
-    try:
-        if isinstance(fcn, fx.GraphModule):  # any other module: tried at 2H x 3W
-            probe(fcn, (1, c, *other))
-    except NodeFailure:  # runs on window + k x stride only (its geometry is known now)
-        geo = cached_geometry(fcn, (c, h, w))
-        other = (geo.window[0] + geo.stride[0], geo.window[1] + 3 * geo.stride[1])
-    if other != tuple(example.shape[-2:]):
+    other = _size_that_runs(fcn, (c, h, w), (2 * h, 3 * w), strides=(1, 3))
+    if other is not None and other != tuple(example.shape[-2:]):
         sizes.append(other)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # its own error lines on stderr: ours is the one line
