@@ -67,7 +67,8 @@ def test_padding_and_ceil_mode(padding, ceil_mode, exact):
     assert geo.exact is exact
     with torch.no_grad():
         for hw in [(size[1], size[2]), (size[1] + 5, size[2] + 12), (2 * size[1] + 1, 61)]:
-            assert fcn(torch.randn(1, 3, *hw)).shape[2:] == geo.output_shape(hw), hw
+            assert fcn(torch.randn(1, 3, *hw)).shape[2:] == geo.network_shape(hw), hw
+            assert geo.output_shape(hw) == _inside(hw, size, geo.stride), hw
 
 
 @pytest.mark.parametrize("name,size,stride", [
@@ -87,7 +88,8 @@ def test_torchvision_models(name, size, stride):
         assert any("global context" in r for r in geo.reasons)
     with torch.no_grad():
         for hw in [(size[1] + 37, size[2] + 70), (size[1] + 2 * stride, size[2] + 1)]:
-            assert tuple(fcn(torch.randn(1, 3, *hw)).shape[2:]) == geo.output_shape(hw)
+            assert tuple(fcn(torch.randn(1, 3, *hw)).shape[2:]) == geo.network_shape(hw)
+            assert geo.output_shape(hw) == _inside(hw, size, geo.stride)
 
 
 def test_plain_model_is_traced():
@@ -98,7 +100,13 @@ def test_plain_model_is_traced():
     assert geo.stride == (6, 6) and geo.exact is True
     assert geo.receptive_field == (19, 19)  # the pooling floors: 4 columns are never read
     for h in (23, 29, 30, 47, 100):
-        assert net(torch.randn(1, 1, h, h + 3)).shape[2:] == geo.output_shape((h, h + 3))
+        assert net(torch.randn(1, 1, h, h + 3)).shape[2:] == geo.network_shape((h, h + 3))
+        assert geo.output_shape((h, h + 3)) == _inside((h, h + 3), (1, 23, 23), geo.stride)
+
+
+def _inside(hw, size, step):
+    """The map's definition, written independently: one cell per window inside."""
+    return tuple(max((hw[a] - size[1 + a]) // step[a] + 1, 0) for a in (0, 1))
 
 
 def test_as_dict_has_the_convention():

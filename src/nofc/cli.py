@@ -203,6 +203,13 @@ def _add_heatmap(sub) -> None:
                    help="also run the classifier crop by crop and print how far the map is "
                         "from it (measured; exact only for networks without padding)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--edges", choices=["inside", "zeros", "reflect"], default="inside",
+                   help="inside (default): one cell per window wholly inside the image; "
+                        "zeros, reflect: pad the image on all sides so windows cover every "
+                        "pixel")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the check that the converted network gives the classifier's "
+                        "outputs at the input size (one forward each) before the map")
     big = p.add_argument_group("large images (tiling is automatic above 16.8 Mpix)")
     big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048, more for a network "
                      "whose receptive field reaches far past its window)")
@@ -242,7 +249,8 @@ def _cmd_heatmap(args) -> int:
                    std=args.std, labels_file=args.labels, device=args.device, force=args.force,
                    tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers,
                    verify=args.verify, skip_bad_tiles=args.skip_bad_tiles, level=args.level,
-                   mpp=args.mpp, bands=args.bands, mask=args.mask, threshold=args.threshold)
+                   mpp=args.mpp, bands=args.bands, mask=args.mask, threshold=args.threshold,
+                   edges=args.edges, check=args.check)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "

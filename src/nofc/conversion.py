@@ -42,6 +42,7 @@ from ._fx import (
 )
 from .errors import NofcError, check_input_size, first_line
 from .layers import FullConv2d
+from .tolerance import passes, tolerance_for
 
 __all__ = ["convert", "convert_with_record"]
 
@@ -217,8 +218,10 @@ def convert(
     return fcn
 
 
-def as_fcn(model: nn.Module, size) -> fx.GraphModule:
-    """``model`` itself when nofc converted it for ``size``; else its conversion."""
+def as_fcn(model: nn.Module, size, *, check: bool = True) -> fx.GraphModule:
+    """``model`` itself when nofc converted it for ``size``; else its conversion, which
+    with ``check`` must give the classifier's outputs at ``size`` (``check_conversion``)
+    before any map is computed from it."""
     if not isinstance(model, nn.Module):
         raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     have = getattr(model, "_nofc_input_size", None)
@@ -227,7 +230,55 @@ def as_fcn(model: nn.Module, size) -> fx.GraphModule:
             raise NofcError(f"the network was converted for input_size={tuple(have)}, not "
                             f"{tuple(size)}")
         return model
-    return convert(model, size)
+    fcn = convert(model, size)
+    if check:
+        check_conversion(model, fcn, size)
+    return fcn
+
+
+def check_conversion(model: nn.Module, fcn: nn.Module, input_size, *, seed: int = 0) -> float:
+    """One forward of each at the reference size, on the same random batch of 2, in
+    float32 (or float64 for a float64 model), under ``verify``'s tolerance rule; the
+    largest error relative to the largest output, or a NofcError naming it.
+
+    >>> import nofc
+    >>> m = nofc.zoo.LeNet5()
+    >>> check_conversion(m, nofc.convert(m, (1, 32, 32)), (1, 32, 32)) < 1e-5
+    True
+    """
+    size = check_input_size(input_size)
+    device, dtype = param_like(model)
+    run_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(2, *size, generator=g, dtype=run_dtype).to(device)
+    with torch.no_grad():
+        want = _eval_forward(model, x, run_dtype).reshape(2, -1)
+        got = _eval_forward(fcn, x, run_dtype)
+    got = got.reshape(2, -1) if got.numel() == want.numel() else None
+    if got is None:
+        raise NofcError(f"the converted network does not give the classifier's output at "
+                        f"{size[1]}x{size[2]}: {tuple(want.shape)} vs "
+                        f"{tuple(_eval_forward(fcn, x, run_dtype).shape)}; nothing was computed")
+    diff = (got.double() - want.double()).abs()
+    max_abs = float(diff.max()) if bool(torch.isfinite(diff).all()) else float("inf")
+    scale = float(want.double().abs().max())
+    if not passes(*tolerance_for(run_dtype), max_abs, scale):
+        raise NofcError(f"the converted network differs from the classifier at "
+                        f"{size[1]}x{size[2]} (max error {max_abs / max(scale, 1e-30):.2e} of "
+                        f"the largest output, {str(run_dtype).replace('torch.', '')}): refusing "
+                        "to compute a map from it; nofc.explain shows what was changed "
+                        "(check=False / --no-check skips this check)")
+    return max_abs / max(scale, 1e-30)
+
+
+def _eval_forward(module: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``module(x)`` in eval mode and ``dtype``; a copy where either would change it."""
+    if module.training or param_like(module)[1] != dtype:
+        module = copy.deepcopy(module).to(dtype).eval()
+    out = module(x)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
 
 
 def convert_with_record(

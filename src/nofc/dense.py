@@ -65,6 +65,23 @@ def placed(model: nn.Module, device, dtype) -> tuple[nn.Module, torch.device, to
     return model.eval(), device, dtype
 
 
+def pad_edges(x: torch.Tensor, pads, edges: str) -> torch.Tensor:
+    """``x`` padded by ``(top, bottom, left, right)`` with zeros or by reflection.
+
+    >>> pad_edges(torch.arange(3.).reshape(1, 1, 1, 3), (0, 0, 1, 1), "reflect")
+    tensor([[[[1., 0., 1., 2., 1.]]]])
+    """
+    top, bottom, left, right = pads
+    if not any(pads):
+        return x
+    if edges == "reflect" and (max(top, bottom) >= x.shape[-2] or max(left, right) >= x.shape[-1]):
+        raise NofcError(f"edges='reflect' cannot pad a {x.shape[-2]}x{x.shape[-1]} image by "
+                        f"{top},{bottom} rows and {left},{right} columns (a reflection needs "
+                        "more pixels than it adds); use edges='zeros'")
+    mode = "reflect" if edges == "reflect" else "constant"
+    return torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
+
+
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
     size = n if size is None else size
     if not isinstance(size, int) or size < 1:
@@ -80,10 +97,12 @@ def dense_predict(
     step=None,
     *,
     method: str = "auto",
+    edges: str = "inside",
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    check: bool = True,
 ) -> torch.Tensor:
     """Class scores for every window of the image, in one pass of the network.
 
@@ -104,10 +123,19 @@ def dense_predict(
             shift-and-stitch (no padding, no ceil_mode), else shift-and-stitch, saying
             why in a one-line warning, once per network and step. A network that cannot
             be dilated runs shift-and-stitch with such a warning.
+        edges: ``"inside"`` (default): one cell per window wholly inside the image,
+            ``(H - window_h) // step + 1`` rows, as crop by crop. ``"zeros"`` or
+            ``"reflect"``: the image is first padded on all four sides (evenly, the odd
+            pixel at the bottom and right) so that windows cover every pixel,
+            ``ceil((H - window_h) / step) + 1`` rows; ``geo.with_edges(hw, edges)`` gives
+            that map's windows (the first starts at ``-top``).
         batch_size: images per forward pass (default: all).
         device, dtype: where and in which precision to run (default: the network's). The
             network is copied when they differ, never modified.
         progress: show a progress bar (tqdm, on stderr) over batches and shifted passes.
+        check: when ``fcn`` is a classifier nofc converts here, check that the conversion
+            gives the classifier's outputs at ``input_size`` first (one forward each;
+            a NofcError naming the error if not). ``False`` skips it.
 
     Returns:
         ``(B, K, h, w)`` scores on ``device``; cell ``(i, j)`` belongs to the window at
@@ -122,13 +150,17 @@ def dense_predict(
     torch.Size([2, 10, 17, 9])
     >>> nofc.dense_predict(fcn, torch.randn(1, 64, 48), (1, 32, 32), 1, method="shift").shape
     torch.Size([1, 10, 33, 17])
+    >>> nofc.dense_predict(fcn, torch.randn(1, 66, 49), (1, 32, 32), edges="zeros").shape
+    torch.Size([1, 10, 10, 6])
     """
     size = check_input_size(input_size)
-    net = as_fcn(fcn, size)
+    net = as_fcn(fcn, size, check=check)
     geo = cached_geometry(net, size)
     steps = geo.check_step(step)
     x = as_batch(image, size[0])
-    geo.check_fits(x.shape[-2:])
+    edged = geo.with_edges(x.shape[-2:], edges, step=steps)
+    edged.check_fits(x.shape[-2:])
+    x = pad_edges(x, edged.padding(x.shape[-2:], step=steps), edges)
     fine = fine_pass(net, size, steps, method)
     if fine is not None:
         net = fine.net
@@ -146,7 +178,8 @@ def dense_predict(
                                      geo.output_shape(xb.shape[-2:], step=steps)))
                 bar.update()
             elif factors == (1, 1):
-                outs.append(streamed(net, geo, xb))
+                h, w = geo.output_shape(xb.shape[-2:])  # the network may give more
+                outs.append(streamed(net, geo, xb)[..., :h, :w])
                 bar.update()
             else:
                 outs.append(_shift_and_stitch(net, xb, geo, steps, factors, bar.update))
@@ -206,12 +239,12 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch
     and interleave the maps: pass (a, b) gives the cells (i*fy + a, j*fx + b)."""
     fy, fx_ = factors
     H, W = x.shape[-2:]
-    n0 = geo.output_shape((H, W))
+    n0 = geo.network_shape((H, W))
     out = None
     for a in range(fy):
         for b in range(fx_):
             dy, dx = a * steps[0], b * steps[1]
-            if min(geo.output_shape((H - dy, W - dx))) < 1:
+            if min(geo.network_shape((H - dy, W - dx))) < 1:
                 continue
             part = streamed(net, geo, x[..., dy:, dx:])  # (B, K, n_a, n_b)
             if tick is not None:
@@ -219,7 +252,7 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch
             if out is None:
                 out = part.new_zeros((*part.shape[:2], n0[0], fy, n0[1], fx_))
             out[:, :, : part.shape[2], a, : part.shape[3], b] = part
-    ny, nx = geo.output_shape((H, W), step=steps)  # the prefix every pass fills
+    ny, nx = geo.output_shape((H, W), step=steps)  # windows inside: every pass has them
     B, K = out.shape[:2]
     return out.reshape(B, K, n0[0] * fy, n0[1] * fx_)[:, :, :ny, :nx]
 

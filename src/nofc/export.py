@@ -21,6 +21,7 @@ import torch.nn as nn
 from ._fx import NodeFailure, param_like, probe
 from .errors import NofcError, check_input_size, first_line, refuse_overwrite
 from .io import atomic_output
+from .windows import cached_geometry
 
 __all__ = ["save_model", "save_onnx", "to_torchscript", "export_program", "export_onnx",
            "FORMATS"]
@@ -36,6 +37,37 @@ def _quiet():
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
+
+
+class InsideWindows(nn.Module):
+    """The converted network with its map cut to the windows wholly inside the image,
+    ``(H - window_h) // stride_h + 1`` rows (``Geometry.output_shape``): what every
+    written format computes, so that a map from a written model is nofc's map.
+
+    >>> import torch, torchvision, nofc
+    >>> fcn = nofc.convert(torchvision.models.resnet18(), input_size=(3, 64, 64))
+    >>> x = torch.randn(1, 3, 110, 64)
+    >>> fcn(x).shape[2:], InsideWindows.of(fcn, (3, 64, 64))(x).shape[2:]
+    (torch.Size([3, 1]), torch.Size([2, 1]))
+    """
+
+    def __init__(self, fcn: nn.Module, window: tuple[int, int], stride: tuple[int, int]):
+        super().__init__()
+        self.fcn = fcn
+        self.window_h, self.window_w = int(window[0]), int(window[1])
+        self.stride_h, self.stride_w = int(stride[0]), int(stride[1])
+
+    @classmethod
+    def of(cls, fcn: nn.Module, input_size) -> "InsideWindows":
+        """``fcn`` wrapped with its geometry's window and stride."""
+        geo = cached_geometry(fcn, check_input_size(input_size))
+        return cls(fcn, geo.window, geo.stride).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fcn(x)
+        h = (x.shape[2] - self.window_h) // self.stride_h + 1
+        w = (x.shape[3] - self.window_w) // self.stride_w + 1
+        return y[:, :, :h, :w]
 
 
 def _example_input(fcn: nn.Module, input_size) -> torch.Tensor:
@@ -56,8 +88,6 @@ def _size_that_runs(fcn: nn.Module, size, hw, *, strides):
     """``hw`` where ``fcn`` runs on it (or cannot be probed: not an fx graph); for a
     network that runs only on window + k x stride, the window plus ``strides`` strides;
     None when neither."""
-    from .windows import cached_geometry
-
     if not isinstance(fcn, fx.GraphModule):
         return hw
     try:
@@ -95,18 +125,23 @@ def _size_oblivious():
     return _config.patch(backed_size_oblivious=True)
 
 
-def to_torchscript(fcn: nn.Module) -> torch.jit.ScriptModule:
-    """Script the converted model; the result runs at any input size >= the window.
+def to_torchscript(fcn: nn.Module, *, input_size=None) -> torch.jit.ScriptModule:
+    """Script the converted model; the result runs at any input size >= the window and
+    gives one cell per window inside the image (``InsideWindows``; the window is the
+    ``input_size`` nofc converted for, or ``input_size`` for a module nofc did not
+    convert; without either, the network's own map).
 
     >>> import torch, torchvision, nofc
     >>> fcn = nofc.convert(torchvision.models.resnet18(), input_size=(3, 64, 64))
-    >>> to_torchscript(fcn)(torch.randn(1, 3, 96, 96)).shape
+    >>> to_torchscript(fcn)(torch.randn(1, 3, 96, 110)).shape
     torch.Size([1, 1000, 2, 2])
     """
+    size = input_size if input_size is not None else getattr(fcn, "_nofc_input_size", None)
+    module = fcn.eval() if size is None else InsideWindows.of(fcn, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.jit.script(fcn.eval())
+            return torch.jit.script(module)
         except Exception as exc:  # noqa: BLE001
             raise NofcError(f"TorchScript cannot compile the converted model: "
                             f"{first_line(exc)}") from None
@@ -127,9 +162,10 @@ def export_program(fcn: nn.Module, path=None, *, input_size, force: bool = False
     torch.Size([3, 10, 3, 2])
     """
     x = _example_input(fcn, input_size)
+    module = InsideWindows.of(fcn, input_size)
     try:
         with _quiet(), _size_oblivious():
-            ep = torch.export.export(fcn.eval(), (x,), dynamic_shapes=_dynamic_shapes())
+            ep = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes())
     except Exception as exc:  # noqa: BLE001
         raise NofcError(f"torch.export cannot export the converted model: "
                         f"{first_line(exc)}") from None
@@ -193,18 +229,19 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
     except ImportError:
         raise NofcError("ONNX export needs the onnx extra: pip install 'nofc[onnx]'") from None
     x = _example_input(fcn, input_size)
+    module = InsideWindows.of(fcn, input_size)
     kwargs = {} if opset is None else {"opset_version": int(opset)}
     names = {"input_names": ["input"], "output_names": ["logits"], "verbose": False}
     try:
         with _quiet():
-            program = torch.onnx.export(fcn.eval(), (x,), dynamo=True,
+            program = torch.onnx.export(module, (x,), dynamo=True,
                                         dynamic_shapes=_dynamic_shapes(), **names, **kwargs)
     except Exception as exc:  # noqa: BLE001
         # the exporter's own symbolic shapes can fail where torch.export's succeed (DLA's
         # stride-2 branches: "Eq(x/8 - ((x/4)//2), 0) cannot be solved"): export first
         try:
             with _quiet(), _size_oblivious():
-                ep = torch.export.export(fcn.eval(), (x,), dynamic_shapes=_dynamic_shapes())
+                ep = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes())
                 program = torch.onnx.export(ep, (x,), dynamo=True, **names, **kwargs)
         except Exception:  # noqa: BLE001 - the first failure says more
             raise NofcError(f"ONNX export of the converted model failed: "
@@ -222,15 +259,17 @@ def export_onnx(fcn: nn.Module, path=None, *, input_size, opset: int | None = No
         except Exception as exc:  # noqa: BLE001
             raise NofcError(f"the exported ONNX model fails onnx.checker: "
                             f"{first_line(exc)}") from None
-    _check_in_onnxruntime(proto, fcn, x, input_size)
+    _check_in_onnxruntime(proto, fcn, x, input_size, reference=module)
     if path is not None:
         save_onnx(proto, path, force=force)
     return proto
 
 
-def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_size) -> None:
+def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_size, *,
+                          reference: nn.Module | None = None) -> None:
     """Run the exported model in onnxruntime (where installed) at the reference size and
-    at a size other than the example's, batch 1, against the converted network.
+    at a size other than the example's, batch 1, against ``reference`` (the module that
+    was exported: the converted network ``fcn`` cut to the windows inside).
 
     onnx.checker does not see a Reshape or Gather that an exporter sized for the example
     input (timm's sequencer2d_s LSTMs: "requested shape {1,36,38,0}"); such a model is
@@ -263,7 +302,7 @@ def _check_in_onnxruntime(proto, fcn: nn.Module, example: torch.Tensor, input_si
                             f"{hw[0]}x{hw[1]} ({_ort_reason(exc)}): the exporter sized an op "
                             "for its example input; nothing was written") from None
         with torch.no_grad():
-            want = fcn(x.to(device)).cpu().numpy()
+            want = (reference or fcn)(x.to(device)).cpu().numpy()
         scale = max(float(abs(want).max()), 1e-30)
         err = float(abs(got - want).max()) / scale if got.shape == want.shape else float("inf")
         if err > 1e-4:
@@ -346,7 +385,7 @@ def save_model(fcn: nn.Module, path, *, input_size, force: bool = False) -> str:
         raise NofcError(f"unknown output format {suffix!r} for {path}: use .pt (TorchScript), "
                         ".pt2 (torch.export) or .onnx (ONNX)")
     if suffix == ".pt":
-        scripted = to_torchscript(fcn)
+        scripted = to_torchscript(fcn, input_size=input_size)
         with atomic_output(path, force=force) as tmp:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

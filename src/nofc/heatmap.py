@@ -74,8 +74,13 @@ def heatmap(
     bands=None,
     mask=None,
     threshold: float = 0.5,
+    edges: str = "inside",
+    check: bool = True,
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
+
+    The conversion is checked against the classifier at ``input_size`` before the map is
+    computed (``check=False`` skips that); ``edges`` is ``dense_predict``'s.
 
     Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, ``scheduler`` or
     ``workers`` given) go through :func:`nofc.tiled_predict`: TIFF is read lazily, the map
@@ -110,10 +115,12 @@ def heatmap(
                               std=std, device=device, progress=progress, tile=tile,
                               out=out, scheduler=scheduler, workers=workers,
                               on_error="skip" if skip_bad_tiles else "raise", read=read,
-                              mask=mask, threshold=threshold, labels_file=labels_file)
+                              mask=mask, threshold=threshold, labels_file=labels_file,
+                              edges=edges, check=check)
     else:
         computed = _whole_map(model, image_path, size, spec=spec, step=step, mean=mean,
-                              std=std, device=device, progress=progress, verify=verify)
+                              std=std, device=device, progress=progress, verify=verify,
+                              edges=edges, check=check)
     return _draw(computed, model, image_path, output, cls=cls, top=top,
                  labels_file=labels_file, scores_path=scores_path, force=force)
 
@@ -135,7 +142,7 @@ def _check_outputs(output, scores_path, *, force: bool) -> None:
 
 
 def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progress,
-               verify) -> _Map:
+               verify, edges="inside", check=True) -> _Map:
     """The image loaded whole, one dense pass."""
     from .dense import dense_predict
     from .images import load_image, normalize
@@ -143,8 +150,10 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
     raw = load_image(image_path, channels=size[0])  # (C, H, W) in [0, 1]
     mean, std = _norm(model, spec, size[0], mean, std)
     x = torch.from_numpy(normalize(raw, mean, std))
-    fcn, geo, steps = _network(model, size, step)
-    logits = dense_predict(fcn, x, size, steps, device=device, progress=progress)[0]
+    fcn, geo, steps = _network(model, size, step, check=check)
+    logits = dense_predict(fcn, x, size, steps, device=device, progress=progress,
+                           edges=edges)[0]
+    geo = geo.with_edges(raw.shape[1:], edges, step=steps)  # the windows of this map
     scores = logits.float().cpu().numpy()  # (K, h, w)
     extra = {}
     if verify:
@@ -158,7 +167,7 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
 
 def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progress, tile, out,
                scheduler, workers, on_error="raise", read=None, mask=None, threshold=0.5,
-               labels_file=None) -> _Map:
+               labels_file=None, edges="inside", check=True) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     from .placement import placement_of
@@ -168,7 +177,7 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
     src = open_source(image_path, channels=size[0], **(read or {}))
     H, W = src.hw
     mean, std = _norm(model, spec, size[0], mean, std)
-    fcn, geo, steps = _network(model, size, step)
+    fcn, geo, steps = _network(model, size, step, check=check)
     tile = default_tile(geo) if tile is None else tile
     _check_tileable(fcn, geo, tile)  # a refusal before the status line, not after it
     backend = "dask" if scheduler is not None or workers is not None else "local"
@@ -182,8 +191,10 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
                            step=None if steps == geo.stride else steps, mean=mean, std=std,
                            scheduler=scheduler, workers=workers, device=device,
                            progress=progress, on_error=on_error, mask=mask,
-                           threshold=threshold, stats=stats, metadata={"classes": names})
+                           threshold=threshold, stats=stats, metadata={"classes": names},
+                           edges=edges, check=False)
     h, w = scores.shape[1:]
+    geo = geo.with_edges((H, W), edges, step=steps)  # the windows of this map
     place = placement_of(src, geo, steps)
     extra = {"placement": place.as_dict()}
     if mask is not None:
@@ -201,12 +212,13 @@ def _norm(model, spec, channels: int, mean, std):
     return mean, std
 
 
-def _network(model, size, step):
-    """The converted network, its geometry and the map step ``(sy, sx)``."""
-    from .conversion import convert
+def _network(model, size, step, *, check=True):
+    """The converted network (checked against the classifier unless ``check`` is False),
+    its geometry and the map step ``(sy, sx)``."""
+    from .conversion import as_fcn
     from .windows import cached_geometry
 
-    fcn = convert(model, size)
+    fcn = as_fcn(model, size, check=check)
     geo = cached_geometry(fcn, size)
     return fcn, geo, geo.check_step(step)
 

@@ -213,7 +213,7 @@ def _per(stage: Stage, chunk: int, axis: int, cells: int) -> int:
 
 def _run_stage(stage: Stage, x: torch.Tensor, chunk: int) -> torch.Tensor:
     H, W = x.shape[-2:]
-    h, w = stage.geo._coarse_shape((H, W)) if stage.chunked else (0, 0)
+    h, w = stage.geo.network_shape((H, W)) if stage.chunked else (0, 0)
     per = (_per(stage, chunk, 0, h), _per(stage, chunk, 1, w)) if stage.chunked else (0, 0)
     if not stage.chunked or per == (h, w):
         return _call(stage.module, x)

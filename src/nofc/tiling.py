@@ -104,7 +104,7 @@ class _TileRunner:
         self.__dict__.update(state)
 
     def __init__(self, fcn, input_size, step, scale, mean, std, dtype, device, layout,
-                 method="auto"):
+                 method="auto", edges="inside", pads=(0, 0, 0, 0)):
         # a fine step: tiles run the dilated network (at its own stride) when there is one
         fine = fine_pass(fcn, input_size, cached_geometry(fcn, input_size).check_step(step),
                          method)
@@ -116,10 +116,32 @@ class _TileRunner:
         self.dtype = dtype
         self.device = device
         self.layout = layout
+        self.edges, self.pads = edges, tuple(pads)  # tiles are planned on the padded image
 
     def read(self, src, t: Tile) -> np.ndarray:
         y0, y1, x0, x1 = t.inp
-        return read_region(src, self.layout, slice(y0, y1), slice(x0, x1))
+        if not any(self.pads):
+            return read_region(src, self.layout, slice(y0, y1), slice(x0, x1))
+        return self._read_padded(src, (y0, y1), (x0, x1))
+
+    def _read_padded(self, src, ys, xs) -> np.ndarray:
+        """The region ``ys x xs`` of the padded image: the pixels inside read, the rest
+        zeros or the reflection ``dense_predict`` would pad the whole image with."""
+        top, _, left, _ = self.pads
+        hw = src.hw
+        inner, widths = [], []
+        for (a, b), before, n in ((ys, top, hw[0]), (xs, left, hw[1])):
+            lo, hi = min(max(a - before, 0), n), max(min(b - before, n), 0)
+            widths.append((lo - (a - before), (b - before) - hi))
+            inner.append(slice(lo, hi))
+        region = read_region(src, self.layout, *inner)  # (C, h, w)
+        if self.edges == "reflect":
+            for axis, (w0, w1) in zip((1, 2), widths):
+                if max(w0, w1) >= region.shape[axis]:  # pragma: no cover - tiles are larger
+                    raise NofcError(f"internal: a {region.shape[axis]}-pixel tile cannot be "
+                                    f"reflected by {max(w0, w1)}")
+            return np.pad(region, ((0, 0), *widths), mode="reflect")
+        return np.pad(region, ((0, 0), *widths))
 
     def __call__(self, src, t: Tile) -> np.ndarray:
         return self.compute(self.read(src, t), t)
@@ -162,6 +184,8 @@ def tiled_predict(
     progress: bool = True,
     metadata: dict | None = None,
     on_error: str = "raise",
+    edges: str = "inside",
+    check: bool = True,
     level: int | None = None,
     mpp: float | None = None,
     bands=None,
@@ -203,6 +227,11 @@ def tiled_predict(
             tile) does: ``"raise"`` stops the run with one line naming the file and the
             region; ``"skip"`` leaves its blocks NaN, warns once and lists them in the
             store's ``nofc.bad_blocks`` (a later run tries them again).
+        edges: ``"inside"`` (one cell per window inside the image) or ``"zeros"`` /
+            ``"reflect"`` (the image padded so that windows cover every pixel), as in
+            ``dense_predict``; the map's windows are ``geo.with_edges(hw, edges)``'s.
+        check: check a classifier converted here against itself first, as in
+            ``dense_predict``.
         level, mpp: a whole-slide image's level, or microns per pixel (``nofc.sources``).
         bands: a raster's 1-based bands.
         mask: ``"auto"``, a 2-D array or a mask file (``nofc.masks``): tiles without
@@ -233,29 +262,34 @@ def tiled_predict(
         raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if tile is not None and (not isinstance(tile, int) or tile < 1):
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
-    fcn = as_fcn(fcn, size)  # a classifier that is not converted yet is converted here
-    geo = cached_geometry(fcn, size)
-    tile = default_tile(geo) if tile is None else tile
-    _check_tileable(fcn, geo, tile)
+    fcn = as_fcn(fcn, size, check=check)  # a classifier not converted yet is converted here
+    net_geo = cached_geometry(fcn, size)
+    tile = default_tile(net_geo) if tile is None else tile
+    _check_tileable(fcn, net_geo, tile)
     src = open_source(image, channels=size[0], layout=layout, level=level, mpp=mpp,
                       bands=bands)
-    lay, hw = "hwc", src.hw
+    lay = "hwc"
+    steps = net_geo.check_step(step)
+    geo = net_geo.with_edges(src.hw, edges, step=steps)  # the map's windows in the image
+    geo.check_fits(src.hw)
+    pads = geo.padding(src.hw, step=steps)
+    hw = (src.hw[0] + pads[0] + pads[1], src.hw[1] + pads[2] + pads[3])  # tiles' image
     normalize(np.zeros((size[0], 1, 1), np.float32), mean, std)  # the same checks
     if scale is None:
         scale = default_scale(np.dtype(getattr(src, "dtype", np.float32)))
     device = torch.device(param_like(fcn)[0] if device is None else device)
     runner = _TileRunner(fcn.eval(), size, step, float(scale), mean, std, dtype, device, lay,
-                         method)
-    tiles, (h, w) = plan_tiles(geo, hw, tile=tile, step=step, dilated=runner.dilated)
+                         method, edges, pads)
+    tiles, (h, w) = plan_tiles(net_geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
     fg = None if mask is None else mask_cells(mask, src, geo, step, (h, w))  # before out
     sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
                      metadata={"image": src.describe(), **(metadata or {})},
-                     blocks=len(tiles), placement=placement_of(src, geo, geo.check_step(step)),
+                     blocks=len(tiles), placement=placement_of(src, geo, steps),
                      threshold=threshold, arguments=lambda: {**_arguments(
-                         fcn, size, hw, tile, step, scale, mean, std, dtype), **_reading(
-                         method, level, mpp, bands, mask)})
+                         fcn, size, src.hw, tile, step, scale, mean, std, dtype), **_reading(
+                         method, level, mpp, bands, mask, edges)})
     if fg is not None:
         sink = MaskedSink(sink, fg)
     with sink:  # a store is locked against a second writer until the run ends
@@ -332,7 +366,7 @@ def _arguments(fcn, size, hw, tile, step, scale, mean, std, dtype) -> dict:
     }
 
 
-def _reading(method, level, mpp, bands, mask) -> dict:
+def _reading(method, level, mpp, bands, mask, edges="inside") -> dict:
     """The options that change which pixels or which pass make the map, where they differ
     from the defaults (so a store written before they were recorded still resumes)."""
     if mask is not None and not isinstance(mask, (str, os.PathLike)):
@@ -340,7 +374,8 @@ def _reading(method, level, mpp, bands, mask) -> dict:
         mask = f"array {arr.shape} {hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
     given = {"method": None if method == "auto" else method, "level": level, "mpp": mpp,
              "bands": None if bands is None else [int(b) for b in np.atleast_1d(bands)],
-             "mask": None if mask is None else str(mask)}
+             "mask": None if mask is None else str(mask),
+             "edges": None if edges == "inside" else edges}
     return {key: value for key, value in given.items() if value is not None}
 
 

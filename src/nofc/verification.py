@@ -13,31 +13,10 @@ from ._fx import param_like
 from .conversion import as_fcn
 from .dense import as_batch, dense_predict, sliding_window_predict
 from .errors import NofcError, check_input_size
+from .tolerance import DEFAULT_TOL, passes, tolerance_text
 from .windows import cached_geometry
 
 __all__ = ["verify", "VerifyReport"]
-
-_DEFAULT_TOL = {torch.float64: ("abs", 1e-10), torch.float32: ("rel", 1e-4)}
-
-
-def _passes(kind: str, tol: float, max_abs: float, scale: float) -> bool:
-    """The tolerance rule: ``abs`` is ``max_abs <= tol * max(1, scale)``, ``rel`` is
-    ``max_abs <= tol * scale`` (``scale`` = max |reference|).
-
-    An absolute bound alone fails networks whose random-weight logits reach 1e12
-    (inception_v3, hrnet_w18) although they agree to the last bits of float64.
-
-    >>> _passes("abs", 1e-10, 1e-3, 2.5e12), _passes("abs", 1e-10, 1e-9, 0.5)
-    (True, False)
-    """
-    if kind == "abs":
-        return max_abs <= tol * max(1.0, scale)
-    return max_abs <= tol * scale if scale > 0 else max_abs <= tol
-
-
-def _tol_text(kind: str, tol: float) -> str:
-    return f"abs {tol:g} x max(1, max|ref|)" if kind == "abs" else f"rel {tol:g}"
-
 
 @dataclass
 class VerifyReport:
@@ -118,9 +97,9 @@ def verify(
     (4, False)
     """
     size = check_input_size(input_size)
-    if dtype not in _DEFAULT_TOL:
+    if dtype not in DEFAULT_TOL:
         raise NofcError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    kind, default = _DEFAULT_TOL[dtype]
+    kind, default = DEFAULT_TOL[dtype]
     tol = default if tolerance is None else float(tolerance)
     if image is not None:
         return _verify_image(model, fcn, size, image, dtype, device, kind, tol)
@@ -142,11 +121,11 @@ def verify(
     max_abs = float(diff.max()) if diff.numel() else 0.0
     scale = float(a.abs().max()) if a.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
-    ok = _passes(kind, tol, max_abs, scale) and bool(
+    ok = passes(kind, tol, max_abs, scale) and bool(
         torch.isfinite(b2).all() == torch.isfinite(a).all())
     note = "" if ok or dtype != torch.float64 else _lower_precision(model, x)
     return VerifyReport(max_abs, max_rel, str(dtype).replace("torch.", ""), tuple(x.shape),
-                        tuple(b.shape), _tol_text(kind, tol), ok, note=note)
+                        tuple(b.shape), tolerance_text(kind, tol), ok, note=note)
 
 
 class _LowerPrecision(TorchDispatchMode):
@@ -204,9 +183,9 @@ def _lower_precision(model: nn.Module, x: torch.Tensor) -> str:
 def _verify_image(model, fcn, size, image, dtype, device, kind, tol) -> VerifyReport:
     """verify(..., image=...): the dense map against crop-by-crop, on the given image."""
     r = _compare_with_crops(model, fcn, image, size, dtype=dtype, device=device)
-    ok = _passes(kind, tol, r["max_abs"], r["scale"]) and r["finite"]
+    ok = passes(kind, tol, r["max_abs"], r["scale"]) and r["finite"]
     return VerifyReport(r["max_abs"], r["max_rel"], str(dtype).replace("torch.", ""),
-                        r["input_shape"], r["output_shape"], _tol_text(kind, tol), ok,
+                        r["input_shape"], r["output_shape"], tolerance_text(kind, tol), ok,
                         r["cells"], r["exact"], tuple(r["reasons"]))
 
 

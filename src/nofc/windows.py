@@ -53,8 +53,11 @@ from ._fx import (
 )
 from .errors import NofcError, check_input_size, first_line
 from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size
+from .tolerance import passes, tolerance_for
 
-__all__ = ["geometry", "Geometry", "parse_step"]
+__all__ = ["geometry", "Geometry", "parse_step", "EDGES"]
+
+EDGES = ("inside", "zeros", "reflect")  # what a map does at the image's edges
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,9 @@ class Geometry:
     # branches that meet in an add, as in DLA, or that TensorFlow "same" padding kept in
     # step): every run is cropped to the largest such size (``fit``), losing no map cell
     lattice: bool = False
+    # "inside": one cell per window wholly inside the image; "zeros"/"reflect": the image
+    # padded so that windows cover every pixel (``with_edges``)
+    edges: str = "inside"
     _nodes: tuple = field(default=(), repr=False, compare=False)
     _output: str = field(default="", repr=False, compare=False)
     _shape_of: Any = field(default=None, repr=False, compare=False)  # measured geometry
@@ -191,26 +197,76 @@ class Geometry:
 
     # -- sizes and places
     def output_shape(self, image_size, *, step=None) -> tuple[int, int]:
-        """``(h, w)`` of the map for an ``(H, W)`` image (0 when the image is too small).
+        """``(h, w)`` of the map for an ``(H, W)`` image: one cell per window that lies
+        wholly inside it, ``(H - window_h) // step_y + 1`` rows (0 when the image is
+        smaller than a window), as crop by crop (``sliding_window_predict``) gives. With
+        ``edges`` "zeros" or "reflect" the image is padded on all four sides so that
+        windows cover every pixel: ``ceil((H - window_h) / step_y) + 1`` rows.
 
-        With a step finer than the stride, the map is what every shifted pass fills:
-        pass ``k`` (the image shifted by ``k`` steps) gives the cells ``k, k + f, ...``.
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> geo.output_shape((70, 61)), geo.output_shape((70, 61), step=1)
+        ((10, 8), (39, 30))
+        >>> geo.with_edges((70, 61), "zeros").output_shape((70, 61))
+        (11, 9)
         """
         hw = _hw(image_size)
         steps = self.check_step(step)
-        f = self.factors(steps)
-        if f == (1, 1):
-            return self._coarse_shape(hw)
-        h = min(self._coarse_shape((hw[0] - k * steps[0], hw[1]))[0] * f[0] + k
-                for k in range(f[0]))
-        w = min(self._coarse_shape((hw[0], hw[1] - k * steps[1]))[1] * f[1] + k
-                for k in range(f[1]))
-        return (max(h, 0), max(w, 0))
+        return tuple(self._cells(hw[a], a, steps[a]) for a in (0, 1))  # type: ignore
 
-    def _coarse_shape(self, hw: tuple[int, int]) -> tuple[int, int]:
-        """The map at the network stride, layer by layer (the nodes the walk recorded), or
-        by a shape-only run where the geometry was measured; on the image ``fit`` keeps."""
-        hw = self.fit(hw)
+    def _cells(self, n: int, axis: int, step: int) -> int:
+        inside = n - self.offset[axis] - self.window[axis]
+        if self.edges == "inside" or n < 1:
+            return max(inside // step + 1, 0)
+        return max(-(-(n - self.window[axis]) // step), 0) + 1
+
+    def padding(self, image_size, *, step=None) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` pixels that ``edges`` adds around an ``(H, W)``
+        image so that its windows, ``step`` apart, cover every pixel: split evenly, the
+        odd pixel at the bottom or right; all 0 for ``edges="inside"``.
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> geo.padding((70, 61)), replace(geo, edges="reflect").padding((70, 61))
+        ((0, 0, 0, 0), (1, 1, 1, 2))
+        """
+        hw = _hw(image_size)
+        steps = self.check_step(step)
+        if self.edges == "inside":
+            return (0, 0, 0, 0)
+        pads = []
+        for a in (0, 1):
+            total = (self._cells(hw[a], a, steps[a]) - 1) * steps[a] + self.window[a] - hw[a]
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+
+    def with_edges(self, image_size, edges: str, *, step=None) -> "Geometry":
+        """The geometry of the map of one ``(H, W)`` image with ``edges``: "inside" (this
+        geometry) or "zeros"/"reflect", padded as ``padding`` says; its ``offset`` is then
+        where the first window starts in the image (negative: in the padding), so boxes,
+        centres, extents and placements of that map need nothing else.
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> pad = geo.with_edges((70, 61), "zeros")
+        >>> pad.offset, pad.boxes((70, 61))[-1, -1].tolist()
+        ((-1, -1), [39, 31, 71, 63])
+        """
+        if edges not in EDGES:
+            raise NofcError(f"edges must be one of {', '.join(map(repr, EDGES))}, got {edges!r}")
+        if edges == "inside":
+            return replace(self, edges="inside", offset=(0, 0))
+        padded = replace(self, edges=edges, offset=(0, 0))
+        top, _, left, _ = padded.padding(image_size, step=step)
+        return replace(padded, offset=(-top, -left))
+
+    def network_shape(self, image_size) -> tuple[int, int]:
+        """The map the network itself gives at its stride on an ``(H, W)`` image (on the
+        image ``fit`` keeps): at least ``output_shape``, more where padding or
+        ``ceil_mode`` pooling gives cells for windows past the bottom or right edge,
+        which every caller crops. Layer by layer (the nodes the walk recorded), or by a
+        shape-only run where the geometry was measured."""
+        hw = self.fit(image_size)
         if self._shape_of is not None:
             return self._shape_of(hw)
         h, w = self._sizes(hw)[self._output]
@@ -238,8 +294,8 @@ class Geometry:
     def boxes(self, image_size, *, step=None) -> np.ndarray:
         """Integer array ``(h, w, 4)``: the window ``(y0, x0, y1, x1)`` of every map cell.
 
-        Boxes can reach past the image only for networks with padding or ``ceil_mode``
-        pooling whose map has cells for windows that do not fit.
+        Every box lies inside the image, except with ``edges`` "zeros"/"reflect"
+        (``with_edges``), whose boxes reach into the padding on all four sides.
         """
         y0, x0 = self._starts(image_size, step)
         out = np.empty((len(y0), len(x0), 4), dtype=np.int64)
@@ -329,6 +385,8 @@ class Geometry:
     def check_fits(self, image_size, what: str = "image") -> None:
         """Raise when an ``(H, W)`` image is smaller than one window."""
         hw, need = _hw(image_size), self.min_size()
+        if self.edges != "inside":  # padded to at least one window
+            need = (1, 1)
         if hw[0] < need[0] or hw[1] < need[1]:
             raise NofcError(f"{what} is {hw[0]}x{hw[1]}, smaller than the {need[0]}x{need[1]} "
                             f"window; pad or resize it to at least {need[0]}x{need[1]}")
@@ -340,7 +398,7 @@ class Geometry:
             "window": list(self.window), "exact": self.exact,
             "receptive_field": list(self.receptive_field), "rf_offset": list(self.rf_offset),
             "reasons": list(self.reasons), "measured": self.measured,
-            "lattice": self.lattice,
+            "lattice": self.lattice, "edges": self.edges,
             "box_convention": "cell (i, j) -> (y0, x0, y1, x1) = (oy + i*sy, ox + j*sx, "
                               "y0 + window_h, x0 + window_w), pixel rows y0..y1-1",
         }
@@ -551,8 +609,8 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     geo = replace(walk.result(size, dilated=dilated is not None), lattice=lattice)
     for hw, p in zip(sizes, probes):
         got = walk.spatial(p, walk.out_name)
-        if got != geo.output_shape(hw):
-            raise NofcError(f"internal: geometry predicts {geo.output_shape(hw)} cells for a "
+        if got != geo.network_shape(hw):
+            raise NofcError(f"internal: geometry predicts {geo.network_shape(hw)} cells for a "
                             f"{hw[0]}x{hw[1]} input, the network gives {got}")
     return geo
 
@@ -811,11 +869,9 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
         reasons.append(f"the receptive field (measured: {rf[0]}x{rf[1]} from "
                        f"{rf_offset[0]},{rf_offset[1]}) reaches outside the window")
     if not reasons:
-        from .verification import _DEFAULT_TOL, _passes  # verify's rule (it imports us)
-
         net, dtype = _runnable(gm, size)
         max_abs, scale = _crop_error(net, size, window, stride, dtype)
-        if not _passes(*_DEFAULT_TOL.get(dtype, _DEFAULT_TOL[torch.float32]), max_abs, scale):
+        if not passes(*tolerance_for(dtype), max_abs, scale):
             reasons.append(f"map cells differ from the network on their crops (measured: max "
                            f"error {max_abs / max(1.0, scale):.1e} of the largest output), "
                            f"and {why}")
