@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import nofc
+from nofc.sinks import GeoJsonOutput, output_for
 from nofc import NofcError
 from nofc.cli import main
 from nofc.images import load_image
@@ -210,7 +211,7 @@ def test_mask_array_and_file(fcn, tmp_path):
 def test_qupath_geojson_is_valid_in_slide_pixels_with_class_measurements(fcn, files,
                                                                           tmp_path):
     out = tmp_path / "cells.geojson"
-    scores = _run(fcn, files["slide"], level=1, out=str(out), threshold=0.0,
+    scores = _run(fcn, files["slide"], level=1, out=GeoJsonOutput(str(out), threshold=0.0),
                   metadata={"classes": CLASSES})
     doc = json.loads(out.read_text())
     assert doc["type"] == "FeatureCollection"
@@ -226,8 +227,13 @@ def test_qupath_geojson_is_valid_in_slide_pixels_with_class_measurements(fcn, fi
         assert set(CLASSES) <= set(props["measurements"])
         assert props["classification"]["name"] in CLASSES
     none = tmp_path / "none.geojson"
-    _run(fcn, IMG, out=str(none), threshold=1.0)
+    _run(fcn, IMG, out=output_for(none, threshold=1.0))
     assert json.loads(none.read_text())["features"] == []
+    with pytest.raises(nofc.NofcError, match=r"unknown output suffix '\.shp'.*\.zarr"):
+        _run(fcn, IMG, out=str(tmp_path / "cells.shp"))
+    with pytest.raises(nofc.NofcError, match=r"threshold does not apply to \.zarr output"):
+        output_for(tmp_path / "m.zarr", threshold=0.5)
+    assert not (tmp_path / "cells.shp").exists() and not (tmp_path / "m.zarr").exists()
 
 
 # --------------------------------------------------------------------------- regressions

@@ -235,7 +235,7 @@ def _add_heatmap(sub) -> None:
                        help="compute only the foreground: 'auto' (tissue by Otsu on "
                             "saturation for slides, the nodata/alpha mask for rasters) or a "
                             "mask image of the same aspect; background cells are NaN")
-    field.add_argument("--threshold", type=float, default=0.5,
+    field.add_argument("--threshold", type=float,
                        help="top-class probability for a cell to be a GeoJSON detection "
                             "(default 0.5)")
 
@@ -243,13 +243,17 @@ def _add_heatmap(sub) -> None:
 def _cmd_heatmap(args) -> int:
     from .heatmap import heatmap
 
+    from .sinks import output_for
+
+    out = None if args.out is None and args.threshold is None else output_for(
+        args.out, **({} if args.threshold is None else {"threshold": args.threshold}))
     model, size = _load(args)
     info = heatmap(model, args.image, size, args.output, spec=args.model, cls=args.cls,
                    top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
                    std=args.std, labels_file=args.labels, device=args.device, force=args.force,
-                   tile=args.tile, out=args.out, scheduler=args.scheduler, workers=args.workers,
+                   tile=args.tile, out=out, scheduler=args.scheduler, workers=args.workers,
                    verify=args.verify, skip_bad_tiles=args.skip_bad_tiles, level=args.level,
-                   mpp=args.mpp, bands=args.bands, mask=args.mask, threshold=args.threshold,
+                   mpp=args.mpp, bands=args.bands, mask=args.mask,
                    edges=args.edges, check=args.check)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "

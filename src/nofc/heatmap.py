@@ -73,7 +73,6 @@ def heatmap(
     mpp: float | None = None,
     bands=None,
     mask=None,
-    threshold: float = 0.5,
     edges: str = "inside",
     check: bool = True,
 ) -> dict:
@@ -97,13 +96,16 @@ def heatmap(
     cannot be read (a corrupt or truncated TIFF tile) are left NaN, with one warning.
     Slides (``level``, ``mpp``) and rasters (``bands``) are always tiled, and so is a run
     with a ``mask`` (``info["windows_computed"]`` says how many); their boxes are in
-    level-0 slide pixels. ``out`` may also be a GeoTIFF ``.tif`` or a QuPath
-    ``.geojson`` (cells whose top class reaches ``threshold``).
+    level-0 slide pixels. ``out`` may also be a GeoTIFF ``.tif``, a QuPath ``.geojson``
+    or an output object with its options (``nofc.sinks.output_for``).
     Returns a summary (classes drawn, map shape, geometry).
     """
     _check_outputs(output, scores_path, force=force)
-    if out is not None and Path(out).suffix.lower() in (".tif", ".tiff", ".geojson"):
-        refuse_overwrite(out, force=force)
+    if out is not None:
+        from .sinks import output_for
+
+        out = output_for(out)
+        out.check(force=force)
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
     size = tuple(input_size)
@@ -115,7 +117,7 @@ def heatmap(
                               std=std, device=device, progress=progress, tile=tile,
                               out=out, scheduler=scheduler, workers=workers,
                               on_error="skip" if skip_bad_tiles else "raise", read=read,
-                              mask=mask, threshold=threshold, labels_file=labels_file,
+                              mask=mask, labels_file=labels_file,
                               edges=edges, check=check)
     else:
         computed = _whole_map(model, image_path, size, spec=spec, step=step, mean=mean,
@@ -166,7 +168,7 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
 
 
 def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progress, tile, out,
-               scheduler, workers, on_error="raise", read=None, mask=None, threshold=0.5,
+               scheduler, workers, on_error="raise", read=None, mask=None,
                labels_file=None, edges="inside", check=True) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
@@ -184,14 +186,15 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
           + (f", downsample {src.downsample[0]:g}" if src.downsample != (1.0, 1.0) else "")
           + f"): tiled with tile {tile} (tiling is automatic above {TILE_ABOVE / 1e6:.1f} "
-          f"Mpix), backend {backend}" + (f", map to {out}" if out else ""), file=sys.stderr)
+          f"Mpix), backend {backend}" + (f", map to {out.path}" if out is not None else ""),
+          file=sys.stderr)
     stats: dict = {}
     names = _class_names(model, _num_outputs(fcn, size), labels_file)
     scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
                            step=None if steps == geo.stride else steps, mean=mean, std=std,
                            scheduler=scheduler, workers=workers, device=device,
                            progress=progress, on_error=on_error, mask=mask,
-                           threshold=threshold, stats=stats, metadata={"classes": names},
+                           stats=stats, metadata={"classes": names},
                            edges=edges, check=False)
     h, w = scores.shape[1:]
     geo = geo.with_edges((H, W), edges, step=steps)  # the windows of this map

@@ -35,9 +35,9 @@ from .images import (
     read_region,
     to_tensor,
 )
-from .masks import MaskedSink, mask_cells
+from .masks import mask_cells
 from .placement import placement_of
-from .sinks import open_sink
+from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
 from .windows import cached_geometry
 
@@ -190,7 +190,6 @@ def tiled_predict(
     mpp: float | None = None,
     bands=None,
     mask=None,
-    threshold: float = 0.5,
     stats: dict | None = None,
 ):
     """Dense map of an image of any size, tile by tile; equals ``dense_predict`` exactly.
@@ -207,11 +206,13 @@ def tiled_predict(
             (``None``): 2048, or three times the receptive field's reach past the window
             where that is more, so that halos cost less than the tiles they surround
             (DenseNet-121: 6144 pixels, a halo of 2039).
-        out: a zarr store path: chunks are written as they finish, a killed run started
-            again with the same arguments resumes, and a store made with other arguments
-            is refused. A ``.tif`` is a GeoTIFF with the map's georeferencing (level-0
-            pixels for slides), a ``.geojson`` QuPath detections (``nofc.geosinks``).
-            ``None`` returns a numpy array.
+        out: where the map goes (``nofc.sinks``), by suffix or as an output object with
+            its own options. A ``.zarr`` store: chunks are written as they finish, a
+            killed run started again with the same arguments resumes, and a store made
+            with other arguments is refused. A ``.tif`` is a GeoTIFF with the map's
+            georeferencing (level-0 pixels for slides), a ``.geojson`` QuPath detections
+            (``nofc.sinks.GeoJsonOutput(path, threshold=0.8)`` for another threshold
+            than 0.5). Another suffix is refused. ``None`` returns a numpy array.
         backend: ``"local"`` (this process) or ``"dask"`` (a dask graph over the tiles,
             on the local scheduler, or the cluster at ``scheduler="tcp://host:8786"``, or a
             ``distributed.LocalCluster`` of ``workers`` processes).
@@ -236,7 +237,6 @@ def tiled_predict(
         bands: a raster's 1-based bands.
         mask: ``"auto"``, a 2-D array or a mask file (``nofc.masks``): tiles without
             foreground are not computed, background cells are NaN.
-        threshold: the top-class probability a cell needs to be a GeoJSON feature.
         stats: a dict to fill with ``windows`` (map cells), ``computed`` (cells of the
             tiles computed in this run), ``tiles`` and ``tiles_computed``.
 
@@ -262,6 +262,7 @@ def tiled_predict(
         raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if tile is not None and (not isinstance(tile, int) or tile < 1):
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
+    output = output_for(out)  # an unknown suffix is refused before any work
     fcn = as_fcn(fcn, size, check=check)  # a classifier not converted yet is converted here
     net_geo = cached_geometry(fcn, size)
     tile = default_tile(net_geo) if tile is None else tile
@@ -284,12 +285,13 @@ def tiled_predict(
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
     fg = None if mask is None else mask_cells(mask, src, geo, step, (h, w))  # before out
-    sink = open_sink(out, (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
-                     metadata={"image": src.describe(), **(metadata or {})},
-                     blocks=len(tiles), placement=placement_of(src, geo, steps),
-                     threshold=threshold, arguments=lambda: {**_arguments(
-                         fcn, size, src.hw, tile, step, scale, mean, std, dtype), **_reading(
-                         method, level, mpp, bands, mask, edges)})
+    sink = output.open(MapFacts(
+        (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
+        placement=placement_of(src, geo, steps), blocks=len(tiles),
+        metadata={"image": src.describe(), **(metadata or {})},
+        arguments=lambda: {**_arguments(fcn, size, src.hw, tile, step, scale, mean, std,
+                                        dtype), **_reading(method, level, mpp, bands, mask,
+                                                           edges)}))
     if fg is not None:
         sink = MaskedSink(sink, fg)
     with sink:  # a store is locked against a second writer until the run ends

@@ -1,19 +1,4 @@
-"""Where the blocks of a tiled map go: memory or a zarr store.
-
-A sink is the model of MONAI's ``Merger``: tiling hands it each finished block with
-``aggregate`` (or, for a block whose image region cannot be read, ``skip``) and asks for
-the result with ``finalize``; it never asks what kind of sink it writes to. ``done``
-holds the blocks a sink already has (a store written by a killed run), so that a run
-started again computes only the others. A sink is a context manager: a store is locked
-against a second writer while it is open.
-
->>> import numpy as np
->>> from types import SimpleNamespace as Block
->>> with open_sink(None, (2, 3, 4), np.float32) as sink:
-...     sink.aggregate(Block(index=(0, 1), out=(0, 3, 2, 4)), np.ones((2, 3, 2), np.float32))
->>> sink.finalize()[0, 0].tolist(), sink.done, sink.nan_cells
-([0.0, 0.0, 1.0, 1.0], {(0, 1)}, 0)
-"""
+"""The map in a zarr store, a chunk per block, written as blocks finish; resumable."""
 
 from __future__ import annotations
 
@@ -23,13 +8,16 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-from .errors import NofcError, first_line
+from ..errors import NofcError, first_line
+from .base import MapFacts, Output, Sink
 
-__all__ = ["Sink", "MemorySink", "ZarrSink", "open_sink"]
+__all__ = ["ZarrSink", "ZarrOutput"]
 
 _DONE_DIR = ".nofc_done"  # one empty file per finished chunk, written after the chunk
 _LOCK = ".nofc_lock"  # {"pid", "host", "started"} of the run writing the store
@@ -37,82 +25,24 @@ _OWN = {_DONE_DIR, _LOCK}  # what a store folder holds before its array is made
 _HELD: dict[str, int] = {}  # locks this process holds, and how many of its sinks share each
 
 
-class Sink:
-    """Receives the blocks of a ``(K, h, w)`` map.
 
-    A block comes with its tile: ``tile.index`` ``(by, bx)`` names it, ``tile.out``
-    ``(a, b, c, d)`` are its map rows ``a..b-1`` and columns ``c..d-1``.
+@dataclass(frozen=True)
+class ZarrOutput(Output):
+    """A zarr store (``.zarr``): resumable, so an existing one is reopened, not refused."""
 
-    Attributes:
-        done: indices of the blocks the sink holds (from an earlier run, or aggregated).
-        nan_cells: map cells written NaN so far (cells that saw NaN or Inf pixels).
-        bad: ``{index: why}`` for the blocks left NaN because their region was unreadable.
-        blocks: how many blocks the whole map has (for messages), when known.
-    """
+    path: str | os.PathLike
 
-    def __init__(self, blocks: int | None = None) -> None:
-        self.done: set[tuple[int, int]] = set()
-        self.nan_cells = 0
-        self.bad: dict[tuple[int, int], str] = {}
-        self.blocks = blocks
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def aggregate(self, tile, block: np.ndarray) -> None:
-        """Take the finished ``(K, b - a, d - c)`` block of ``tile``."""
-        self._write(tile, block)
-        self.nan_cells += int(np.isnan(block).any(0).sum())
-        self.done.add(tile.index)
-        if self.bad.pop(tile.index, None) is not None:
-            self._bad_changed()
-
-    def skip(self, tile, why: str) -> None:
-        """Leave the block of ``tile`` NaN (its image region is unreadable) and record
-        ``why``; it is not ``done``, so a later run tries it again."""
-        a, b, c, d = tile.out
-        self._cells(tile, np.full((self.shape[0], b - a, d - c), np.nan, self.dtype))
-        self.bad[tile.index] = why
-        self._bad_changed()
-
-    def resume_note(self) -> str:
-        """What a run that stops now leaves behind, for the message that stops it."""
-        return "nothing was kept (out= a zarr store keeps finished blocks for a rerun)"
-
-    def _write(self, tile, block: np.ndarray) -> None:
-        self._cells(tile, block)
-
-    def _cells(self, tile, block: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _bad_changed(self) -> None:
-        """Persist ``bad`` (stores keep it in their attributes)."""
-
-    def close(self) -> None:
-        """Let go of the output (a store's lock); the map stays readable."""
-
-    def finalize(self):
-        """The map, once every block is in."""
-        raise NotImplementedError
+    def open(self, facts: MapFacts) -> "ZarrSink":
+        return ZarrSink(self.path, facts.shape, facts.dtype, chunks=facts.chunks, geo=facts.geo,
+                        arguments=facts.arguments() if facts.arguments is not None else {},
+                        metadata=facts.metadata, blocks=facts.blocks)
 
 
-class MemorySink(Sink):
-    """The map as a numpy array, for images whose map fits in memory."""
-
-    def __init__(self, shape: tuple[int, int, int], dtype, blocks: int | None = None):
-        super().__init__(blocks)
-        self.array = np.zeros(shape, dtype=dtype)
-        self.shape, self.dtype = self.array.shape, self.array.dtype
-
-    def _cells(self, tile, block):
-        a, b, c, d = tile.out
-        self.array[:, a:b, c:d] = block
-
-    def finalize(self) -> np.ndarray:
-        return self.array
+def _version() -> str:
+    try:
+        return version("nofc")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
 
 
 class ZarrSink(Sink):
@@ -167,8 +97,6 @@ class ZarrSink(Sink):
             raise NofcError(f"cannot write {out}: {exc.strerror or first_line(exc)}") from None
 
     def _create(self, zarr, chunks, fingerprint: str, arguments: dict, geo, metadata):
-        from . import __version__
-
         if any((self.path / _DONE_DIR).glob("*")):
             raise NofcError(f"{self.name} has finished-block markers but no array; remove it")
         try:
@@ -179,7 +107,7 @@ class ZarrSink(Sink):
                 "fingerprint": fingerprint,
                 "arguments": arguments,
                 "geometry": geo.as_dict() if geo is not None else None,
-                "nofc_version": __version__,
+                "nofc_version": _version(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **({"metadata": metadata} if metadata else {}),
             }
@@ -352,36 +280,6 @@ def _describe(holder) -> str:
         return "a lock file nofc cannot read"
     return (f"pid {holder.get('pid')} on host {holder.get('host')} since "
             f"{holder.get('started')}")
-
-
-def open_sink(out, shape: tuple[int, int, int], dtype, *, chunks=None, geo=None,
-              arguments=None, metadata: dict | None = None, blocks: int | None = None,
-              placement=None, threshold: float = 0.5) -> Sink:
-    """The sink for ``out``: ``None`` keeps the map in memory, a ``.tif`` is a GeoTIFF and
-    a ``.geojson`` QuPath detections (``nofc.geosinks``), any other path a zarr store.
-
-    Args:
-        shape: ``(K, h, w)`` of the map; ``dtype`` its numpy dtype.
-        chunks: ``(rows, cols)`` of map cells per block (the store's chunks).
-        geo: the network's ``Geometry``, recorded with the map.
-        arguments: called (only by sinks that record them: hashing a model takes time)
-            for the dict of everything the map depends on; a store made for another is
-            refused.
-        metadata: anything the caller wants kept with the map (class names, say).
-        blocks: how many blocks the map has, for messages (``holds 5 of 12 blocks``).
-        placement: where the map's cells lie (``nofc.placement``), for GeoTIFF/GeoJSON.
-        threshold: the probability a cell's top class needs to be a GeoJSON feature.
-    """
-    if out is None:
-        return MemorySink(shape, dtype, blocks)
-    if Path(out).suffix.lower() in (".tif", ".tiff", ".geojson"):
-        from .geosinks import open_geo_sink
-
-        return open_geo_sink(out, shape, dtype, placement=placement, metadata=metadata,
-                             blocks=blocks, threshold=threshold)
-    return ZarrSink(out, shape, dtype, chunks=chunks, geo=geo,
-                    arguments=arguments() if arguments is not None else {},
-                    metadata=metadata, blocks=blocks)
 
 
 def _fingerprint(parts: dict) -> str:
