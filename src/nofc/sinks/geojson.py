@@ -126,13 +126,3 @@ def _crs_member(wkt: str | None) -> dict | None:
     if not codes:
         return None
     return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes[-1]}"}}
-
-
-def _crs_member(wkt: str | None) -> dict | None:
-    """The (2008) GeoJSON ``crs`` member QGIS reads, for a CRS with an EPSG code."""
-    if not wkt:
-        return None
-    codes = re.findall(r'AUTHORITY\["EPSG","(\d+)"\]', wkt)
-    if not codes:
-        return None
-    return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{codes[-1]}"}}
