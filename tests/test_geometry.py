@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import nofc
@@ -124,8 +125,9 @@ def test_errors():
         nofc.geometry(glob, (3, 64, 64))
     up = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2), nn.Conv2d(2, 2, 4),
                        nn.AdaptiveAvgPool2d(1))
-    with pytest.raises(NofcError, match=r"'1' \(Upsample\) changes the map in a way nofc "
-                                        r"cannot read .*stays 1x1 at any input size"):
+    with pytest.raises(NofcError, match=r"'1' \(Upsample\) upsamples a map of stride 1x1 by "
+                                        r"2x2: its cells would not be whole pixels apart.*"
+                                        "stays 1x1 at any input size"):
         nofc.geometry(up, (1, 8, 8))
     pooled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1))
     with pytest.raises(NofcError, match=r"'1' \(AdaptiveAvgPool2d\) pools over the whole map"):
@@ -239,8 +241,9 @@ def test_measured_map_that_follows_no_stride_is_refused():
     net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Upsample(scale_factor=2),
                         nn.Conv2d(2, 2, 8))  # 9 -> 4 -> 8 -> 1: grows by 2 every 2 pixels
     size = (1, 9, 9)
-    with pytest.raises(NofcError, match=r"\(Upsample\) changes the map .* does not grow by "
-                                        "one cell per fixed number of pixels"):
+    with pytest.raises(NofcError, match=r"'1' \(Upsample\) upsamples a coarser map, and the "
+                                        r"output's cells come in groups of 2x2 .* does not "
+                                        "grow by one cell per fixed number of pixels"):
         nofc.geometry(net, size)
 
 
@@ -270,3 +273,133 @@ def test_network_that_runs_in_coarser_steps_than_its_stride_is_refused_in_one_li
     msg = str(info.value)
     assert "\n" not in msg and "fails (an assert without a message)" in msg, msg
     assert "needs image sizes in coarser steps than" in msg, msg
+
+
+# --------------------------------------------------------------------------- upsampling
+# An upsampling by a power of two is read layer by layer: cells stride / f apart, each
+# coarse cell repeated (nearest) or interpolated with its neighbour (bilinear), a lattice
+# of one stride again once a stride as coarse as the coarse map's follows.
+
+
+class TwoBranches(nn.Module):
+    """HRNet in miniature: a stride-2 branch upsampled x2 and added to the stride-1 one,
+    then a head down to one cell per 32x32 window (stride 8). ``how``: the upsampling as
+    ``nn.Upsample``, as ``F.interpolate`` by a factor, or to a size computed from the map
+    (which the walk cannot read: the geometry is measured, with gradients)."""
+
+    def __init__(self, mode="nearest", padded=False, how="module"):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 2, stride=2)
+        self.high = nn.Conv2d(4, 4, 3, padding=1) if padded else nn.Conv2d(4, 4, 1)
+        self.low = (nn.Conv2d(4, 4, 3, stride=2, padding=1) if padded
+                    else nn.Conv2d(4, 4, 2, stride=2))
+        self.up = nn.Upsample(scale_factor=2, mode=mode)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 6, 4, stride=4), nn.ReLU(),
+                                  nn.Conv2d(6, 5, 4))
+        self.mode, self.how = mode, how
+
+    def forward(self, x):
+        x = self.stem(x)  # (B, 4, H/2, W/2)
+        low = self.low(x)  # (B, 4, H/4, W/4)
+        if self.how == "module":
+            up = self.up(low)
+        elif self.how == "function":
+            up = F.interpolate(low, scale_factor=2, mode=self.mode)
+        else:
+            up = F.interpolate(low, size=(2 * low.shape[2], 2 * low.shape[3]), mode=self.mode)
+        return self.head(self.high(x) + up)
+
+
+def _two_branches(mode="nearest", padded=False, how="module"):
+    torch.manual_seed(0)
+    return TwoBranches(mode, padded, how).double().eval()
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_upsampling_is_read_and_matches_the_measured_geometry(mode, padded):
+    size = (1, 32, 32)
+    geo = nofc.geometry(_two_branches(mode, padded), size)
+    by_function = nofc.geometry(_two_branches(mode, padded, "function"), size)
+    measured = nofc.geometry(_two_branches(mode, padded, "size"), size)
+    assert not geo.measured and not by_function.measured
+    assert len(geo.reasons) == len(by_function.reasons)  # the labels differ: 'up', 'interpolate'
+    assert geo == nofc.Geometry(**{**vars(by_function), "reasons": geo.reasons})
+    assert "resizes the map to a given size" in measured.measured
+    # the field the walk derives is the one the gradients show, phase by phase unioned
+    assert (geo.stride, geo.receptive_field, geo.rf_offset, geo.lattice) == (
+        measured.stride, measured.receptive_field, measured.rf_offset, measured.lattice)
+    exact = mode == "nearest" and not padded  # bilinear repeats the border cells
+    assert geo.exact == measured.exact == exact
+    assert any("'up' (Upsample) interpolates bilinearly" in r for r in geo.reasons) == (
+        mode == "bilinear")
+    net = _two_branches(mode, padded)
+    for hw in ((32, 32), (40, 72), (64, 96), (57, 43)):
+        with torch.no_grad():
+            probed = tuple(net(torch.zeros(1, 1, *geo.fit(hw), dtype=torch.float64)).shape[2:])
+        assert geo.output_shape(hw) == measured.output_shape(hw) == probed, hw
+
+
+def test_upsampled_branch_fields():
+    """The numbers: nearest adds no pixel, bilinear a coarse cell (4 pixels) each side."""
+    nearest = nofc.geometry(_two_branches("nearest"), (1, 32, 32))
+    bilinear = nofc.geometry(_two_branches("bilinear"), (1, 32, 32))
+    assert (nearest.stride, nearest.receptive_field, nearest.rf_offset, nearest.exact) == (
+        (8, 8), (32, 32), (0, 0), True)
+    assert (bilinear.receptive_field, bilinear.rf_offset) == ((40, 40), (-4, -4))
+
+
+@pytest.mark.parametrize("mode, padded", [("nearest", False), ("bilinear", True)])
+def test_upsampled_branch_tiles_equal_dense_and_cells_equal_crops(mode, padded):
+    size = (1, 32, 32)
+    net = _two_branches(mode, padded)
+    img = torch.randn(1, 32 + 8 * 21, 32 + 8 * 14, dtype=torch.float64)
+    tiled = nofc.tiled_predict(net, img.numpy(), size, tile=40, progress=False,
+                               dtype=torch.float64)
+    dense = nofc.dense_predict(net, img, size)[0].numpy()
+    assert tiled.shape == dense.shape == (5, 22, 15)
+    np.testing.assert_allclose(tiled, dense, rtol=0, atol=1e-10)
+    report = nofc.verify(net, net, size, image=img)
+    assert report.exact == (mode == "nearest") and (report.ok or not report.exact), report
+    with pytest.raises(NofcError, match=r"'up' \(Upsample\) is a window nofc cannot dilate"):
+        nofc.dilate(net, size, 4)
+
+
+@pytest.mark.parametrize("up, why", [
+    (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+     "upsamples with align_corners=True: where its cells sample the map depends on the "
+     "map's size"),
+    (nn.Upsample(scale_factor=2, mode="bicubic"), "upsamples with mode 'bicubic'"),
+    (nn.Upsample(size=(8, 8)), "resizes the map to a given size"),
+])
+def test_upsampling_nofc_cannot_read_is_measured_or_refused_with_the_reason(up, why):
+    net = nn.Sequential(nn.Conv2d(1, 2, 4, stride=4), up, nn.Conv2d(2, 3, 2, stride=2))
+    try:
+        geo = nofc.geometry(net, (1, 4, 4))
+    except NofcError as exc:  # a fixed size: the map stays 4x4
+        assert why in str(exc)
+    else:
+        assert why in geo.measured
+
+
+@pytest.mark.slow
+def test_hrnet_is_read_layer_by_layer_and_tiles():
+    """timm's HRNet adds upsampled low-resolution branches (nearest, x2 to x8) to
+    high-resolution ones: geometry reads them (the field is the one gradients measure at
+    1056x1056), no global context, and tiles equal the whole-image map."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", pretrained=False).eval()
+    size = model.pretrained_cfg["input_size"]
+    fcn = nofc.convert(model, size).double()
+    geo = nofc.geometry(fcn, size)
+    assert not geo.measured and not any("global context" in r for r in geo.reasons)
+    assert (geo.stride, geo.receptive_field, geo.rf_offset) == ((32, 32), (775, 775),
+                                                                (-291, -291))
+    # wider than the field: the tiles' inputs are cut on the left and on the right
+    img = np.random.default_rng(0).standard_normal((3, 224 + 32 * 2, 224 + 32 * 24))
+    tiled = nofc.tiled_predict(fcn, img, size, tile=160, dtype=torch.float64,
+                               progress=False)
+    dense = nofc.dense_predict(fcn, torch.from_numpy(img), size)[0].numpy()
+    assert tiled.shape == dense.shape == (1000, 3, 25)
+    np.testing.assert_allclose(tiled, dense, rtol=0, atol=1e-10 * max(1, np.abs(dense).max()))

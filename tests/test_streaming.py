@@ -75,3 +75,20 @@ def test_global_context_is_not_streamed():
     fcn = nofc.convert(model, (3, 224, 224))
     assert stages(fcn, nofc.geometry(fcn, (3, 224, 224)), 3) is None
 
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_a_stage_an_upsampling_leaves_in_groups_of_cells_runs_whole(mode):
+    """Up to where a stride as coarse as the low branch's brings the lattice back, the
+    upsampled branch's cells repeat in pairs: a chunk starting on an odd cell would cut
+    the low branch on another grid, so that stage runs whole; the next is chunked."""
+    from test_geometry import _two_branches
+
+    fcn = nofc.convert(_two_branches(mode), (1, 32, 32))
+    parts = stages(fcn, nofc.geometry(fcn, (1, 32, 32)), 1)
+    assert [(p.scale, p.chunked) for p in parts] == [((2, 2), False), ((8, 8), True)]
+    x = torch.randn(1, 1, 32 + 8 * 30, 32 + 8 * 21, dtype=torch.float64)
+    with torch.no_grad():
+        want = fcn(x)
+        for chunk in (16, 26, 48):
+            _close(streaming._run(parts, x, chunk=chunk), want, 1e-10)

@@ -138,7 +138,7 @@ def probe(gm: fx.GraphModule, shape: tuple[int, ...], dtype=None, *,
     if key in cache:
         return cache[key]
     rec = ShapeRecorder(gm)
-    with fake_mode():
+    with fake_mode(), torch.no_grad():  # shapes only: no autograd graph, even of fakes
         try:
             rec.run(torch.empty(shape, dtype=dtype or own, device=device))
         except NodeFailure:

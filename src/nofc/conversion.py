@@ -293,6 +293,13 @@ def convert_with_record(
     (['view', 'f6', 'output'], (2, 10, 1, 1))
     """
     options = _options(model, input_size, pooling, fc_stride, flatten_order)
+    # the copy is made outside inference mode, whatever the caller's: tensors made in it
+    # could never take part in autograd (fine-tuning, measuring a field by gradients)
+    with torch.inference_mode(False):
+        return _converted(model, options)
+
+
+def _converted(model: nn.Module, options: Options) -> tuple[fx.GraphModule, ConversionRecord]:
     gm = trace(copy.deepcopy(model).eval(), options.input_size)
     ref = (_BATCH, *options.input_size)
     before = _probe_or_explain(gm, ref, options.input_size, model_name=type(model).__name__)

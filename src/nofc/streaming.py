@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ._fx import param_like, probe, trace
 from .errors import NofcError
-from .windows import Geometry, _Axis, _output_node
+from .windows import Geometry, _output_node, node_axes
 
 __all__ = ["stages", "streamed", "STREAM_PIXELS", "CHUNK"]
 
@@ -80,7 +80,7 @@ def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     out = _output_node(gm)
     if not isinstance(out, fx.Node) or out.name != geo._output:
         return None
-    absolute = _axes(geo._nodes, None)
+    absolute = node_axes(geo._nodes)
     nodes = list(gm.graph.nodes)
     shapes = probe(gm, (1, channels, *geo.window)).shapes
     sizes = geo._sizes(geo.window)
@@ -124,24 +124,6 @@ def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     return result if len(result) > 1 else None
 
 
-def _axes(nodes, start: str | None) -> dict[str, _Axis]:
-    """Every map node's field relative to ``start`` (None: the image), from the walk's
-    record; nodes that do not descend from ``start`` are left out."""
-    ax: dict[str, _Axis] = {}
-    for name, kind, srcs, layer in nodes:
-        if (start is None and kind == "input") or name == start:
-            ax[name] = _Axis()
-        elif kind == "input" or not srcs or any(s not in ax for s in srcs):
-            continue
-        elif kind == "layer":
-            ax[name] = ax[srcs[0]].then(layer)
-        else:  # "same" or "merge": the union of the inputs' fields (the walk's rule)
-            geo = [ax[s] for s in srcs]
-            if len({g.jump for g in geo}) == 1:
-                ax[name] = _Axis.union(geo)
-    return ax
-
-
 def _stage(gm, u: fx.Node, v: fx.Node, inner: list, walk_nodes, scale) -> Stage:
     """The sub-graph from map ``u`` to map ``v`` as a module, and its geometry."""
     graph = fx.Graph()
@@ -158,12 +140,16 @@ def _stage(gm, u: fx.Node, v: fx.Node, inner: list, walk_nodes, scale) -> Stage:
     module = fx.GraphModule(gm, graph)
     names = {n.name for n in inner}
     own = [e for e in walk_nodes if e[0] in names]
-    ax = _axes([(u.name, "input", (), None), *own], u.name)
+    ax = node_axes([(u.name, "input", (), None), *own], u.name)
     # chunked only when every node of the stage is a map the walk recorded (or a
-    # parameter): a node that reads the map's size would see the chunk's
-    chunked = v.name in ax and all(n.op == "get_attr" or n.name in ax for n in inner)
-    final = ax.get(v.name, _Axis())
-    geo = Geometry(final.jump, (0, 0), (1, 1), True, final.size, final.start,
+    # parameter): a node that reads the map's size would see the chunk's; and when its
+    # output is a lattice of its input's cells (not one that an upsampling left in groups)
+    final = ax.get(v.name)
+    chunked = (final is not None and final.period == final.jump
+               and all(n.op == "get_attr" or n.name in ax for n in inner))
+    jump, field, start = ((1, 1), (1, 1), (0, 0)) if final is None else (
+        final.jump, final.size, final.start)
+    geo = Geometry(jump, (0, 0), (1, 1), True, field, start,
                    _nodes=((u.name, "input", (), None), *own), _output=v.name)
     return Stage(module, geo, v.name, scale, chunked)
 

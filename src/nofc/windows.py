@@ -17,8 +17,11 @@ cell (0, 0) (``rf_offset`` is negative when padding reaches outside the image); 
 larger than the window (VGG16: 404 > 224, padding) or smaller (pooling that floors).
 
 Everything is derived from the layers (kernel, stride, padding, dilation, ceil_mode of
-every convolution and pooling, walking the torch.fx graph; branches must agree on the
-stride) and checked against shape probes on fake tensors at several input sizes.
+every convolution and pooling, the factor and mode of every upsampling, walking the
+torch.fx graph; branches must agree on the stride) and checked against shape probes on
+fake tensors at several input sizes. An upsampling by ``f`` puts cells ``stride / f``
+apart that repeat each coarse cell ``f`` times; the map is a lattice of one stride again
+once a stride as coarse as the coarse map's follows (HRNet's fused branches).
 
 Steps. A map computed with a step finer than the stride (shift-and-stitch) keeps the same
 windows, ``step`` pixels apart. ``Geometry`` is the one place that knows what a step does:
@@ -29,6 +32,7 @@ take ``step=`` (default: the stride).
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -86,28 +90,118 @@ class _Layer:
 
 
 @dataclass(frozen=True)
+class _Upsample:
+    """An upsampling by whole factors: every cell becomes ``factor`` cells, copies of it
+    (``nearest``) or interpolated between it and its neighbour (``linear``: bilinear with
+    ``align_corners=False``)."""
+
+    factor: tuple[int, int]
+    linear: bool
+
+    def out_size(self, n: int, axis: int) -> int:
+        return n * self.factor[axis]
+
+
+_Fields = tuple[tuple[int, int], ...]  # per phase, a field [lo, hi) along one axis
+
+
+@dataclass(frozen=True)
 class _Axis:
-    """Geometry of a node's map along y and x: cell spacing, first cell's field."""
+    """Geometry of a node's map along y and x: cell spacing and the cells' fields.
+
+    Cell ``i``'s receptive field is ``fields[a][i % phases]`` moved by ``i * jump``: one
+    phase where the map is a lattice (every cell the same computation a jump further);
+    more after an upsampling, whose ``f`` cells per coarse cell each see it from another
+    place, until a stride as coarse as the coarse map's brings the lattice back.
+    ``period`` is the jump times the phases: the shift of the image that shifts the map
+    by whole repeats of its pattern.
+
+    >>> coarse = _Axis().then(_Layer((4, 4), (4, 4), (0, 0), (0, 0)))  # 4x4, stride 4
+    >>> up = coarse.upsampled(_Upsample((2, 2), linear=False))
+    >>> up.jump, up.period, up.fields[0]  # cells 2 pixels apart, in pairs of copies
+    ((2, 2), (4, 4), ((0, 4), (-2, 2)))
+    >>> back = up.then(_Layer((2, 2), (2, 2), (0, 0), (0, 0)))  # a lattice again
+    >>> back.jump, back.period, back.start, back.size
+    ((4, 4), (4, 4), (0, 0), (4, 4))
+    """
 
     jump: tuple[int, int] = (1, 1)
-    start: tuple[int, int] = (0, 0)  # top-left of cell (0, 0)'s receptive field
-    size: tuple[int, int] = (1, 1)  # receptive field size
+    fields: tuple[_Fields, _Fields] = (((0, 1),), ((0, 1),))
+
+    @property
+    def start(self) -> tuple[int, int]:
+        """Top-left of the field of cell (0, 0), the earliest of its phases."""
+        return tuple(min(lo for lo, _ in f) for f in self.fields)  # type: ignore[return-value]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Size of the field, from ``start`` to the last pixel any phase sees."""
+        return tuple(max(hi for _, hi in f) - s
+                     for f, s in zip(self.fields, self.start))  # type: ignore[return-value]
+
+    @property
+    def period(self) -> tuple[int, int]:
+        return (self.jump[0] * len(self.fields[0]), self.jump[1] * len(self.fields[1]))
 
     def then(self, layer: _Layer) -> "_Axis":
-        j, s, r = self.jump, self.start, self.size
-        k = [layer.dilation[a] * (layer.kernel[a] - 1) + 1 for a in (0, 1)]
-        return _Axis(
-            (j[0] * layer.stride[0], j[1] * layer.stride[1]),
-            (s[0] - layer.pad_lo[0] * j[0], s[1] - layer.pad_lo[1] * j[1]),
-            (r[0] + (k[0] - 1) * j[0], r[1] + (k[1] - 1) * j[1]),
-        )
+        """Through a sliding window: output cell ``i`` reads input cells ``i * stride -
+        pad + t * dilation`` for the kernel's taps ``t``."""
+        axes = [_slide(self.jump[a], self.fields[a], layer.stride[a],
+                       [-layer.pad_lo[a] + t * layer.dilation[a]
+                        for t in range(layer.kernel[a])]) for a in (0, 1)]
+        return _Axis((axes[0][0], axes[1][0]), (axes[0][1], axes[1][1]))
+
+    def upsampled(self, up: _Upsample) -> "_Axis":
+        """Through an upsampling; the jump must divide by its factor (the caller checks)."""
+        axes = [_upsample_axis(self.jump[a], self.fields[a], up.factor[a], up.linear)
+                for a in (0, 1)]
+        return _Axis((axes[0][0], axes[1][0]), (axes[0][1], axes[1][1]))
 
     @staticmethod
     def union(axes: list["_Axis"]) -> "_Axis":
-        """The field of a node that merges maps of one stride: the union of theirs."""
-        lo = tuple(min(g.start[a] for g in axes) for a in (0, 1))
-        hi = tuple(max(g.start[a] + g.size[a] for g in axes) for a in (0, 1))
-        return _Axis(axes[0].jump, lo, (hi[0] - lo[0], hi[1] - lo[1]))
+        """The field of a node that merges maps of one stride: the union of theirs, phase
+        by phase (over the least common multiple of their periods)."""
+        jump = axes[0].jump
+        fields = []
+        for a in (0, 1):
+            phases = math.lcm(*(len(g.fields[a]) for g in axes))
+            fields.append(tuple(
+                (min(g.fields[a][m % len(g.fields[a])][0] for g in axes),
+                 max(g.fields[a][m % len(g.fields[a])][1] for g in axes))
+                for m in range(phases)))
+        return _Axis(jump, (fields[0], fields[1]))
+
+
+def _cover(jump: int, fields: _Fields, cells, origin: int) -> tuple[int, int]:
+    """The union of the fields of input ``cells``, relative to pixel ``origin``."""
+    p = len(fields)
+    return (min(c * jump + fields[c % p][0] for c in cells) - origin,
+            max(c * jump + fields[c % p][1] for c in cells) - origin)
+
+
+def _slide(jump: int, fields: _Fields, stride: int, taps: list[int]) -> tuple[int, _Fields]:
+    """One axis through a sliding window whose cell 0 reads the input cells ``taps``."""
+    out_jump = jump * stride
+    phases = math.lcm(jump * len(fields), out_jump) // out_jump
+    return out_jump, tuple(_cover(jump, fields, [m * stride + t for t in taps], m * out_jump)
+                           for m in range(phases))
+
+
+def _upsample_axis(jump: int, fields: _Fields, f: int, linear: bool) -> tuple[int, _Fields]:
+    """One axis through an upsampling by ``f``: fine cell ``m`` is coarse cell ``m // f``
+    (nearest), or interpolates between coarse cells ``c`` and ``c + 1`` around the source
+    position ``(m + 1/2) / f - 1/2`` (bilinear, ``align_corners=False``)."""
+    out_jump = jump // f
+    out = []
+    for m in range(len(fields) * f):
+        if linear:
+            c = (2 * m + 1 - f) // (2 * f)
+            # the second cell's weight is the distance past c: zero only on a coarse cell
+            cells = [c] if (2 * m + 1 - f) % (2 * f) == 0 else [c, c + 1]
+        else:
+            cells = [m // f]
+        out.append(_cover(jump, fields, cells, m * out_jump))
+    return out_jump, tuple(out)
 
 
 def parse_step(step) -> tuple[int, int]:
@@ -278,7 +372,7 @@ class Geometry:
         for name, kind, srcs, layer in self._nodes:
             if kind == "input":
                 sizes[name] = tuple(hw)
-            elif kind == "layer":
+            elif kind in ("layer", "upsample"):
                 h, w = sizes[srcs[0]]
                 sizes[name] = (layer.out_size(h, 0), layer.out_size(w, 1))
             else:  # "same" or "merge": the size of its map inputs
@@ -404,6 +498,36 @@ class Geometry:
         }
 
 
+def node_axes(nodes, start: str | None = None) -> dict[str, _Axis]:
+    """Every map node's field relative to node ``start`` (None: the image), replaying the
+    walk's record (``Geometry._nodes``: name, kind, inputs, layer). Nodes that do not
+    descend from ``start``, or that have no field from it (an upsampling of cells fewer
+    pixels apart than its factor; a merge of maps of other strides), are left out.
+
+    >>> import nofc
+    >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+    >>> ax = node_axes(geo._nodes)[geo._output]
+    >>> ax.jump, ax.start, ax.size
+    ((4, 4), (0, 0), (32, 32))
+    """
+    ax: dict[str, _Axis] = {}
+    for name, kind, srcs, layer in nodes:
+        if (start is None and kind == "input") or name == start:
+            ax[name] = _Axis()
+        elif kind == "input" or not srcs or any(s not in ax for s in srcs):
+            continue
+        elif kind == "layer":
+            ax[name] = ax[srcs[0]].then(layer)
+        elif kind == "upsample":
+            if all(ax[srcs[0]].jump[a] % layer.factor[a] == 0 for a in (0, 1)):
+                ax[name] = ax[srcs[0]].upsampled(layer)
+        else:  # "same" or "merge": the union of the inputs' fields (the walk's rule)
+            geo = [ax[s] for s in srcs]
+            if len({g.jump for g in geo}) == 1:
+                ax[name] = _Axis.union(geo)
+    return ax
+
+
 # --------------------------------------------------------------------------- layer rules
 
 
@@ -525,6 +649,57 @@ def _function_layer(gm: fx.GraphModule, n: fx.Node) -> _Layer | None:
     return None
 
 
+def _interpolate_args(gm: fx.GraphModule, n: fx.Node) -> dict | None:
+    """The arguments of an upsampling node (``nn.Upsample``, ``F.interpolate``), None for
+    any other node."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if not isinstance(m, nn.Upsample):  # UpsamplingNearest2d and Bilinear2d too
+            return None
+        return {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
+                "align_corners": m.align_corners}
+    if n.op == "call_function" and n.target is F.interpolate:
+        return bind(F.interpolate, n) or {"size": "unknown"}
+    return None
+
+
+def _whole_power_of_two(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1
+            and float(v).is_integer() and int(v) & (int(v) - 1) == 0)
+
+
+def _upsampling(a: dict, label: str) -> _Upsample:
+    """The upsampling with arguments ``a`` (``_interpolate_args``), or ``_Unreadable`` for
+    one whose cells follow no rule nofc reads (then the geometry is measured).
+
+    Read: ``nearest`` (and ``nearest-exact``) and ``bilinear`` with
+    ``align_corners=False``, by a power of two (where PyTorch's sampling positions,
+    ``(i + 1/2) / f - 1/2``, are exact in floating point).
+
+    >>> _upsampling({"scale_factor": 4.0, "mode": "bilinear"}, "'up'")
+    _Upsample(factor=(4, 4), linear=True)
+    """
+    if a.get("size") is not None:
+        raise _Unreadable(f"{label} resizes the map to a given size, not by a fixed factor")
+    sf = a.get("scale_factor")
+    factors = tuple(sf) if isinstance(sf, (tuple, list)) else (sf, sf)
+    if len(factors) != 2 or not all(_whole_power_of_two(f) for f in factors):
+        raise _Unreadable(f"{label} scales the map by {sf}, not by a power of two (the "
+                          "factors whose sampling positions nofc reads exactly)")
+    mode = a.get("mode", "nearest")
+    if mode not in ("nearest", "nearest-exact", "bilinear"):
+        raise _Unreadable(f"{label} upsamples with mode {mode!r} (nofc reads 'nearest' and "
+                          "'bilinear')")
+    if a.get("align_corners"):
+        raise _Unreadable(f"{label} upsamples with align_corners=True: where its cells "
+                          "sample the map depends on the map's size, so they follow no "
+                          "fixed stride")
+    if a.get("antialias"):
+        raise _Unreadable(f"{label} upsamples with antialias=True (nofc reads plain "
+                          "interpolation)")
+    return _Upsample((int(factors[0]), int(factors[1])), mode == "bilinear")
+
+
 def _computed(layer: _Layer) -> bool:
     """True when a kernel, stride or padding is a value computed in the graph (a pad to
     the next multiple of a window size), not a number nofc can read."""
@@ -577,9 +752,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
         input_size: ``(C, H, W)`` the classifier was trained on.
 
     Raises:
-        NofcError: a layer whose geometry is unknown (upsampling, a reshape of the map,
-            ...), branches with different strides, or a map that does not grow with the
-            input (global pooling kept).
+        NofcError: a layer whose geometry is unknown (a reshape of the map, an upsampling
+            to a computed size, ...) where measuring it fails too, branches with different
+            strides, or a map that does not grow with the input (global pooling kept).
 
     >>> import nofc
     >>> fcn = nofc.convert(nofc.zoo.LeNet5(), input_size=(1, 32, 32))
@@ -669,6 +844,7 @@ class _Walk:
         self.layout: dict[str, tuple[int, int]] = {}  # where H and W are, when not (2, 3)
         self.nodes: list = []
         self.reasons: list[str] = []
+        self.upsamplings: list[str] = []  # their labels, for a map they leave no lattice
         self.out_name = ""
 
     def spatial(self, p, name: str, dims=None) -> tuple[int, int] | None:
@@ -699,6 +875,14 @@ class _Walk:
         src = _output_node(self.gm)
         if not isinstance(src, fx.Node) or self.axes.get(src.name) is None:
             raise NofcError("cannot derive the geometry: the network's output is not a map")
+        final = self.axes[src.name]
+        if final.period != final.jump:
+            p = (final.period[0] // final.jump[0], final.period[1] // final.jump[1])
+            ups = self.upsamplings
+            raise _Unreadable(
+                f"{' and '.join(ups[:2])} upsample{'s' if len(ups) == 1 else ''} a coarser "
+                f"map, and the output's cells come in groups of {p[0]}x{p[1]} that see the "
+                "image from different places (no single stride)")
         self.out_name = src.name
 
     def _node(self, n: fx.Node) -> None:
@@ -720,8 +904,7 @@ class _Walk:
         if layer is not None and _computed(layer):
             raise _Unreadable(f"{label} slides by amounts computed from the input size")
         if layer is not None:
-            if len(ins) != 1 or self.layout.get(ins[0].name, (2, 3)) != (2, 3):
-                raise _Unreadable(f"{label} has several map inputs or a channels-last input")
+            self._one_map(ins, label)
             self.axes[n.name] = self.axes[ins[0].name].then(layer)
             self.nodes.append((n.name, "layer", (ins[0].name,), layer))
             if layer.padded:
@@ -729,7 +912,41 @@ class _Walk:
             if layer.ceil_mode:
                 self.reasons.append(f"{label} uses ceil_mode (partial windows at the border)")
             return
+        args = _interpolate_args(self.gm, n)
+        # a resize to the map's own size (size=x.shape[2:], a factor 1) changes nothing:
+        # the rule for any op that keeps the size takes it
+        if args is not None and not (len(ins) == 1 and all(
+                self.spatial(p, n.name) == self.spatial(p, ins[0].name) for p in self.probes)):
+            self._upsample(n, ins, _upsampling(args, label), label)
+            return
         self._same_size(n, ins, label)
+
+    def _one_map(self, ins: list, label: str) -> None:
+        """A layer's input must be one map, channels first."""
+        if len(ins) != 1 or self.layout.get(ins[0].name, (2, 3)) != (2, 3):
+            raise _Unreadable(f"{label} has several map inputs or a channels-last input")
+
+    def _upsample(self, n: fx.Node, ins: list, up: _Upsample, label: str) -> None:
+        """Cells ``jump / f`` pixels apart: whole pixels, and ``f`` times the input's
+        cells at every probe size."""
+        self._one_map(ins, label)
+        axis = self.axes[ins[0].name]
+        if any(axis.jump[a] % up.factor[a] for a in (0, 1)):
+            raise _Unreadable(f"{label} upsamples a map of stride {axis.jump[0]}x"
+                              f"{axis.jump[1]} by {up.factor[0]}x{up.factor[1]}: its cells "
+                              "would not be whole pixels apart")
+        for p in self.probes:
+            hw = self.spatial(p, ins[0].name)
+            if hw is None or self.spatial(p, n.name) != (up.out_size(hw[0], 0),
+                                                         up.out_size(hw[1], 1)):
+                raise _Unreadable(f"{label} changes the map in a way nofc cannot read from "
+                                  "its arguments")
+        self.axes[n.name] = axis.upsampled(up)
+        self.nodes.append((n.name, "upsample", (ins[0].name,), up))
+        self.upsamplings.append(label)
+        if up.linear:
+            self.reasons.append(f"{label} interpolates bilinearly, repeating the border cells "
+                                "at the map's edges (as padding does)")
 
     def _global(self, n: fx.Node, label: str) -> bool:
         """Global pooling: kept on purpose (squeeze-and-excitation) or a refusal."""
@@ -796,7 +1013,8 @@ class _Walk:
 def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
               context: list[str]) -> Geometry:
     """Geometry measured by running the network, for graphs with a layer nofc cannot read
-    (a reshape into tokens and back, an upsampling branch, a weight computed in the graph).
+    (a reshape into tokens and back, an upsampling to a computed size, a weight computed in
+    the graph).
 
     * map sizes: a shape-only run at each image size asked for (``_ProbedShape``);
     * stride: from the map sizes at the window plus a large multiple of every usual
@@ -935,7 +1153,27 @@ def _first(out):
 def _dependence(net, channels: int, hw, stride):
     """((rf_offset), (rf)) of the middle cell, measured by gradients over two random
     images, how many of the image's four borders that field touches, and the bytes the
-    backward pass kept."""
+    backward pass kept.
+
+    Gradients in a context of their own, whatever the caller's (``torch.no_grad()``,
+    ``torch.inference_mode()``): the images are made in it, and a network whose tensors
+    were made in inference mode is measured on a copy (autograd cannot save them).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        if _holds_inference_tensors(net):
+            net = copy.deepcopy(net)  # a clone outside inference mode is a normal tensor
+        return _gradient_field(net, channels, hw, stride)
+
+
+def _holds_inference_tensors(net: nn.Module) -> bool:
+    """A parameter, buffer or tensor constant of ``net`` made in inference mode."""
+    return any(isinstance(t, torch.Tensor) and t.is_inference() for m in net.modules()
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False),
+                         *vars(m).values()))
+
+
+def _gradient_field(net, channels: int, hw, stride):
+    """``_dependence`` where gradients are enabled."""
     device, dtype = param_like(net)
     seen = torch.zeros(hw, dtype=torch.bool, device=device)
     cell = (0, 0)
