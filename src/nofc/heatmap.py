@@ -174,14 +174,14 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     from .placement import placement_of
     from .sources import open_source
-    from .tiling import _check_tileable, _num_outputs, default_tile, tiled_predict
+    from .tiling import check_tileable, default_tile, num_outputs, tiled_predict
 
     src = open_source(image_path, channels=size[0], **(read or {}))
     H, W = src.hw
     mean, std = _norm(model, spec, size[0], mean, std)
     fcn, geo, steps = _network(model, size, step, check=check)
     tile = default_tile(geo) if tile is None else tile
-    _check_tileable(fcn, geo, tile)  # a refusal before the status line, not after it
+    check_tileable(fcn, geo, tile)  # a refusal before the status line, not after it
     backend = "dask" if scheduler is not None or workers is not None else "local"
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
           + (f", downsample {src.downsample[0]:g}" if src.downsample != (1.0, 1.0) else "")
@@ -189,7 +189,7 @@ def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progre
           f"Mpix), backend {backend}" + (f", map to {out.path}" if out is not None else ""),
           file=sys.stderr)
     stats: dict = {}
-    names = _class_names(model, _num_outputs(fcn, size), labels_file)
+    names = _class_names(model, num_outputs(fcn, size), labels_file)
     scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
                            step=None if steps == geo.stride else steps, mean=mean, std=std,
                            scheduler=scheduler, workers=workers, device=device,

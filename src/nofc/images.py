@@ -197,7 +197,7 @@ def read_region(src, layout: str, rows: slice, cols: slice) -> np.ndarray:
     except (NofcError, OSError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise anything (zlib.error, ...)
-        raise BadRegion(f"cannot read {_source_name(src)} at {_pixels(rows, cols)}: "
+        raise BadRegion(f"cannot read {_source_name(src)} at {describe_pixels(rows, cols)}: "
                         f"{first_line(exc)}") from None
     if layout == "hw":
         return region[None]
@@ -212,10 +212,10 @@ def _source_name(src) -> str:
     return f"TIFF {path}" if path else f"the {type(src).__name__} image"
 
 
-def _pixels(rows: slice, cols: slice) -> str:
+def describe_pixels(rows: slice, cols: slice) -> str:
     """``rows 0..64, columns 32..96`` (ends exclusive), with the step when there is one.
 
-    >>> _pixels(slice(0, 64), slice(None, None, 4))
+    >>> describe_pixels(slice(0, 64), slice(None, None, 4))
     'rows 0..64, columns 0..end step 4'
     """
     def part(name, s):

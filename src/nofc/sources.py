@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NofcError, first_line
-from .images import BadRegion, TiffSource, _pixels, default_scale, image_layout
+from .images import BadRegion, TiffSource, default_scale, describe_pixels, image_layout
 
 __all__ = ["ImageSource", "open_source", "scale_of", "SLIDE_SUFFIXES"]
 
@@ -102,7 +102,7 @@ class ImageSource:
         except (NofcError, OSError, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise anything
-            raise BadRegion(f"cannot read {self.name} at {_pixels(rows, cols)}: "
+            raise BadRegion(f"cannot read {self.name} at {describe_pixels(rows, cols)}: "
                             f"{first_line(exc)}") from None
         return _match(_composite(region, self._has_alpha, self.background), self._want,
                       self.name)

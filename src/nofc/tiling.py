@@ -41,7 +41,7 @@ from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
 from .windows import cached_geometry
 
-__all__ = ["tiled_predict", "plan_tiles"]
+__all__ = ["tiled_predict", "plan_tiles", "default_tile", "check_tileable", "num_outputs"]
 
 
 # --------------------------------------------------------------------------- plan
@@ -266,7 +266,7 @@ def tiled_predict(
     fcn = as_fcn(fcn, size, check=check)  # a classifier not converted yet is converted here
     net_geo = cached_geometry(fcn, size)
     tile = default_tile(net_geo) if tile is None else tile
-    _check_tileable(fcn, net_geo, tile)
+    check_tileable(fcn, net_geo, tile)
     src = open_source(image, channels=size[0], layout=layout, level=level, mpp=mpp,
                       bands=bands)
     lay = "hwc"
@@ -286,7 +286,7 @@ def tiled_predict(
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
     fg = None if mask is None else mask_cells(mask, src, geo, step, (h, w))  # before out
     sink = output.open(MapFacts(
-        (_num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
+        (num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
         placement=placement_of(src, geo, steps), blocks=len(tiles),
         metadata={"image": src.describe(), **(metadata or {})},
         arguments=lambda: {**_arguments(fcn, size, src.hw, tile, step, scale, mean, std,
@@ -336,7 +336,7 @@ def default_tile(geo) -> int:
 _TILE = 2048  # the default tile side, for networks whose halo is small
 
 
-def _check_tileable(fcn, geo, tile: int) -> None:
+def check_tileable(fcn, geo, tile: int) -> None:
     """Refuse networks no tile can reproduce, and tiles smaller than the stride."""
     record = getattr(fcn, "_nofc_record", None)
     plan = getattr(record, "plan", None)
@@ -397,7 +397,7 @@ def _jsonable(v):
     return [float(t) for t in np.atleast_1d(np.asarray(v, dtype=np.float64))]
 
 
-def _num_outputs(fcn, size) -> int:
+def num_outputs(fcn, size) -> int:
     """The number of classes, from a shape probe at the reference size."""
     rec = probe(fcn, (1, *size))
     shape = rec.shapes.get("output")
