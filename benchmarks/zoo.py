@@ -86,12 +86,18 @@ def _child(spec: str) -> None:
         emit(stage, "ok", f"stride {sy}x{sx}{' (measured)' if geo.measured else ''}, "
              + ("exact" if geo.exact else f"not exact: {geo.reasons[0]}"))
         stage = "dense"
-        img = torch.randn(size[0], size[1] + 2 * sy, size[2] + 3 * sx)
+        # off the lattice, non-square: 7 rows and columns past the last window
+        img = torch.randn(size[0], size[1] + 2 * sy + 7, size[2] + 3 * sx + 7)
         rep = nofc.verify(model, fcn, size, image=img, dtype=torch.float32)
         dense = nofc.dense_predict(fcn, img, size)[0].numpy()  # (K, h, w)
+        # the windows inside, as crop by crop (sliding_window_predict) gives them
+        inside = ((img.shape[1] - size[1]) // sy + 1, (img.shape[2] - size[2]) // sx + 1)
         where = (f"{dense.shape[1]}x{dense.shape[2]} map, {rep.cells} cells vs crops rel "
                  f"{rep.max_rel_error:.0e}")
-        emit(stage, "WRONG" if geo.exact and not rep.ok else "ok", where)
+        if dense.shape[1:] != inside or rep.cells != inside[0] * inside[1]:
+            where += f", not the {inside[0]}x{inside[1]} windows inside the image"
+        emit(stage, "WRONG" if (geo.exact and not rep.ok) or dense.shape[1:] != inside
+             else "ok", where)
         stage = "reference"
         _reference_stage(spec, model, fcn, size, geo, low, emit)
         stage = "tiled"
@@ -103,7 +109,7 @@ def _child(spec: str) -> None:
         except nofc.NofcError as exc:
             emit(stage, "refused", str(exc))
         stage = "onnx"
-        _onnx_stage(nofc, fcn, size, img, dense, emit)
+        _onnx_stage(nofc, fcn, size, img, dense, geo, emit)
     except nofc.NofcError as exc:
         emit(stage, "refused", str(exc))
     except Exception as exc:  # noqa: BLE001 - a crash is a row too: it is a bug to fix
@@ -111,8 +117,9 @@ def _child(spec: str) -> None:
         emit(stage, "CRASH", f"{type(exc).__name__}: {lines[0] if lines else ''}")
 
 
-def _onnx_stage(nofc, fcn, size, img, dense, emit) -> None:
-    """Export, run in onnxruntime on the test image, compare with the dense map."""
+def _onnx_stage(nofc, fcn, size, img, dense, geo, emit) -> None:
+    """Export, run in onnxruntime on the test image (on the part a lattice network runs
+    on: the same windows), compare with the dense map."""
     import numpy as np
     import onnxruntime as ort
 
@@ -122,7 +129,8 @@ def _onnx_stage(nofc, fcn, size, img, dense, emit) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: img[None].numpy()})[0][0]
+        h, w = geo.fit(img.shape[1:])
+        got = sess.run(None, {sess.get_inputs()[0].name: img[None, :, :h, :w].numpy()})[0][0]
     err = float(np.abs(got - dense).max()) / max(1e-30, float(np.abs(dense).max()))
     emit("onnx", "ok" if got.shape == dense.shape and err <= 1e-4 else "DIFFERS",
          f"rel {err:.0e}")
@@ -272,11 +280,10 @@ def _reference_stage(spec, model, fcn, size, geo, low, emit) -> None:
     where = (f"{h}x{w} cells of a {image.shape[1]}x{image.shape[2]} image"
              + (f" (on the lattice: {why})" if why else "")
              + (", float32: the model computes in float32" if low else ""))
-    if got.shape[-2] < h or got.shape[-1] < w:
-        emit("reference", "WRONG", f"map {got.shape[-2]}x{got.shape[-1]}, fewer than {where}")
+    if got.shape[-2:] != (h, w):  # one cell per window inside the image
+        emit("reference", "WRONG", f"map {got.shape[-2]}x{got.shape[-1]}, not {where}")
         return
-    # the map may have more cells: windows reaching past the bottom and right edges
-    err = float((got[..., :h, :w] - ref).abs().max())
+    err = float((got - ref).abs().max())
     scale = float(ref.abs().max())
     ok = err <= 1e-4 * scale if low else err <= 1e-10 * max(1.0, scale)
     emit("reference", "ok" if ok else "WRONG",
@@ -412,9 +419,10 @@ def _write_table(rows: list[dict], families: dict, out: Path, command: str) -> N
         "thread, one process per model). Stages: `convert`; `verify` (float64 at the "
         "reference size, abs error <= 1e-10 x max(1, max|reference|)); `geometry` "
         "(stride, exactness; `(measured)` where a layer could not be read and the geometry "
-        "was measured by running the network); `dense` (`dense_predict` on a non-square image of window + "
-        "(2, 3) strides, compared with the classifier on each crop: WRONG would be a map "
-        "that disagrees where geometry says exact); `reference` (timm models: the dense "
+        "was measured by running the network); `dense` (`dense_predict` on a non-square "
+        "image of window + (2, 3) strides + 7 pixels, compared with the classifier on each "
+        "crop: WRONG would be a map that disagrees where geometry says exact, or one whose "
+        "shape is not the windows inside the image, as crop by crop gives); `reference` (timm models: the dense "
         "map in float64 on window + (2, 3) strides + 7 pixels, or + (2, 3) strides where "
         "the network keeps its window grid only there, equals timm's `forward_head` on each "
         "window's part of `forward_features` of the whole image, to 1e-10 x max(1, "
