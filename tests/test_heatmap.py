@@ -9,7 +9,8 @@ from PIL import Image
 import nofc
 from nofc import NofcError
 from nofc.cli import main
-from nofc.images import IMAGENET_MEAN, IMAGENET_STD, load_image, normalize
+from nofc.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from nofc.sources import load_image
 
 RNG = np.random.default_rng(0)
 

@@ -17,7 +17,7 @@ import nofc
 from nofc.sinks import GeoJsonOutput, output_for
 from nofc import NofcError
 from nofc.cli import main
-from nofc.images import load_image
+from nofc.sources import load_image
 from nofc.sources import open_source
 
 openslide = pytest.importorskip("openslide")

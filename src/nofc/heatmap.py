@@ -147,7 +147,8 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
                verify, edges="inside", check=True) -> _Map:
     """The image loaded whole, one dense pass."""
     from .dense import dense_predict
-    from .images import load_image, normalize
+    from .images import normalize
+    from .sources import load_image
 
     raw = load_image(image_path, channels=size[0])  # (C, H, W) in [0, 1]
     mean, std = _norm(model, spec, size[0], mean, std)

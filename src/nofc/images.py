@@ -1,49 +1,25 @@
-"""Reading images for dense prediction, and normalising them.
+"""Pixels as the network wants them: normalisation, tensors, array layouts and regions.
 
-``load_image`` returns a float32 ``(C, H, W)`` array scaled to [0, 1] from PNG, JPEG,
-TIFF, slide or raster files, through ``nofc.sources`` (the one place that decides pixel
-formats, alpha, channel matching and integer scaling; see its docstring). Palette images
-are expanded, CMYK and YCbCr converted to RGB, 1-bit images become 0 / 1.
-
-Images too large to load go through ``open_image_array`` instead: a source sliceable by
-region (TIFF, slides and rasters are read lazily), whose pixels ``read_region`` returns as
-stored, for tiling to scale and normalise per tile.
+Files and arrays come in through ``nofc.sources`` (``load_image``, ``open_source``,
+``open_image_array``); this module holds what sits below it: ``read_region`` (the pixels
+of a region as stored, or a :class:`BadRegion` naming them), the layout of an array, the
+scale of an integer dtype, ``normalize`` and ``to_tensor``.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import NofcError, first_line
 
-__all__ = ["load_image", "normalize", "open_image_array", "BadRegion", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+__all__ = ["normalize", "BadRegion", "IMAGENET_MEAN", "IMAGENET_STD", "read_region",
+           "image_layout", "to_tensor", "default_scale", "describe_pixels"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-def load_image(path, *, channels: int = 3, background=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Read an image file as float32 ``(channels, H, W)`` in [0, 1] (floats: as stored),
-    through the same source, channel, alpha and scaling rules as tiling
-    (``nofc.sources``).
-
-    >>> import numpy as np, PIL.Image, tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "a.png")
-    >>> PIL.Image.fromarray(np.zeros((5, 7), np.uint8)).save(p)
-    >>> load_image(p, channels=3).shape
-    (3, 5, 7)
-    """
-    from .sources import open_source, scale_of
-
-    src = open_source(path, channels=channels)
-    src.background = tuple(background)
-    region = src.read(slice(None), slice(None))
-    return np.ascontiguousarray(region.astype(np.float32) * np.float32(scale_of(region.dtype)))
-
-
 def normalize(image: np.ndarray, mean=None, std=None) -> np.ndarray:
     """``(image - mean) / std`` per channel of a ``(C, H, W)`` array (None: unchanged).
 
@@ -120,27 +96,6 @@ class TiffSource:
         self.__dict__.update(state)
         self._zarr = zarr
         self._arr = None
-
-
-def open_image_array(image):
-    """Wrap what the user gives as something sliceable ``[y0:y1, x0:x1]`` with ``.shape``.
-
-    Accepts a numpy array or memmap, a zarr array, a dask array, a torch tensor, or a path
-    to a TIFF (read lazily, tiled and BigTIFF included). PNG and JPEG paths are read whole
-    into memory (those formats cannot be read by region).
-
-    >>> open_image_array(np.zeros((5, 7, 3), np.uint8)).shape
-    (5, 7, 3)
-    """
-    if isinstance(image, (str, os.PathLike)):
-        from .sources import open_source
-
-        return open_source(image)  # slides, rasters, TIFF by region; pictures whole
-    if isinstance(image, torch.Tensor):
-        return image.detach().cpu().numpy()
-    if hasattr(image, "shape") and hasattr(image, "__getitem__"):
-        return image
-    raise NofcError(f"image must be an array, a tensor or a file path, got {type(image).__name__}")
 
 
 def image_layout(shape: tuple[int, ...], channels: int, layout: str = "auto") -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NofcError, first_line, refuse_overwrite
+from .zoo import MODELS
 
 __all__ = ["load_model", "parse_size", "atomic_output", "default_input_size"]
 
@@ -127,12 +128,10 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
     """
     spec = str(spec)
     if spec.startswith("nofc:"):
-        from . import zoo
-
         name = spec.split(":", 1)[1]
-        if name not in zoo.MODELS:
-            raise NofcError(f"unknown nofc model '{name}'; nofc ships: {', '.join(zoo.MODELS)}")
-        model = zoo.MODELS[name]()
+        if name not in MODELS:
+            raise NofcError(f"unknown nofc model '{name}'; nofc ships: {', '.join(MODELS)}")
+        model = MODELS[name]()
     elif spec.startswith("torchvision:"):
         import torchvision
 

@@ -34,11 +34,13 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import NofcError, first_line
 from .images import BadRegion, TiffSource, default_scale, describe_pixels, image_layout
 
-__all__ = ["ImageSource", "open_source", "scale_of", "SLIDE_SUFFIXES"]
+__all__ = ["ImageSource", "open_source", "open_image_array", "load_image", "scale_of",
+           "SLIDE_SUFFIXES"]
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
@@ -602,3 +604,39 @@ def file_kind(path: Path, *, slide: bool = False, bands: bool = False) -> str:
     if suffix in PICTURE_SUFFIXES and not bands:
         return "picture"
     return "raster"
+
+
+def load_image(path, *, channels: int = 3, background=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Read an image file as float32 ``(channels, H, W)`` in [0, 1] (floats: as stored),
+    through the same source, channel, alpha and scaling rules as tiling
+    (``nofc.sources``).
+
+    >>> import numpy as np, PIL.Image, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.png")
+    >>> PIL.Image.fromarray(np.zeros((5, 7), np.uint8)).save(p)
+    >>> load_image(p, channels=3).shape
+    (3, 5, 7)
+    """
+    src = open_source(path, channels=channels)
+    src.background = tuple(background)
+    region = src.read(slice(None), slice(None))
+    return np.ascontiguousarray(region.astype(np.float32) * np.float32(scale_of(region.dtype)))
+
+
+def open_image_array(image):
+    """Wrap what the user gives as something sliceable ``[y0:y1, x0:x1]`` with ``.shape``.
+
+    Accepts a numpy array or memmap, a zarr array, a dask array, a torch tensor, or a path
+    to a TIFF (read lazily, tiled and BigTIFF included). PNG and JPEG paths are read whole
+    into memory (those formats cannot be read by region).
+
+    >>> open_image_array(np.zeros((5, 7, 3), np.uint8)).shape
+    (5, 7, 3)
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return open_source(image)  # slides, rasters, TIFF by region; pictures whole
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().numpy()
+    if hasattr(image, "shape") and hasattr(image, "__getitem__"):
+        return image
+    raise NofcError(f"image must be an array, a tensor or a file path, got {type(image).__name__}")

@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..errors import NofcError, first_line, refuse_overwrite
-from ..images import image_layout, open_image_array, spatial_shape
+from ..images import image_layout, spatial_shape
+from ..sources import open_image_array
 from ..windows import parse_step
 from .tiles import CELL_TILE, TOP, ImageTiles, MapTiles, check_square_step
 

@@ -129,7 +129,7 @@ def _encode(fmt: str, pixels: np.ndarray, mode: str) -> bytes:
 
 
 class ImageTiles:
-    """JPEG tiles of an image source (``nofc.images.open_image_array``), read by region.
+    """JPEG tiles of an image source (``nofc.sources.open_image_array``), read by region.
 
     >>> t = ImageTiles(np.full((300, 500, 3), 200, np.uint8), "hwc")
     >>> t.pyramid.top, t.tile(9, 0, 0)[:2]
