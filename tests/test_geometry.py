@@ -403,3 +403,15 @@ def test_hrnet_is_read_layer_by_layer_and_tiles():
     dense = nofc.dense_predict(fcn, torch.from_numpy(img), size)[0].numpy()
     assert tiled.shape == dense.shape == (1000, 3, 25)
     np.testing.assert_allclose(tiled, dense, rtol=0, atol=1e-10 * max(1, np.abs(dense).max()))
+
+
+def test_global_context_is_a_typed_fact():
+    """Code tests ``geo.global_context``, not the text of a reason."""
+    se = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    geo = nofc.geometry(nofc.convert(se, (3, 64, 64)), (3, 64, 64))
+    assert geo.global_context and all(c in geo.reasons for c in geo.global_context)
+    assert geo.as_dict()["global_context"] == list(geo.global_context)
+    plain = nofc.geometry(nofc.convert(LeNet5(), (1, 32, 32)), (1, 32, 32))
+    assert plain.global_context == ()
+    measured = nofc.geometry(_measured_net(mix=True), (1, 16, 16))
+    assert measured.measured and measured.global_context

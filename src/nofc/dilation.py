@@ -103,7 +103,7 @@ def plan(gm: fx.GraphModule, geo: Geometry, step) -> DilationPlan:
     """
     steps = geo.check_step(step)
     base = DilationPlan(steps, geo.stride)
-    if any("global context" in r for r in geo.reasons):
+    if geo.global_context:
         return _refused(base, "the network pools over the whole image inside its body "
                               "(global context), which one dilated pass cannot split by shift")
     if geo.measured:

@@ -74,7 +74,7 @@ def stages(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
 
 def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     if (geo.measured or geo._shape_of is not None or not geo._nodes
-            or any("global context" in r for r in geo.reasons)):
+            or geo.global_context):
         return None
     gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
     out = _output_node(gm)

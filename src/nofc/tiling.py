@@ -341,7 +341,7 @@ def check_tileable(fcn, geo, tile: int) -> None:
     record = getattr(fcn, "_nofc_record", None)
     plan = getattr(record, "plan", None)
     context = [plan.context_reason(name) for name in plan.global_context] if plan else []
-    context = context or [r for r in geo.reasons if "global context" in r]
+    context = context or list(geo.global_context)
     if context:
         more = f" (and {len(context) - 1} more)" if len(context) > 1 else ""
         raise NofcError(

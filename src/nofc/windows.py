@@ -259,6 +259,9 @@ class Geometry:
     # "inside": one cell per window wholly inside the image; "zeros"/"reflect": the image
     # padded so that windows cover every pixel (``with_edges``)
     edges: str = "inside"
+    # why cells see the whole image (squeeze-and-excitation, attention over all positions,
+    # a field nofc cannot bound): empty when they do not; code tests this, people read it
+    global_context: tuple[str, ...] = ()
     _nodes: tuple = field(default=(), repr=False, compare=False)
     _output: str = field(default="", repr=False, compare=False)
     _shape_of: Any = field(default=None, repr=False, compare=False)  # measured geometry
@@ -493,6 +496,7 @@ class Geometry:
             "receptive_field": list(self.receptive_field), "rf_offset": list(self.rf_offset),
             "reasons": list(self.reasons), "measured": self.measured,
             "lattice": self.lattice, "edges": self.edges,
+            "global_context": list(self.global_context),
             "box_convention": "cell (i, j) -> (y0, x0, y1, x1) = (oy + i*sy, ox + j*sx, "
                               "y0 + window_h, x0 + window_w), pixel rows y0..y1-1",
         }
@@ -844,6 +848,7 @@ class _Walk:
         self.layout: dict[str, tuple[int, int]] = {}  # where H and W are, when not (2, 3)
         self.nodes: list = []
         self.reasons: list[str] = []
+        self.whole_image: list[str] = []  # the reasons that are global context
         self.upsamplings: list[str] = []  # their labels, for a map they leave no lattice
         self.out_name = ""
 
@@ -961,6 +966,7 @@ class _Walk:
                 "input; convert with pooling='window' to get one cell per window")
         self.axes[n.name] = None
         self.reasons.append(f"{label} pools over the whole image (global context)")
+        self.whole_image.append(self.reasons[-1])
         return True
 
     def _same_size(self, n: fx.Node, ins: list, label: str) -> None:
@@ -1004,7 +1010,8 @@ class _Walk:
             reasons = [*reasons, "the receptive field reaches outside the window"]
         return Geometry(final.jump, (0, 0), window, exact, final.size, final.start,
                         tuple(dict.fromkeys(reasons)), _nodes=tuple(self.nodes),
-                        _output=self.out_name)
+                        _output=self.out_name,
+                        global_context=tuple(dict.fromkeys(self.whole_image)))
 
 
 # --------------------------------------------------------------------------- measured
@@ -1082,6 +1089,7 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
     elif not reasons and touched[-1]:
         reasons.append(f"{why}: the receptive field reaches past a {hw[0]}x{hw[1]} image, "
                        "so nofc cannot bound it and treats it as global context")
+    whole_image = tuple(reasons)  # so far, every reason is global context
     if not reasons and (min(rf_offset) < 0 or any(rf_offset[a] + rf[a] > window[a]
                                                    for a in (0, 1))):
         reasons.append(f"the receptive field (measured: {rf[0]}x{rf[1]} from "
@@ -1094,7 +1102,8 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
                            f"error {max_abs / max(1.0, scale):.1e} of the largest output), "
                            f"and {why}")
     return Geometry(stride, (0, 0), window, not reasons, rf, rf_offset, tuple(reasons),
-                    measured=why, _output=out.name, _shape_of=shape_of)
+                    measured=why, global_context=whole_image, _output=out.name,
+                    _shape_of=shape_of)
 
 
 _MEMORY = 3e9  # bytes of activations a measurement may keep for its backward pass
