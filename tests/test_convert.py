@@ -569,3 +569,194 @@ def test_computation_on_a_buffer_stays_in_the_graph():
                 if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
     report = nofc.verify(model, fcn, (1, 8, 8))  # float64
     assert report.ok and report.max_rel_error < 1e-14, report
+
+
+# --------------------------------------------------------------------------- issue 21: in place
+
+
+class InPlace(nn.Module):
+    """Conv, an in-place write whose result the forward does not read (``how``), a stride-2
+    conv, Linear: without padding, so every cell of the map is the classifier on its crop."""
+
+    SIZE = (3, 10, 10)  # conv: 8x8, then stride 2: 4x4
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.branch = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.gain = nn.Parameter(torch.tensor(1.7))
+        self.down = nn.Conv2d(4, 4, 2, stride=2)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.conv(x) - 0.1  # (B, 4, 8, 8)
+        how = self.how
+        if how == "mul_":  # timm's NormFreeBlock (skipinit)
+            x.mul_(self.gain)
+        elif how == "add_ branch":
+            x.add_(self.branch(x))
+        elif how == "copy_":
+            x.copy_(self.branch(x))
+        elif how == "x[:, :2] *= 2":
+            x[:, :2] *= 2
+        elif how == "x[:, 1:3] = branch":
+            x[:, 1:3] = self.branch(x)[:, :2]
+        elif how == "x[:, 1:3].mul_":
+            x[:, 1:3].mul_(self.gain)
+        elif how == "v += gain":  # a view's +=: fx alone traces it as v = v + gain
+            v = x[:, 2:]
+            v += self.gain
+        elif how == "alias +=":  # fx alone: shortcut keeps the value from before
+            shortcut = x
+            x += self.branch(x)
+            x = x * shortcut
+        elif how == "ReLU(inplace=True)":
+            self.act(x)
+        elif how == "F.relu(inplace=True)":
+            F.relu(x, inplace=True)
+        elif how == "F.leaky_relu(x, 0.1, True)":
+            F.leaky_relu(x, 0.1, True)
+        elif how == "torch.relu_":
+            torch.relu_(x)
+        elif how == "flat.mul_":  # on the flattened vector, which stays a map
+            f = self.down(x).flatten(1)
+            f.mul_(self.gain)
+            return self.fc(f)
+        return self.fc(self.down(x).flatten(1))
+
+
+_IN_PLACE = ["mul_", "add_ branch", "copy_", "x[:, :2] *= 2", "x[:, 1:3] = branch",
+             "x[:, 1:3].mul_", "v += gain", "alias +=", "ReLU(inplace=True)",
+             "F.relu(inplace=True)", "F.leaky_relu(x, 0.1, True)", "torch.relu_", "flat.mul_"]
+
+
+@pytest.mark.parametrize("how", _IN_PLACE)
+def test_in_place_writes_are_kept(how):
+    torch.manual_seed(0)
+    model = InPlace(how).eval()
+    size = InPlace.SIZE
+    fcn = nofc.convert(model, input_size=size)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        r = nofc.verify(model, fcn, input_size=size, dtype=dtype)
+        scale = r.max_abs_error / r.max_rel_error if r.max_rel_error else 1.0
+        assert r.ok and r.max_abs_error <= tol * max(1.0, scale), r
+    geo = nofc.geometry(fcn, size)
+    assert geo.exact and geo.stride == (2, 2) and not geo.measured, geo
+    big = torch.randn(2, 3, 10 + 2 * 5, 10 + 2 * 3, dtype=torch.float64)
+    f64, m64 = copy.deepcopy(fcn).double(), copy.deepcopy(model).double()
+    dense = nofc.dense_predict(f64, big, size)
+    naive = nofc.sliding_window_predict(m64, big, size, step=2)
+    assert dense.shape == naive.shape == (2, 5, 6, 4)
+    torch.testing.assert_close(dense, naive, rtol=0, atol=1e-10)
+    # the dilated network (one pass, a cell every pixel) keeps the writes too
+    fine = nofc.dense_predict(f64, big, size, step=1, method="dilate")
+    torch.testing.assert_close(fine, nofc.sliding_window_predict(m64, big, size, step=1),
+                               rtol=0, atol=1e-10)
+
+
+def test_in_place_writes_stay_in_the_converted_graph():
+    torch.manual_seed(0)
+    model = InPlace("mul_").eval()
+    fcn = nofc.convert(model, input_size=InPlace.SIZE)
+    assert [n.name for n in fcn.graph.nodes if n.op == "call_method"] == ["mul_"]
+    before = nofc.verify(model, fcn, InPlace.SIZE)
+    fcn.graph.eliminate_dead_code()  # what conversion did before: the gain is gone
+    fcn.recompile()
+    after = nofc.verify(model, fcn, InPlace.SIZE)
+    assert before.ok and not after.ok and after.max_rel_error > 0.1, (before, after)
+
+
+class _PaddedBranch(nn.Module):
+    """A 3x3 branch added into the map, in place or not: the field grows by a pixel a side."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.in_place:
+            x.add_(self.branch(x))  # 'fc' reads x: the graph links it to x before the add
+        else:
+            x = x + self.branch(x)
+        return self.fc(x.flatten(1))
+
+
+def test_in_place_branch_widens_the_receptive_field():
+    torch.manual_seed(0)
+    geos = {}
+    for in_place in (False, True):
+        model = _PaddedBranch(in_place).eval()
+        fcn = nofc.convert(model, input_size=(3, 8, 8))
+        r = nofc.verify(model, fcn, (3, 8, 8))
+        assert r.ok and r.max_abs_error <= 1e-10, r
+        geos[in_place] = nofc.geometry(fcn, (3, 8, 8))
+    walked, measured = geos[False], geos[True]
+    assert walked.receptive_field == (10, 10) and walked.rf_offset == (-1, -1), walked
+    assert "'add_' (method .add_) writes in place into the map 'conv'" in measured.measured
+    assert (measured.stride, measured.receptive_field, measured.rf_offset, measured.exact) == \
+        (walked.stride, walked.receptive_field, walked.rf_offset, walked.exact)
+
+
+class _CropWrite(nn.Module):
+    """A write into rows 1.. of the map: the first row of every window differs, so the map
+    of a larger image is not the classifier on crops (verify at the size still holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x[:, :, 1:].mul_(2.0)
+        return self.fc(x.flatten(1))
+
+
+def test_in_place_write_into_a_crop_is_not_called_exact():
+    torch.manual_seed(0)
+    model = _CropWrite().eval()
+    fcn = nofc.convert(model, input_size=(3, 8, 8))
+    r = nofc.verify(model, fcn, (3, 8, 8))
+    assert r.ok and r.max_abs_error <= 1e-10, r
+    geo = nofc.geometry(fcn, (3, 8, 8))
+    assert not geo.exact and "writes in place into a part of the map 'conv'" in geo.measured
+    assert any("differ from the network on their crops" in why for why in geo.reasons), geo
+    r = nofc.verify(model, fcn, (3, 8, 8), image=torch.randn(3, 12, 12))
+    assert not r.exact and not r.ok, r  # and the map indeed differs
+
+
+class _NormalisesInPlace(nn.Module):
+    """Preprocessing in place on the caller's tensor, then a stride-2 classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        x.sub_(0.5).mul_(2.0)
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_a_forward_that_writes_into_its_input_gets_a_copy():
+    """verify ran the model, then the network, on one tensor (a false MISMATCH); dense
+    prediction by shifts ran several passes over one image, each normalising it again."""
+    torch.manual_seed(0)
+    model = _NormalisesInPlace().eval()
+    size = (3, 7, 7)
+    fcn = nofc.convert(model, input_size=size)
+    r = nofc.verify(model, fcn, size)
+    assert r.ok and r.max_abs_error <= 1e-10, r
+    image = torch.randn(1, 3, 15, 13, dtype=torch.float64)
+    before = image.clone()
+    dense = nofc.dense_predict(copy.deepcopy(fcn).double(), image, size, step=1,
+                               method="shift")
+    assert torch.equal(image, before)
+    naive = nofc.sliding_window_predict(copy.deepcopy(model).double(), image, size, step=1)
+    torch.testing.assert_close(dense, naive, rtol=0, atol=1e-10)

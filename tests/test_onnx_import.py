@@ -600,3 +600,34 @@ def test_size_one_axes_around_matmul_become_identity():
     assert [n.op_type for n in fcn.graph.node] == ["Conv", "Identity", "Conv", "Identity"]
     x = rng.standard_normal((2, 3, 13, 11)).astype(np.float32)
     assert _rel(_sliding(original, x, (3, 9, 9), stride=2), _run(fcn, x)) <= 1e-5
+
+
+class SkipInit(nn.Module):
+    """timm's NormFreeBlock with skipinit in miniature: ``out.mul_(gain)``, result unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gain = nn.Parameter(torch.tensor(1.7))
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        out = torch.max_pool2d(self.conv(x), 2)
+        out.mul_(self.gain)
+        return self.fc(out.flatten(1))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_in_place_writes_survive_export_and_conversion(dynamo):
+    """The exporters write the in-place ops as plain ONNX nodes; convert_onnx keeps them."""
+    torch.manual_seed(0)
+    model = SkipInit().eval()
+    original = _export(model, torch.randn(1, 3, 8, 8), dynamo=dynamo)
+    fcn = convert_onnx(original, (3, 8, 8))
+    x = np.random.default_rng(14).standard_normal((2, 3, 14, 12)).astype(np.float32)
+    dense = _run(fcn, x)
+    assert dense.shape == (2, 5, 4, 3)
+    assert _rel(_sliding(original, x, (3, 8, 8), stride=2), dense) <= 1e-5
+    with torch.no_grad():  # and PyTorch's model on one crop: the exporter kept the writes
+        crop = model(torch.from_numpy(x[1:, :, 2:10, 4:12])).numpy()
+    np.testing.assert_allclose(dense[1, :, 1, 2], crop[0], rtol=1e-4, atol=1e-5)

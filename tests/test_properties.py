@@ -1,8 +1,10 @@
 """Property tests: random CNN classifiers convert into equivalent fully convolutional nets.
 
 Hypothesis draws small but varied classifiers (conv/pool blocks with random kernel, stride,
-padding, dilation, groups, ceil_mode, BatchNorm and activations; a flatten or one of three
-global-pooling spellings; 1 to 3 Linear layers with BatchNorm1d/Dropout between) and checks:
+padding, dilation, groups, ceil_mode, BatchNorm and activations, some in place; writes in
+place whose result the forward ignores: a gain, a residual branch, a channel slice, a crop;
+a flatten or one of three global-pooling spellings; 1 to 3 Linear layers with
+BatchNorm1d/Dropout/in-place gains between) and checks:
 
 * ``nofc.verify`` at the reference size: float64 within 1e-10, float32 within 1e-4 relative;
 * when the geometry is exact, every cell of the map on a larger input equals the classifier
@@ -27,10 +29,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import nofc
+from nofc._fx import ANY_STRIDE
 
 from conftest import state_hash
 
@@ -44,7 +47,12 @@ _MAX_STRIDE = 16  # cap on the cumulative stride per axis, so the larger input s
 _ACTIVATIONS = {
     "ReLU": nn.ReLU, "LeakyReLU": lambda: nn.LeakyReLU(0.1), "Tanh": nn.Tanh, "GELU": nn.GELU,
     "SiLU": nn.SiLU, "Hardswish": nn.Hardswish, "ELU": nn.ELU,
+    "ReLU(inplace=True)": lambda: nn.ReLU(inplace=True),
 }
+# writes into the map whose result the forward does not read (timm's NormFreeBlock skipinit,
+# in-place residuals, slices); see InPlace
+_IN_PLACE = ("x.mul_(gain)", "x.add_(conv(x))", "x[:, :1] *= gain", "x[:, :, 1:].mul_(gain)",
+             "F.relu(x, inplace=True)")
 _GLOBAL_SPELLINGS = ("AdaptiveAvgPool2d(1)", "F.adaptive_avg_pool2d(x, 1)", "x.mean((2, 3))")
 _FLATTEN_SPELLINGS = ("nn.Flatten()", "torch.flatten(x, 1)", "x.view(x.size(0), -1)")
 
@@ -127,7 +135,38 @@ class RandomCNN(nn.Module):
         return repr(self.arch)
 
 
+class InPlace(nn.Module):
+    """An in-place write into its input, whose result is not read; returns the input.
+
+    ``x.add_(conv(x))`` is a residual branch (``kernel`` 1 or 3, padded to keep the size);
+    ``x[:, :, 1:]`` writes into a crop of the map, so the map of a larger image is not the
+    classifier on crops (geometry must not call it exact, unless the crop does not count).
+    """
+
+    def __init__(self, how: str, channels: int, kernel: int = 1):
+        super().__init__()
+        self.how = how
+        self.gain = nn.Parameter(torch.empty(()).uniform_(1.5, 2.5))
+        self.conv = (nn.Conv2d(channels, channels, kernel, padding=kernel // 2)
+                     if how == "x.add_(conv(x))" else None)
+
+    def forward(self, x):
+        if self.how == "x.mul_(gain)":
+            x.mul_(self.gain)
+        elif self.how == "x.add_(conv(x))":
+            x.add_(self.conv(x))
+        elif self.how == "x[:, :1] *= gain":
+            x[:, :1] *= self.gain
+        elif self.how == "x[:, :, 1:].mul_(gain)":
+            x[:, :, 1:].mul_(self.gain)
+        else:
+            F.relu(x, inplace=True)
+        return x
+
+
 def _make(kind: str, p: dict) -> nn.Module:
+    if kind == "InPlace":
+        return InPlace(**p)
     if kind == "Conv2d":
         return nn.Conv2d(**p)
     if kind == "MaxPool2d":
@@ -198,7 +237,20 @@ def architectures(draw) -> Arch:
             act = draw(st.sampled_from([None, *_ACTIVATIONS]))
             if act:
                 arch.body.append((act, {}))
+            how = draw(st.sampled_from([None] * 5 + list(_IN_PLACE)))  # one block in two
+            if how is not None:
+                params = dict(how=how, channels=c)
+                if how == "x.add_(conv(x))":
+                    params["kernel"] = draw(st.sampled_from([1, 3]))
+                    arch.exact = arch.exact and params["kernel"] == 1
+                arch.exact = arch.exact and how != "x[:, :, 1:].mul_(gain)"
+                arch.body.append(("InPlace", params))
     arch.stride = (sh, sw)
+    # a write into a crop, or a padded branch written in place, is read from the graph only
+    # as "measure the geometry", and measuring finds strides that divide ANY_STRIDE
+    assume(not any(k == "InPlace" and (p["how"] == "x[:, :, 1:].mul_(gain)"
+                                       or p.get("kernel", 1) > 1) for k, p in arch.body)
+           or all(ANY_STRIDE % s == 0 for s in arch.stride))
     arch.reduce = draw(st.sampled_from(_FLATTEN_SPELLINGS + _GLOBAL_SPELLINGS))
     n = c * h * w if arch.reduce in _FLATTEN_SPELLINGS else c
     if draw(st.booleans()):
@@ -212,9 +264,11 @@ def architectures(draw) -> Arch:
         if i < n_linear - 1:
             if draw(st.booleans()):
                 arch.head.append(("BatchNorm1d", dict(num_features=n)))
-            act = draw(st.sampled_from([None, "ReLU", "Tanh"]))
+            act = draw(st.sampled_from([None, "ReLU", "Tanh", "ReLU(inplace=True)"]))
             if act:
                 arch.head.append((act, {}))
+            if draw(st.integers(0, 3)) == 0:  # on the flattened vector
+                arch.head.append(("InPlace", dict(how="x.mul_(gain)", channels=n)))
             if draw(st.booleans()):
                 arch.head.append(("Dropout", dict(p=0.3)))
     return arch

@@ -103,11 +103,9 @@ def test_dense_map_is_the_reference(zoo, name, side, why):
     assert err <= 1e-10 * max(1.0, scale), (err, scale)
 
 
-@pytest.mark.xfail(strict=True, reason="dm_nfnet's skipinit: NormFreeBlock's in-place "
-                   "out.mul_(skipinit_gain), whose result nothing reads, is dropped by the "
-                   "conversion (the converted network adds the residual branch ungated)")
 def test_nfnet_skipinit_is_the_reference(zoo):
-    """dm_nfnet_f0's block (skipinit) in test_nfnet's size: the reference sees it."""
+    """dm_nfnet_f0's block (skipinit: an in-place ``out.mul_(skipinit_gain)`` whose result
+    nothing reads, once dropped by the conversion) in test_nfnet's size."""
     from timm.models.nfnet import NormFreeNet, model_cfgs
 
     torch.manual_seed(0)

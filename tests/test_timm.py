@@ -292,3 +292,44 @@ def test_timm_dla_exports_to_onnx_with_free_height_and_width():
         ref = fcn(img).numpy()
     assert got.shape == ref.shape == (1, 4, 3, 4)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+# --------------------------------------------------------------------------- in place
+# timm's NormFreeBlock with skipinit (the dm_nfnet_* models) does out.mul_(skipinit_gain)
+# and ignores the result: conversion once dropped it as dead code (relative error 0.45)
+
+
+def _skipinit(model):
+    """Nonzero skipinit gains (timm starts them at 0), so each block's branch counts."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("skipinit_gain"):
+                p.fill_(0.5)
+    return model.eval()
+
+
+def _verify_both(model, size):
+    fcn = nofc.convert(model, size)
+    assert [n for n in fcn.graph.nodes if n.op == "call_method" and n.target == "mul_"]
+    r64 = nofc.verify(model, fcn, size, dtype=torch.float64)
+    assert r64.ok and r64.max_rel_error <= 1e-10, r64
+    r32 = nofc.verify(model, fcn, size, dtype=torch.float32)
+    assert r32.ok and r32.max_rel_error <= 1e-4, r32
+
+
+def test_normfree_skipinit_gain_is_kept():
+    """timm's smallest NormFreeNet (test_nfnet) built with skipinit, as dm_nfnet_f0 is."""
+    import dataclasses
+
+    from timm.models.nfnet import NormFreeNet, model_cfgs
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(model_cfgs["test_nfnet"], skipinit=True)
+    _verify_both(_skipinit(NormFreeNet(cfg, num_classes=10)), (3, 32, 32))
+
+
+@pytest.mark.slow
+def test_dm_nfnet_f0_skipinit_gain_is_kept():
+    torch.manual_seed(0)
+    model = _skipinit(timm.create_model("dm_nfnet_f0", pretrained=False))
+    _verify_both(model, model.pretrained_cfg["input_size"])  # (3, 192, 192)

@@ -25,13 +25,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import NofcError, first_line
 
 __all__ = [
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
-    "describe_node", "fake_mode", "fmt_shape", "get_attr", "global_pool", "pair", "param_like",
-    "probe", "trace",
+    "describe_node", "drop_dead_code", "fake_mode", "fmt_shape", "get_attr", "global_pool",
+    "pair", "param_like", "probe", "trace", "viewed", "written",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
@@ -203,6 +204,38 @@ class _Tracer(fx.Tracer):
                 or (type(m).__module__, type(m).__name__) in _SAME_AS_BASE
                 or super().is_leaf_module(m, qualname))
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _Proxy(fx.Proxy):
+    """torch.fx's Proxy, with Python's in-place operators traced as the in-place nodes they
+    are (``operator.iadd``, ``operator.setitem``).
+
+    fx's own Proxy has no ``__iadd__``, so ``x += y`` is traced as ``x = x + y``: the same
+    value, but the write is lost when ``x`` is a view of a map (``v = x[:, :2]; v += 1``)
+    or a tensor another name still reads; and ``x[:, :2] *= 2`` cannot be traced at all.
+    """
+
+    def __setitem__(self, key, value) -> None:  # x[..., 2] = y: an in-place node
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _in_place_operator(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = f"__{op.__name__}__"
+    return method
+
+
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift)
+for _op in _IN_PLACE_OPERATORS:
+    setattr(_Proxy, f"__{_op.__name__}__", _in_place_operator(_op))
+
 
 class _Blocked(Exception):
     """Control flow the reference-size capture cannot decide: which module, and why."""
@@ -211,7 +244,7 @@ class _Blocked(Exception):
 _UNKNOWN = object()  # a node whose value at the reference size could not be computed
 
 
-class _ValueProxy(fx.Proxy):
+class _ValueProxy(_Proxy):
     """A proxy that knows its value at the reference size (a fake tensor or a number).
 
     ``len``, ``int`` and ``range`` on a shape entry take that value: the graph keeps the
@@ -232,9 +265,6 @@ class _ValueProxy(fx.Proxy):
 
     def __float__(self) -> float:
         return float(self._value())
-
-    def __setitem__(self, key, value) -> None:  # x[..., 2] = y: an in-place node
-        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __getattr__(self, k: str):
         if k in ("tracer", "node", "_node", "root", "attr"):  # not set yet: no proxy of them
@@ -359,6 +389,123 @@ _SHAPE_BOOKKEEPING = {getattr, operator.getitem, operator.lt, operator.le, opera
                       operator.and_, operator.or_, operator.not_}
 
 
+def written(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``n`` writes into, or None when ``n`` changes none of its
+    arguments.
+
+    That is ``x`` of ``x.mul_(g)``, ``torch.relu_(x)``, ``x += y`` (``operator.iadd``),
+    ``x[:, :2] = y`` (``operator.setitem``), ``F.relu(x, inplace=True)``,
+    ``nn.ReLU(inplace=True)(x)`` and ``torch.add(a, b, out=x)``: a write whose result
+    nobody reads still changes what later nodes read from ``x``.
+
+    >>> gm = trace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True)))
+    >>> [(n.name, written(gm, n).name) for n in gm.graph.nodes if written(gm, n)]
+    [('_1', '_0')]
+    """
+    if isinstance(n.kwargs.get("out"), fx.Node):
+        return n.kwargs["out"]
+    first = n.args[0] if n.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if n.op == "call_method":
+        name = n.target
+    elif n.op == "call_function":
+        if n.target is operator.setitem or n.target in _IN_PLACE_OPERATORS:
+            return first
+        name = getattr(n.target, "__name__", "")
+        if _inplace_flag(n):
+            return first
+    elif n.op == "call_module":
+        return first if getattr(gm.get_submodule(n.target), "inplace", False) is True else None
+    else:
+        return None
+    # torch's naming rule: x.add_(y), torch.relu_(x), F.relu_(x) write into x
+    return first if name.endswith("_") and not name.startswith("_") else None
+
+
+def _inplace_flag(n: fx.Node) -> bool:
+    """``inplace=True`` given to a function, by name or by position (``F.relu(x, True)``)."""
+    if "inplace" in n.kwargs:
+        return n.kwargs["inplace"] is True
+    try:
+        params = list(inspect.signature(n.target).parameters)
+    except (TypeError, ValueError):  # a builtin
+        return False
+    return "inplace" in params and params.index("inplace") < len(n.args) and \
+        n.args[params.index("inplace")] is True
+
+
+# ops whose result may share its memory with their first argument: a write into it is a
+# write into that argument (an op listed here that copies only makes the callers careful)
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "permute", "transpose", "t", "narrow", "select", "expand", "expand_as", "as_strided",
+    "unfold", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous", "detach", "diagonal",
+    "chunk", "split", "tensor_split", "unbind", "to", "type", "type_as", "float", "double",
+    "half", "bfloat16", "view_as_real", "real", "imag",
+}
+_VIEW_FUNCS = {
+    operator.getitem, getattr, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+    torch.permute, torch.transpose, torch.narrow, torch.select, torch.movedim,
+    torch.moveaxis, torch.swapaxes, torch.swapdims, torch.chunk, torch.split,
+    torch.tensor_split, torch.unbind, torch.t, torch.detach, torch.diagonal,
+    torch.as_strided, F.dropout, torch.dropout,
+}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def viewed(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``n``'s result may share memory with (a view, or the tensor
+    an in-place op returns), or None: a write into ``n``'s result writes into that one too.
+
+    >>> gm = trace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()))
+    >>> [(n.name, viewed(gm, n).name) for n in gm.graph.nodes if viewed(gm, n)]
+    [('_1', '_0')]
+    """
+    first = n.args[0] if n.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if written(gm, n) is not None:  # x.mul_(g) returns x
+        return written(gm, n)
+    if (n.op == "call_method" and n.target in _VIEW_METHODS
+            or n.op == "call_function" and n.target in _VIEW_FUNCS
+            or n.op == "call_module" and isinstance(gm.get_submodule(n.target), _VIEW_MODULES)):
+        return first
+    return None
+
+
+def drop_dead_code(gm: fx.GraphModule) -> None:
+    """Remove the nodes whose results nobody reads, except those that change something:
+    an in-place write (see :func:`written`) or what torch.fx calls impure (``setitem``,
+    ``torch._assert``, a module marked ``_is_impure``).
+
+    ``fx.Graph.eliminate_dead_code`` alone removes ``x.mul_(g)`` when its result is not
+    read (timm's NormFreeBlock), though every later reader of ``x`` needs it.
+
+    >>> class Gain(nn.Module):
+    ...     def forward(self, x):
+    ...         x.mul_(2.0)
+    ...         x.sum()
+    ...         return x
+    >>> gm = trace(Gain())
+    >>> drop_dead_code(gm)
+    >>> [n.name for n in gm.graph.nodes]  # the unread sum goes, the unread write stays
+    ['x', 'mul_', 'output']
+    """
+    for n in reversed(list(gm.graph.nodes)):
+        if not n.users and not _changes_something(gm, n):
+            gm.graph.erase_node(n)
+
+
+def _changes_something(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if written(gm, n) is not None:
+        return True
+    try:
+        return n.is_impure()
+    except Exception:  # noqa: BLE001 - a module fx cannot find: keep the node, to be safe
+        return True
+
+
 def _drop_unused_queries(graph: fx.Graph) -> None:
     """Remove shape queries and comparisons only a Python decision read (now made)."""
     for n in reversed(list(graph.nodes)):
@@ -441,7 +588,7 @@ def _compare_at(model, gm, size, hw, x) -> None:
                      (f"the forward captured at {size[1]}x{size[2]}", gm)):
         try:  # fx prints the generated code of a failing GraphModule on stderr: not ours
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                outs.append(fn(x))
+                outs.append(fn(x.clone()))  # a forward may write into its input
         except Exception as exc:  # noqa: BLE001
             raise _Blocked(f"{what} fails at {hw[0]}x{hw[1]} ({type(exc).__name__}: "
                            f"{first_line(exc)}), so it is not fully convolutional") from None

@@ -32,6 +32,7 @@ from ._fx import (
     ShapeRecorder,
     channels_last_pool,
     describe_node,
+    drop_dead_code,
     fmt_shape,
     bind,
     global_pool,
@@ -39,6 +40,8 @@ from ._fx import (
     param_like,
     probe,
     trace,
+    viewed,
+    written,
 )
 from .errors import NofcError, check_input_size, first_line
 from .layers import FullConv2d
@@ -1022,11 +1025,27 @@ def _apply(gm: fx.GraphModule, plan: Plan) -> dict[str, str]:
     replaced: dict[str, str] = {}
     for rep in plan.replacements:
         _APPLY[rep.kind](gm, nodes[rep.node], rep, replaced)
-    gm.graph.eliminate_dead_code()
+    _copy_written_input(gm)
+    drop_dead_code(gm)  # the queries a dropped flatten read; never an in-place write
     gm.graph.lint()
     gm.recompile()
     gm.eval()
     return replaced
+
+
+def _copy_written_input(gm: fx.GraphModule) -> None:
+    """A forward that writes into its input (``x.sub_(mean)``) gets a copy of it to write
+    into: dense prediction runs several passes over one image (shifts, tiles), and the
+    caller's image stays as it was. The outputs are the model's."""
+    for n in gm.graph.nodes:
+        root = written(gm, n)
+        while root is not None and root.op != "placeholder":
+            root = viewed(gm, root)
+        if root is not None:
+            with gm.graph.inserting_after(root):
+                copy_ = gm.graph.call_method("clone", (root,))
+            root.replace_all_uses_with(copy_, delete_user_cb=lambda u: u is not copy_)
+            return
 
 
 def _apply_linear(gm: fx.GraphModule, n: fx.Node, rep: Replacement, replaced: dict) -> None:

@@ -58,8 +58,8 @@ class VerifyReport:
 
 def _run(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     m = copy.deepcopy(model).to(device=x.device, dtype=dtype).eval()
-    with torch.no_grad():
-        return m(x.to(dtype))
+    with torch.no_grad():  # a copy: a model may write into its input (x.sub_(mean))
+        return m(x.to(dtype, copy=True))
 
 
 def verify(

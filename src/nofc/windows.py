@@ -54,6 +54,8 @@ from ._fx import (
     param_like,
     probe,
     trace,
+    viewed,
+    written,
 )
 from .errors import NofcError, check_input_size, first_line
 from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size
@@ -570,13 +572,8 @@ def spatial_slices(index) -> tuple[slice, slice] | None:
     >>> spatial_slices((Ellipsis, slice(2, None, 2))), spatial_slices((slice(0, 5),))
     ((slice(None, None, None), slice(2, None, 2)), None)
     """
-    if not isinstance(index, tuple):
-        index = (index,)
-    if index.count(Ellipsis) == 1:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (5 - len(index)) + index[at + 1:]
-    index = index + (slice(None),) * (4 - len(index))
-    if len(index) != 4 or not all(isinstance(i, slice) for i in index):
+    index = _index4(index)
+    if index is None or not all(isinstance(i, slice) for i in index):
         return None
     if index[0] != slice(None) or index[1] != slice(None):
         return None
@@ -586,6 +583,20 @@ def spatial_slices(index) -> tuple[slice, slice] | None:
         if (sl.start or 0) < 0 or (sl.stop is not None and sl.stop > 0) or (sl.step or 1) < 1:
             return None
     return index[2], index[3]
+
+
+def _index4(index) -> tuple | None:
+    """``x[index]``'s index on a 4D tensor as four entries (``...`` and missing ones as
+    ``:``); None for an index nofc does not read (a tensor, ``None``, several ``...``)."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if index.count(Ellipsis) == 1:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (5 - len(index)) + index[at + 1:]
+    index = index + (slice(None),) * (4 - len(index))
+    if len(index) != 4 or not all(isinstance(i, (slice, int)) for i in index):
+        return None
+    return index
 
 
 def _slice_layer(index) -> _Layer | None:
@@ -851,6 +862,7 @@ class _Walk:
         self.whole_image: list[str] = []  # the reasons that are global context
         self.upsamplings: list[str] = []  # their labels, for a map they leave no lattice
         self.out_name = ""
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     def spatial(self, p, name: str, dims=None) -> tuple[int, int] | None:
         """(H, W) of node ``name`` in probe ``p``; of every item of a tuple of maps
@@ -891,6 +903,13 @@ class _Walk:
         self.out_name = src.name
 
     def _node(self, n: fx.Node) -> None:
+        self._result(n)
+        target = written(self.gm, n)
+        if target is not None and self.axes.get(target.name) is not None:
+            self._in_place(n, target)
+
+    def _result(self, n: fx.Node) -> None:
+        """The ``_Axis`` of ``n``'s result, from its inputs."""
         ins = [a for a in n.all_input_nodes if self.axes.get(a.name) is not None]
         if not ins:
             self.axes[n.name] = None
@@ -952,6 +971,54 @@ class _Walk:
         if up.linear:
             self.reasons.append(f"{label} interpolates bilinearly, repeating the border cells "
                                 "at the map's edges (as padding does)")
+
+    def _in_place(self, n: fx.Node, target: fx.Node) -> None:
+        """``n`` writes into the map ``target`` (``x.mul_(g)``, ``x[:, :2] += y``): nodes
+        that read that map (or a view of it) after ``n`` see the write, though the graph
+        links them to the map as it was before it.
+
+        That changes nothing the walk records when the write keeps the map's geometry (a
+        gain, an in-place ReLU, channels): otherwise, when such a later reader exists, the
+        write is a part of the map (the field is no longer the same everywhere) or brings
+        in a wider field, and the geometry is measured.
+        """
+        root, part = target, False
+        while (parent := viewed(self.gm, root)) is not None and \
+                self.axes.get(parent.name) is not None:
+            part = part or self.axes[root.name] != self.axes[parent.name]  # a crop's view
+            root = parent
+        if n.op == "call_function" and n.target is operator.setitem:
+            dims = self.layout.get(target.name, (2, 3))
+            index = _index4(n.args[1]) if len(n.args) > 1 else None
+            part = part or index is None or any(index[d] != slice(None) for d in dims)
+            value = n.args[2] if len(n.args) > 2 else None
+            brought = ([self.axes[value.name]] if isinstance(value, fx.Node)
+                       and self.axes.get(value.name) is not None else [])
+        else:
+            brought = [self.axes[n.name]] if self.axes.get(n.name) is not None else []
+        field = [self.axes[root.name], *brought]
+        if not part and len({g.jump for g in field}) == 1 and \
+                _Axis.union(field) == self.axes[root.name]:
+            return  # the map keeps its geometry
+        later = [u for u in self._aliases(root, n) if self.order[u] > self.order[n]]
+        if later:
+            what = "a part of the map" if part else "the map"
+            raise _Unreadable(f"{describe_node(self.gm, n)} writes in place into {what} "
+                              f"{root.name!r}, which {describe_node(self.gm, later[0])} reads "
+                              "later")
+
+    def _aliases(self, root: fx.Node, skip: fx.Node) -> list[fx.Node]:
+        """The nodes that read ``root`` or a view of it (not through ``skip``)."""
+        seen, todo, readers = {root}, [root], []
+        while todo:
+            for u in todo.pop().users:
+                if u is skip or u in seen:
+                    continue
+                seen.add(u)
+                readers.append(u)
+                if viewed(self.gm, u) is not None:
+                    todo.append(u)
+        return readers
 
     def _global(self, n: fx.Node, label: str) -> bool:
         """Global pooling: kept on purpose (squeeze-and-excitation) or a refusal."""
