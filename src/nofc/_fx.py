@@ -31,8 +31,8 @@ from .errors import NofcError, first_line
 
 __all__ = [
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
-    "describe_node", "drop_dead_code", "fake_mode", "fmt_shape", "get_attr", "global_pool",
-    "pair", "param_like", "probe", "trace", "viewed", "written",
+    "describe_node", "drop_dead_code", "fake_mode", "fmt_shape", "get_attr", "global_pool", "output_node",
+    "param_like", "probe", "register_notrace_module", "trace", "viewed", "written",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
@@ -184,10 +184,19 @@ def _module_path(n: fx.Node) -> str:
 # subclasses of torch.nn layers whose forward computes the same thing (timm's Linear only
 # casts its weights under TorchScript): kept whole, so that the rules for the base apply
 _SAME_AS_BASE = {("timm.layers.linear", "Linear")}
+_NOTRACE: set[type] = set()  # module classes traced whole (register_notrace_module)
+
+
+def register_notrace_module(cls: type) -> type:
+    """Trace modules of ``cls`` whole, as one call (timm's decorator of the same name):
+    layers nofc writes into graphs, such as ``FullConv2d``, register themselves."""
+    _NOTRACE.add(cls)
+    return cls
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with nofc's own FullConv2d kept whole like any nn.Conv2d.
+    """torch.fx's tracer, with the registered modules (nofc's own FullConv2d) kept whole
+    like any nn.Conv2d.
 
     Buffers are read as graph nodes (``proxy_buffer_attributes``), so what the forward
     computes from them stays in the graph: torch.fx would otherwise fold it into a
@@ -198,9 +207,7 @@ class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .layers import FullConv2d
-
-        return (isinstance(m, FullConv2d)
+        return (isinstance(m, tuple(_NOTRACE))
                 or (type(m).__module__, type(m).__name__) in _SAME_AS_BASE
                 or super().is_leaf_module(m, qualname))
 
@@ -601,23 +608,12 @@ def _compare_at(model, gm, size, hw, x) -> None:
                        f"at {size[1]}x{size[2]} differs from the model at {hw[0]}x{hw[1]})")
 
 
-def pair(v, like: tuple[int, int] | None = None) -> tuple[int, int]:
-    """An int or 1- or 2-sequence as ``(a, b)``; ``None`` entries take ``like``'s value.
-
-    >>> pair(3), pair((2,)), pair((None, 5), like=(7, 7)), pair(None, like=(4, 6))
-    ((3, 3), (2, 2), (7, 5), (4, 6))
-    """
-    if v is None:
-        if like is None:
-            raise NofcError("internal: pair(None) needs like=")
-        return like
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) == 1:
-        v = (v[0], v[0])
-    return tuple(like[i] if a is None and like is not None else int(a)  # type: ignore[misc]
-                 for i, a in enumerate(v[:2]))
+def output_node(gm: fx.GraphModule) -> fx.Node:
+    """The node a graph returns (the first item of a returned tuple or list)."""
+    src = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    while isinstance(src, (tuple, list)) and src:
+        src = src[0]
+    return src
 
 
 def bind(fn, n: fx.Node) -> dict:

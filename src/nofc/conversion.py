@@ -36,7 +36,6 @@ from ._fx import (
     fmt_shape,
     bind,
     global_pool,
-    pair,
     param_like,
     probe,
     trace,
@@ -44,7 +43,7 @@ from ._fx import (
     written,
 )
 from .errors import NofcError, check_input_size, first_line
-from .layers import FullConv2d
+from .layers import FullConv2d, pair
 from .tolerance import passes, tolerance_for
 
 __all__ = ["convert", "convert_with_record"]

@@ -36,9 +36,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fx import describe_node, get_attr, pair, probe, trace
+from ._fx import describe_node, get_attr, probe, trace
 from .errors import NofcError, check_input_size
-from .layers import DilatedPool2d
+from .layers import DilatedPool2d, pair
 from .windows import Geometry, cached_geometry, spatial_slices
 
 __all__ = ["dilate", "plan", "apply", "DilationPlan", "fine_pass", "METHODS"]

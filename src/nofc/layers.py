@@ -6,9 +6,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fx import pair
+from ._fx import register_notrace_module
+from .errors import NofcError
 
-__all__ = ["FullConv2d", "DilatedPool2d", "conv_output_size", "dilated_ceil_size"]
+__all__ = ["FullConv2d", "DilatedPool2d", "conv_output_size", "dilated_ceil_size", "pair"]
+
+
+def pair(v, like: tuple[int, int] | None = None) -> tuple[int, int]:
+    """An int or 1- or 2-sequence as ``(a, b)``; ``None`` entries take ``like``'s value.
+
+    >>> pair(3), pair((2,)), pair((None, 5), like=(7, 7)), pair(None, like=(4, 6))
+    ((3, 3), (2, 2), (7, 5), (4, 6))
+    """
+    if v is None:
+        if like is None:
+            raise NofcError("internal: pair(None) needs like=")
+        return like
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) == 1:
+        v = (v[0], v[0])
+    return tuple(like[i] if a is None and like is not None else int(a)  # type: ignore[misc]
+                 for i, a in enumerate(v[:2]))
+
 
 
 def conv_output_size(n: int, kernel: int, stride: int = 1, pad_lo: int = 0, pad_hi: int = 0,
@@ -34,6 +55,7 @@ def conv_output_size(n: int, kernel: int, stride: int = 1, pad_lo: int = 0, pad_
     return out
 
 
+@register_notrace_module
 class FullConv2d(nn.Conv2d):
     """The Conv2d a flattened Linear becomes: a kernel as large as the feature map.
 

@@ -36,9 +36,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._fx import param_like, probe, trace
+from ._fx import output_node, param_like, probe, trace
 from .errors import NofcError
-from .windows import Geometry, _output_node, node_axes
+from .windows import Geometry, node_axes
 
 __all__ = ["stages", "streamed", "STREAM_PIXELS", "CHUNK"]
 
@@ -77,7 +77,7 @@ def _cut(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
             or geo.global_context):
         return None
     gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
-    out = _output_node(gm)
+    out = output_node(gm)
     if not isinstance(out, fx.Node) or out.name != geo._output:
         return None
     absolute = node_axes(geo._nodes)

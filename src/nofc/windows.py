@@ -49,8 +49,8 @@ from ._fx import (
     bind,
     describe_node,
     get_attr,
+    output_node,
     global_pool,
-    pair,
     param_like,
     probe,
     trace,
@@ -58,7 +58,7 @@ from ._fx import (
     written,
 )
 from .errors import NofcError, check_input_size, first_line
-from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size
+from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size, pair
 from .tolerance import passes, tolerance_for
 
 __all__ = ["geometry", "Geometry", "parse_step", "EDGES"]
@@ -889,7 +889,7 @@ class _Walk:
                 self._node(n)
 
     def _output(self, n: fx.Node) -> None:
-        src = _output_node(self.gm)
+        src = output_node(self.gm)
         if not isinstance(src, fx.Node) or self.axes.get(src.name) is None:
             raise NofcError("cannot derive the geometry: the network's output is not a map")
         final = self.axes[src.name]
@@ -1100,7 +1100,7 @@ def _measured(gm: fx.GraphModule, size, sizes: list, probes: list, *, why: str,
     * exactness: the cells of a 3 x 3 map against the network on their crops, in float64
       where the network runs in it (as ``verify`` does).
     """
-    out = _output_node(gm)
+    out = output_node(gm)
     shape_of = _ProbedShape(gm, size[0], out.name)
     window = (size[1], size[2])
     if shape_of(window) != (1, 1):
@@ -1198,13 +1198,6 @@ class _ProbedShape:
             got = _spatial(rec.shapes.get(self.out_name)) or (0, 0)
             self.known[hw] = got
         return self.known[hw]
-
-
-def _output_node(gm: fx.GraphModule) -> fx.Node:
-    src = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    while isinstance(src, (tuple, list)) and src:
-        src = src[0]
-    return src
 
 
 def _runnable(gm: fx.GraphModule, size):
