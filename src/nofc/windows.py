@@ -43,20 +43,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fx import (
-    ANY_STRIDE,
-    NodeFailure,
-    bind,
-    describe_node,
-    get_attr,
-    output_node,
-    global_pool,
-    param_like,
-    probe,
-    trace,
-    viewed,
-    written,
-)
+from ._fx import (ANY_STRIDE, NodeFailure, bind, describe_node, get_attr, global_pool,
+                  output_node, param_like, probe, trace, viewed, written)
 from .errors import NofcError, check_input_size, first_line
 from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size, pair
 from .tolerance import passes, tolerance_for
