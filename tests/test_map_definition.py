@@ -167,3 +167,49 @@ def test_cli_heatmap_edges_boxes_reach_into_the_padding(tmp_path, capsys):
     assert main(["heatmap", "nofc:lenet5", str(img), "--input-size", "1x32x32", "--edges",
                  "mirror", "-o", str(tmp_path / "g.png")]) == 2
     assert "invalid choice: 'mirror'" in capsys.readouterr().err
+
+
+class SamePadded(nn.Module):
+    """TensorFlow "same" padding computed from the input size (timm's Conv2dSame: DaViT's
+    and the tf_ EfficientNets' kind), with global context: cells see the padding."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import Conv2dSame
+
+        self.conv = Conv2dSame(1, 4, 3, stride=2)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def features(self, x):
+        x = self.conv(x)
+        x = x + x.mean((2, 3), keepdim=True)  # global context
+        return F.relu(self.conv2(x))
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_fixed_pads_make_a_lattice_network_equal_to_the_original_on_what_it_runs():
+    """convert fixes the pad at the reference size's amounts: off the lattice (an odd
+    image) the original would pad otherwise, so nofc runs the largest window + k strides
+    inside the image, where the converted network is the original, bit for bit."""
+    torch.manual_seed(0)
+    model = SamePadded().double().eval()
+    size = (1, 16, 16)
+    fcn = nofc.convert(model, size)
+    assert any(r.kind == "fixed_pad" for r in fcn._nofc_record.plan.replacements)
+    geo = nofc.geometry(fcn, size)
+    assert geo.lattice and geo.stride == (2, 2)
+    x = torch.randn(1, 1, 16 + 2 * 3 + 1, 16 + 2 * 4 + 1, dtype=F64)  # 23 x 25: odd
+    got = nofc.dense_predict(fcn, x, size)
+    assert got.shape[2:] == _inside(x.shape[2:], (16, 16), (2, 2)) == (4, 5)
+    h, w = geo.fit(x.shape[2:])
+    assert (h, w) == (22, 24)
+    # the original's features on the image it ran on, each window's part through its head
+    with torch.no_grad():
+        feats = model.features(x[..., :h, :w])
+        ref = torch.stack([torch.stack([
+            model.fc(feats[..., i:i + 6, j:j + 6].mean((2, 3)))[0]
+            for j in range(5)], -1) for i in range(4)], -2)
+    torch.testing.assert_close(got[0], ref, rtol=0, atol=1e-10)

@@ -769,9 +769,12 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
     record = getattr(fcn, "_nofc_record", None)
     dilated = getattr(fcn, "_nofc_dilation", None)
+    plan = getattr(record, "plan", None)
+    fixed = any(r.kind == "fixed_pad" for r in getattr(plan, "replacements", ()))
     # a dilated network may have no cell at the window size itself (ceil_mode pooling):
     # probe it a stride of the original network larger
-    sizes, probes, lattice = _probe_sizes(gm, size, dilated.stride if dilated else (0, 0))
+    sizes, probes, lattice = _probe_sizes(gm, size, dilated.stride if dilated else (0, 0),
+                                          fixed_pads=fixed)
     walk = _Walk(gm, probes, set(getattr(record, "global_context", []) or []))
     try:
         walk.run()
@@ -801,14 +804,20 @@ def cached_geometry(fcn: nn.Module, size) -> Geometry:
     return cache[size]
 
 
-def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list, bool]:
+def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0), *,
+                 fixed_pads: bool = False) -> tuple[list, list, bool]:
     """Shapes of every node at the reference size (plus ``extra``) and at two larger sizes
     the map must follow: odd ones, so that a layer that needs even sizes shows itself; for
     a network that only runs at multiples of its stride (residual adds of stride-2
     branches, window attention, patch reshapes), multiples of the reference size; for one
     that only runs at the reference size plus a multiple of its stride (branches that
     TensorFlow "same" padding keeps in step), such sizes. True with the last two: the
-    network runs on a lattice of sizes (``Geometry.lattice``)."""
+    network runs on a lattice of sizes (``Geometry.lattice``).
+
+    A network whose input-size-dependent pads ``convert`` fixed at the reference size's
+    amounts (``fixed_pads``: TensorFlow "same" padding, DaViT's pad to even sizes) is the
+    original only on the lattice, though it may run off it with other pads than the
+    original's: it is probed on the lattice only, and is a lattice network."""
     ref = (size[1] + extra[0], size[2] + extra[1])
     failure = None
     for i, larger in enumerate((
@@ -816,6 +825,8 @@ def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0)) -> tuple[list, list, bo
                    [(2 * size[1], 3 * size[2]), (3 * size[1], 2 * size[2])],
                    [(ref[0] + ANY_STRIDE, ref[1] + 2 * ANY_STRIDE),
                     (ref[0] + 2 * ANY_STRIDE, ref[1] + ANY_STRIDE)])):
+        if fixed_pads and i == 0:
+            continue
         sizes = [ref, *larger]
         probes = []
         for hw in sizes:
