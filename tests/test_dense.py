@@ -132,6 +132,24 @@ def test_padded_net_reports_the_measured_difference():
     assert nofc.verify(model, fcn, size).ok
 
 
+def test_shifted_pass_with_no_pixels_left():
+    """A padded net on an image the size of its window, at half its stride: the shifted
+    pass has no rows left, and the pooling's padding must not make it promise a cell
+    (shift-and-stitch ran the network on an empty image; the dilated pass gave 2x2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, stride=8), nn.MaxPool2d(2, 2, padding=1),
+                          nn.Flatten(), nn.Linear(2, 3)).double().eval()
+    fcn = nofc.convert(model, (1, 8, 8))
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    assert nofc.geometry(fcn, (1, 8, 8)).output_shape((8, 8), step=8) == (1, 1)
+    with torch.no_grad():
+        ref = model(x)  # (1, 3)
+    for method in ("shift", "dilate"):
+        out = nofc.dense_predict(fcn, x, (1, 8, 8), 8, method=method)
+        assert out.shape == (1, 3, 1, 1)
+        torch.testing.assert_close(out[..., 0, 0], ref, atol=1e-10, rtol=0)
+
+
 def test_verify_image_exact_net():
     model = LeNet5().eval()
     fcn = nofc.convert(model, (1, 32, 32))

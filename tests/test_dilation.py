@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import nofc
 import nofc.dense
 from nofc import NofcError
-from nofc.layers import DilatedPool2d
+from nofc.layers import DilatedPool2d, conv_output_size
 from nofc.zoo import LeNet5
 
 from test_dense import _deep_padding_free, converted
@@ -136,6 +137,60 @@ def test_ceil_mode_equals_shift_and_stitch():
         assert (auto - shifted).abs().max().item() <= 1e-10
 
 
+def test_ceil_mode_pools_after_a_removed_stride_stay_exact():
+    """Found by hypothesis: NaN in 4 of 24 cells at step 1x2, where shift-and-stitch is
+    finite. The dilated ceil_mode max pooling had windows that start past its input (all
+    -inf), which the ceil_mode average pooling (count_include_pad=False) divided by 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool2d((1, 1), (1, 3)), nn.MaxPool2d((2, 1), 1, ceil_mode=True),
+                          nn.AvgPool2d((1, 2), (1, 2), ceil_mode=True, count_include_pad=False),
+                          nn.Conv2d(1, 1, 1, bias=False), nn.Conv2d(1, 1, 1, bias=False),
+                          nn.Flatten(), nn.Linear(5, 1, bias=False)).double().eval()
+    size = (1, 6, 6)
+    fcn = nofc.convert(model, size)
+    assert nofc.geometry(fcn, size).stride == (1, 6)
+    for hw in [(7, 12), (9, 20), (6, 17)]:
+        image = torch.randn(2, 1, *hw, dtype=torch.float64)
+        for step in [(1, 1), (1, 2), (1, 3)]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the dilated pass itself, not a fallback
+                dilated = nofc.dense_predict(fcn, image, size, step, method="dilate")
+            shifted = nofc.dense_predict(fcn, image, size, step, method="shift")
+            assert dilated.shape == shifted.shape
+            assert torch.isfinite(dilated).all(), (hw, step)
+            assert (dilated - shifted).abs().max().item() <= 1e-10, (hw, step)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_dilated_ceil_pool_is_pytorch_on_every_interleaved_map(kind):
+    """A map dilated by r interleaves r maps; with the stride S removed, each of them is
+    pooled at S shifts. Every cell of the dilated ceil_mode pooling is PyTorch's pooling of
+    one of those, and the cells they have are exactly its map: no more, no fewer."""
+    x = torch.randn(1, 2, 3, 23, dtype=torch.float64)
+    for r, k, s in [(1, 2, 2), (3, 1, 1), (3, 2, 1), (2, 3, 2), (3, 2, 3), (2, 1, 3), (4, 3, 2)]:
+        for n in range(1, x.shape[-1] + 1):
+            pool = DilatedPool2d(kind, (1, k), 1, 0, (1, r), True, False,
+                                 ceil_overhang=(0, (s - 1) * r))
+            want = {}
+            for a in range(r):
+                for b in range(s):
+                    m = x[..., :n][..., a::r][..., b:]
+                    if conv_output_size(m.shape[-1], k, s, ceil_mode=True) < 1:
+                        continue
+                    ref = (F.max_pool2d if kind == "max" else F.avg_pool2d)(
+                        m, (1, k), (1, s), ceil_mode=True)
+                    for i in range(ref.shape[-1]):
+                        want[(b + i * s) * r + a] = ref[..., i]
+            cells = pool._out(n, 1)[0]
+            assert sorted(want) == list(range(cells)), (r, k, s, n)
+            if not cells:
+                continue
+            got = pool(x[..., :n])  # (1, 2, 3, cells)
+            assert got.shape[-1] == cells
+            for u, ref in want.items():
+                torch.testing.assert_close(got[..., u], ref, atol=1e-12, rtol=0)
+
+
 def test_padded_net_auto_warns_once_and_dilate_differs_only_at_borders():
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
@@ -233,10 +288,10 @@ def test_dilated_pool_is_pytorch_pooling_at_dilation_one(ceil, count_include_pad
     for k, s, p in [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 3, 1), (1, 2, 0)]:
         ref = nn.AvgPool2d(k, s, p, ceil, count_include_pad)(x)
         got = DilatedPool2d("avg", k, s, p, 1, ceil, count_include_pad)(x)
-        torch.testing.assert_close(got[..., :ref.shape[2], :ref.shape[3]], ref)
+        torch.testing.assert_close(got, ref)  # the same cells too
         ref = nn.MaxPool2d(k, s, p, ceil_mode=ceil)(x)
         got = DilatedPool2d("max", k, s, p, 1, ceil)(x)
-        torch.testing.assert_close(got[..., :ref.shape[2], :ref.shape[3]], ref)
+        torch.testing.assert_close(got, ref)
 
 
 def test_errors():

@@ -316,22 +316,41 @@ def test_random_classifier_converts_exactly(model, extra, divisor):
     _check(model, extra, divisor)
 
 
-# Minimal architectures that hypothesis found failing once, kept as regression tests.
+# Minimal architectures that hypothesis found failing once, kept as regression tests:
+# name -> (architecture, extra, divisor), the arguments of the falsifying example (a
+# divisor draws a step finer than the stride, which runs the dilated pass).
 _FOUND = {
     # geometry said 0 cells: a ceil_mode pooling window longer than its 3-wide input
-    "ceil-window-longer-than-input": Arch(
+    "ceil-window-longer-than-input": (Arch(
         input_size=(1, 6, 6), stride=(1, 6), exact=False,
         body=[("Conv2d", dict(in_channels=1, out_channels=1, kernel_size=(1, 1), bias=False)),
               ("MaxPool2d", dict(kernel_size=(1, 1), stride=(1, 2))),
               ("MaxPool2d", dict(kernel_size=(1, 3), stride=(1, 3), dilation=2,
                                  ceil_mode=True))],
-        head=[("Linear", dict(in_features=6, out_features=1, bias=False))]),
+        head=[("Linear", dict(in_features=6, out_features=1, bias=False))]), (1, 1), None),
+    # NaN in 4 of 24 cells at step 1x2: the dilated ceil_mode max pooling made windows that
+    # start past the input (-inf), which the ceil_mode average pooling then divided by 0
+    "dilated-ceil-windows-past-the-input": (Arch(
+        input_size=(1, 6, 6), stride=(1, 6), exact=False,
+        body=[("MaxPool2d", dict(kernel_size=(1, 1), stride=(1, 3))),
+              ("MaxPool2d", dict(kernel_size=(2, 1), stride=(1, 1), ceil_mode=True)),
+              ("AvgPool2d", dict(kernel_size=(1, 2), stride=(1, 2), ceil_mode=True,
+                                 count_include_pad=False)),
+              ("Conv2d", dict(in_channels=1, out_channels=1, kernel_size=(1, 1), bias=False)),
+              ("Conv2d", dict(in_channels=1, out_channels=1, kernel_size=(1, 1), bias=False))],
+        head=[("Linear", dict(in_features=5, out_features=1, bias=False))]), (1, 1), (1, 3)),
 }
 
 
 @pytest.mark.parametrize("name", list(_FOUND))
 def test_found_by_hypothesis(name):
-    _check(RandomCNN(_FOUND[name]), (1, 1))
+    arch, extra, divisor = _FOUND[name]
+    model = RandomCNN(arch)
+    _check(model, extra, divisor)
+    if divisor is not None:  # the step ran the dilated pass, not a fallback
+        size = arch.input_size
+        fcn = nofc.convert(model, input_size=size)
+        nofc.dilate(fcn, size, _step(nofc.geometry(fcn, size).stride, divisor))
 
 
 def _check(model: RandomCNN, extra: tuple[int, int], divisor=None) -> None:
@@ -371,17 +390,24 @@ def _check(model: RandomCNN, extra: tuple[int, int], divisor=None) -> None:
 
 def _check_step(fcn, big, size, stride, divisor) -> None:
     """The dilated pass against shift-and-stitch at the smallest step that divides the
-    stride by at most ``divisor``."""
-    step = tuple(min(d for d in range(1, s + 1) if s % d == 0 and s // d <= max(1, k))
-                 for s, k in zip(stride, divisor))
+    stride by at most ``divisor``: finite wherever shift-and-stitch is, and equal to it
+    without padding."""
+    step = _step(stride, divisor)
     f64 = copy.deepcopy(fcn).double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a layer without a dilated form: shift-and-stitch
         dilated = nofc.dense_predict(f64, big, size, step, method="dilate")
     shifted = nofc.dense_predict(f64, big, size, step, method="shift")
     assert dilated.shape == shifted.shape
+    assert torch.isfinite(dilated[torch.isfinite(shifted)]).all()
     if not any("pads" in r for r in nofc.geometry(fcn, size).reasons):
         torch.testing.assert_close(dilated, shifted, atol=1e-10, rtol=0)
+
+
+def _step(stride, divisor) -> tuple[int, int]:
+    """The smallest step that divides the stride by at most ``divisor`` (per axis)."""
+    return tuple(min(d for d in range(1, s + 1) if s % d == 0 and s // d <= max(1, k))
+                 for s, k in zip(stride, divisor))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- the strategy itself

@@ -120,7 +120,7 @@ def dense_predict(
             bytes go through it in row bands, with the same result. ``"shift"``:
             ``(stride/step)**2`` passes on shifted images, interleaved
             (shift-and-stitch). ``"auto"`` (default): dilated where that equals
-            shift-and-stitch (no padding, no ceil_mode), else shift-and-stitch, saying
+            shift-and-stitch (no padding; ``ceil_mode`` is fine), else shift-and-stitch, saying
             why in a one-line warning, once per network and step. A network that cannot
             be dilated runs shift-and-stitch with such a warning.
         edges: ``"inside"`` (default): one cell per window wholly inside the image,

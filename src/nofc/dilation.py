@@ -211,7 +211,7 @@ def _max_pool(m: nn.MaxPool2d, c: Change) -> nn.Module:
     dil = (dil[0] * c.rate[0], dil[1] * c.rate[1])
     if m.ceil_mode or pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
         return DilatedPool2d("max", kernel, c.stride, pad, dil, m.ceil_mode,
-                             ceil_slack=(c.rate[0] - 1, c.rate[1] - 1))
+                             ceil_overhang=_overhang(m.stride or kernel, c))
     return nn.MaxPool2d(kernel, c.stride, pad, dil)
 
 
@@ -222,7 +222,14 @@ def _build_avg(gm, n, c: Change) -> nn.Module:
 def _avg_pool(m: nn.AvgPool2d, c: Change) -> nn.Module:
     return DilatedPool2d("avg", m.kernel_size, c.stride, _scaled(m.padding, c.rate), c.rate,
                          m.ceil_mode, m.count_include_pad, m.divisor_override,
-                         ceil_slack=(c.rate[0] - 1, c.rate[1] - 1))
+                         ceil_overhang=_overhang(m.stride or m.kernel_size, c))
+
+
+def _overhang(stride, c: Change) -> tuple[int, int]:
+    """How far past its input a ceil_mode window of the dilated pooling may reach: the
+    original ``stride - 1``, in pixels of the dilated map (see DilatedPool2d)."""
+    s = pair(stride)
+    return ((s[0] - 1) * c.rate[0], (s[1] - 1) * c.rate[1])
 
 
 def _check_pad(gm, n, c: Change) -> str:

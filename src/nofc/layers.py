@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ._fx import register_notrace_module
 from .errors import NofcError
 
-__all__ = ["FullConv2d", "DilatedPool2d", "conv_output_size", "dilated_ceil_size", "pair"]
+__all__ = ["FullConv2d", "DilatedPool2d", "conv_output_size", "pair"]
 
 
 def pair(v, like: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -33,26 +33,27 @@ def pair(v, like: tuple[int, int] | None = None) -> tuple[int, int]:
 
 
 def conv_output_size(n: int, kernel: int, stride: int = 1, pad_lo: int = 0, pad_hi: int = 0,
-                     dilation: int = 1, ceil_mode: bool = False) -> int:
+                     dilation: int = 1, ceil_mode: bool = False,
+                     overhang: int | None = None) -> int:
     """Cells along one axis of a convolution or pooling over ``n`` input pixels (0 if none).
 
-    PyTorch's rule, ``ceil_mode`` included: a last window that starts in the right
-    padding is dropped.
+    PyTorch's rule, ``ceil_mode`` included: a window may reach up to ``overhang`` pixels
+    (``stride - 1``) past the padded input, and must start before the input's end. A
+    dilated pooling (:class:`DilatedPool2d`) keeps the overhang of the original layer.
 
     >>> conv_output_size(224, 7, 2, 3, 3), conv_output_size(112, 3, 2, 1, 1)
     (112, 56)
     >>> conv_output_size(5, 2, 2), conv_output_size(5, 2, 2, ceil_mode=True)
     (2, 3)
     """
-    k = dilation * (kernel - 1) + 1
-    span = n + pad_lo + pad_hi - k
+    if n <= 0:  # no pixels, no cells: padding an empty map gives none either
+        return 0
+    span = n + pad_lo + pad_hi - (dilation * (kernel - 1) + 1)
     if not ceil_mode:
         return span // stride + 1 if span >= 0 else 0
-    # ceil_mode: a window longer than the input still gives a cell when it starts inside
-    out = max(0, -(-span // stride) + 1)
-    if (out - 1) * stride >= n + pad_lo:  # the last window must start inside
-        out -= 1
-    return out
+    reach = stride - 1 if overhang is None else overhang
+    # a window longer than the input still gives a cell when it starts inside
+    return max(0, min(span + reach, n + pad_lo - 1) // stride + 1)
 
 
 @register_notrace_module
@@ -103,16 +104,6 @@ class FullConv2d(nn.Conv2d):
         return out.view(x.shape[0], self.out_channels, oh, ow)
 
 
-def dilated_ceil_size(n: int, stride: int, pad: int, slack: int) -> int:
-    """Cells of a dilated ``ceil_mode`` pooling: every window that starts before the end
-    of the input, counted ``slack`` longer (see :class:`DilatedPool2d`).
-
-    >>> dilated_ceil_size(10, 1, 0, 1), dilated_ceil_size(10, 2, 1, 0)
-    (11, 6)
-    """
-    return max(0, -(-(n + slack + pad) // stride))
-
-
 class DilatedPool2d(nn.Module):
     """Average or max pooling over a dilated window, as the dilated network needs it.
 
@@ -122,11 +113,14 @@ class DilatedPool2d(nn.Module):
     ``max_pool2d`` on an input padded with ``-inf`` (PyTorch allows no padding above half
     the undilated kernel).
 
-    ``ceil_mode`` is that of the interleaved maps: a map dilated by ``r`` holds ``r`` maps
-    of the original network, each with its own partial windows at its end. Every window
-    that starts before the end of the input, counted ``ceil_slack`` (``r - 1``) longer,
-    gives a cell (:func:`dilated_ceil_size`); a few more cells than any one map has, which
-    later layers crop. Taps beyond the input are left out, as in each original map.
+    ``ceil_mode`` is that of the interleaved maps. A map whose stride was cut from ``S`` to
+    ``stride`` and whose kernel is dilated by ``r`` interleaves the maps of several shifts of
+    the image; whether a shift's map has a cell depends only on where the cell lies in the
+    image, not on the shift, so PyTorch's rule carries over with the overhang counted in the
+    dilated map: a window starts before the input's end and reaches at most
+    ``ceil_overhang`` (``(S - 1) * r``; PyTorch's ``stride - 1`` by default) pixels past the
+    padded input. The map then holds exactly the cells of the original maps, and taps beyond
+    the input are left out, as in each of them.
 
     >>> pool = DilatedPool2d("avg", 2, 1, 0, 2)
     >>> pool(torch.arange(16.).view(1, 1, 4, 4))
@@ -136,14 +130,15 @@ class DilatedPool2d(nn.Module):
 
     def __init__(self, kind: str, kernel_size, stride=1, padding=0, dilation=1,
                  ceil_mode: bool = False, count_include_pad: bool = True,
-                 divisor_override: int | None = None, ceil_slack=0):
+                 divisor_override: int | None = None, ceil_overhang=None):
         super().__init__()
         self.kind = kind
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.ceil_mode, self.count_include_pad = bool(ceil_mode), bool(count_include_pad)
         self.divisor_override = divisor_override
-        self.ceil_slack = pair(ceil_slack)
+        self.ceil_overhang = tuple(s - 1 for s in self.stride) if ceil_overhang is None \
+            else pair(ceil_overhang)
 
     def extra_repr(self) -> str:
         return (f"{self.kind!r}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -176,8 +171,5 @@ class DilatedPool2d(nn.Module):
     def _out(self, n: int, a: int) -> tuple[int, int]:
         """Cells along axis ``a`` and the end padding beyond ``padding`` they need."""
         k, s, p, d = self.kernel_size[a], self.stride[a], self.padding[a], self.dilation[a]
-        if self.ceil_mode:
-            out = dilated_ceil_size(n, s, p, self.ceil_slack[a])
-        else:
-            out = conv_output_size(n, k, s, p, p, d)
+        out = conv_output_size(n, k, s, p, p, d, self.ceil_mode, self.ceil_overhang[a])
         return out, max(0, (out - 1) * s + d * (k - 1) + 1 - n - 2 * p)

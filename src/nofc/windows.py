@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ._fx import (ANY_STRIDE, NodeFailure, bind, describe_node, get_attr, global_pool,
                   output_node, param_like, probe, trace, viewed, written)
 from .errors import NofcError, check_input_size, first_line
-from .layers import DilatedPool2d, conv_output_size, dilated_ceil_size, pair
+from .layers import DilatedPool2d, conv_output_size, pair
 from .tolerance import passes, tolerance_for
 
 __all__ = ["geometry", "Geometry", "parse_step", "EDGES"]
@@ -64,14 +64,12 @@ class _Layer:
     pad_hi: tuple[int, int]
     dilation: tuple[int, int] = (1, 1)
     ceil_mode: bool = False
-    ceil_slack: tuple[int, int] | None = None  # DilatedPool2d's ceil_mode rule
+    ceil_overhang: tuple[int, int] | None = None  # DilatedPool2d's; None: stride - 1
 
     def out_size(self, n: int, axis: int) -> int:
-        if self.ceil_mode and self.ceil_slack is not None:
-            return dilated_ceil_size(n, self.stride[axis], self.pad_lo[axis],
-                                     self.ceil_slack[axis])
+        reach = None if self.ceil_overhang is None else self.ceil_overhang[axis]
         return conv_output_size(n, self.kernel[axis], self.stride[axis], self.pad_lo[axis],
-                                self.pad_hi[axis], self.dilation[axis], self.ceil_mode)
+                                self.pad_hi[axis], self.dilation[axis], self.ceil_mode, reach)
 
     @property
     def padded(self) -> bool:
@@ -608,7 +606,7 @@ def _module_layer(m: nn.Module) -> _Layer | None:
         return _pool_layer(m.kernel_size, m.stride, m.padding, 1, m.ceil_mode)
     if isinstance(m, DilatedPool2d):
         layer = _pool_layer(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        return replace(layer, ceil_slack=m.ceil_slack)
+        return replace(layer, ceil_overhang=m.ceil_overhang)
     if isinstance(m, _PAD_MODULES):
         return _pad_layer(*m.padding)
     return None
