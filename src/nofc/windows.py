@@ -784,6 +784,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
         context = [plan.context_reason(name) if plan else f"'{name}' pools over the whole "
                    "image" for name in sorted(walk.global_context)]
         geo = _measured(gm, size, sizes, probes, why=str(unreadable), context=context)
+        if unreadable.inexact:  # the write is at fixed places of the map, not per window
+            geo = replace(geo, exact=False, reasons=(*geo.reasons, f"{unreadable}: cells "
+                                                     "depend on where their window lies"))
         return replace(geo, lattice=lattice)
     geo = replace(walk.result(size, dilated=dilated is not None), lattice=lattice)
     for hw, p in zip(sizes, probes):
@@ -842,7 +845,13 @@ def _probe_sizes(gm: fx.GraphModule, size, extra=(0, 0), *,
 
 class _Unreadable(Exception):
     """A node whose effect on the map nofc cannot read from its arguments: geometry is
-    then measured instead (``_measured``)."""
+    then measured instead (``_measured``). ``inexact``: the node itself makes cells
+    depend on where their window lies (a write into a fixed part of the map, as padding
+    does), whatever a measurement on a few cells shows."""
+
+    def __init__(self, message: str, *, inexact: bool = False):
+        super().__init__(message)
+        self.inexact = inexact
 
 
 class _Walk:
@@ -1002,7 +1011,7 @@ class _Walk:
             what = "a part of the map" if part else "the map"
             raise _Unreadable(f"{describe_node(self.gm, n)} writes in place into {what} "
                               f"{root.name!r}, which {describe_node(self.gm, later[0])} reads "
-                              "later")
+                              "later", inexact=part)
 
     def _aliases(self, root: fx.Node, skip: fx.Node) -> list[fx.Node]:
         """The nodes that read ``root`` or a view of it (not through ``skip``)."""
