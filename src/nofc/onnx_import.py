@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
@@ -487,7 +487,11 @@ class _Plan:
 
 
 class _Planner:
-    """Decides the conversion from a ``_GraphIndex``: ``run()`` returns the ``_Plan``."""
+    """Decides the conversion from a ``_GraphIndex``: ``run()`` returns the ``_Plan``.
+
+    It holds what the steps share (the plan being built, fresh names and constants, the
+    shapes head nodes read) and hands each head node to its rule in ``_RULES``.
+    """
 
     def __init__(self, ix: _GraphIndex, pooling: str):
         self.ix = ix
@@ -514,7 +518,7 @@ class _Planner:
         """The graph's shape of a tensor a head node reads (src: the flattened one)."""
         return self.ix.shape(self.read_as.get(name, name))
 
-    def fail(self, node, why: str):
+    def fail(self, node, why: str) -> NoReturn:
         raise NofcError(f"{_node_label(node)}: {why}")
 
     def edit(self, at: int, node, why: str) -> None:
@@ -524,96 +528,10 @@ class _Planner:
         self.plan.inserted.append(_Edit(_label(node), node, why))
 
     def run(self) -> _Plan:
-        self.plan_moves()
-        flat, src = self.plan_entry()
+        _plan_moves(self)
+        flat, src = _plan_entry(self)
         self.plan_head(flat, src)
         return self.plan
-
-    # ------------------------------------------------------------------ the body
-
-    def plan_moves(self) -> None:
-        """Reshapes that only move a one-channel axis become the Transposes they stand for."""
-        for at, perm in self.ix.moves.items():
-            n = self.ix.nodes[at]
-            new = _onnx().helper.make_node("Transpose", [n.input[0]], [n.output[0]],
-                                           name=n.name or None, perm=list(perm))
-            self.edit(at, new, f"becomes Transpose {list(perm)}: its constant shape only "
-                               "moves the one-channel axis, but fixes height and width")
-
-    # ------------------------------------------------------------------ the entry
-
-    def plan_entry(self) -> tuple[str, str]:
-        """Plan away the flatten; returns (flattened tensor, 4D tensor the head reads)."""
-        ix = self.ix
-        at = _find_entry(ix)
-        entry = ix.nodes[at]
-        t = entry.input[0]
-        perm, pool = _trace_layout(ix, entry)
-        if perm[0] != 0:
-            self.fail(entry, f"the flattened tensor moves the batch axis (perm {perm})")
-        ts = ix.shape(t)
-        xs = tuple(ts[perm.index(j)] for j in range(4))  # (N, C, H, W) of the NCHW source
-        if None in xs[1:]:
-            self.fail(entry, f"the shape of its input '{t}' is unknown at the reference size")
-        src = self.nchw(t, perm)
-        if entry.op_type in _REDUCE:  # pooling and flatten in one
-            return entry.output[0], self.plan_reduce(at, src, xs, perm)
-        if pool is not None and self.pooling == "window":
-            self.window_pool(pool)
-        self.edit(at, None, f"removed: the head reads the {'x'.join(map(str, xs[1:]))} "
-                            f"map '{src}'")
-        # a 1 x 1 map flattens to its C channels in any order: plain class-score vector
-        self.plan.layouts[src] = _VectorLayout(xs[1]) if xs[2:] == (1, 1) else \
-            _MapLayout(*xs[1:], tuple(perm))
-        return entry.output[0], src
-
-    def plan_reduce(self, at: int, src: str, xs: tuple, perm: list[int]) -> str:
-        """A ReduceMean/Max over height and width without keepdims becomes a pooling
-        that keeps them; returns the pooled tensor."""
-        entry = self.ix.nodes[at]
-        if {perm[a] for a in _axes(entry, self.ix.consts)} != {2, 3}:
-            self.fail(entry, "it does not reduce over height and width")
-        pooled = self.fresh(entry.output[0] + "_map")
-        if self.pooling == "window":
-            new = self.pool_node(entry, src, pooled, xs[2:])
-        else:
-            new = _onnx().helper.make_node(_REDUCE_TO_GLOBAL[entry.op_type], [src], [pooled],
-                                           name=entry.name or None)
-        self.edit(at, new, f"becomes {new.op_type}{_kernel_text(new)}, keeping height and width")
-        self.plan.layouts[pooled] = _VectorLayout(xs[1])
-        return pooled
-
-    def window_pool(self, at: int) -> None:
-        """Global pooling -> the (h, w) window it covers at the reference size, stride 1."""
-        pool = self.ix.nodes[at]
-        src = self.ix.shape(pool.input[0])
-        if src is None or None in src[2:]:
-            self.fail(pool, "its input's height and width are unknown at the reference size")
-        new = self.pool_node(pool, pool.input[0], pool.output[0], src[2:])
-        self.edit(at, new, f"becomes {new.op_type}{_kernel_text(new)}: the window of the "
-                           "reference size")
-
-    @staticmethod
-    def pool_node(pool, src: str, out: str, window):
-        return _onnx().helper.make_node(_GLOBAL_POOL[pool.op_type], [src], [out],
-                                        name=pool.name or None, kernel_shape=list(window),
-                                        strides=[1, 1])
-
-    def nchw(self, t: str, perm) -> str:
-        """The NCHW tensor X with t = transpose(X, perm): t itself, a Transpose's input or
-        a new Transpose that undoes ``perm``."""
-        if perm == [0, 1, 2, 3]:
-            return t
-        at = self.ix.producer.get(t)
-        if at is not None and self.ix.perm_at(at) == perm:
-            return self.ix.nodes[at].input[0]
-        src = self.fresh(t + "_nchw")
-        self.insert(_onnx().helper.make_node(
-            "Transpose", [t], [src], name=src, perm=[perm.index(i) for i in range(4)]),
-            f"undoes the permutation {perm} before the flatten")
-        return src
-
-    # ------------------------------------------------------------------ the head
 
     def plan_head(self, flat: str, src: str) -> None:
         """Plan every node downstream of the flatten; they then read ``src`` instead."""
@@ -636,7 +554,7 @@ class _Planner:
             del node.input[:]
             node.input.extend(src if i == flat else i for i in n.input)
             layout = next(plan.layouts[i] for i in node.input if i in plan.layouts)
-            step = _RULES.get(node.op_type, _Planner.unsupported)(self, node, layout)
+            step = _RULES.get(node.op_type, _plan_unsupported)(self, node, layout)
             self.edit(at, step.node, step.why)
             if step.absorbs is not None:
                 self.edit(step.absorbs, None, f"removed: folded into {_label(n)} as its bias")
@@ -650,192 +568,303 @@ class _Planner:
                 raise NofcError(f"the graph output '{name}' is the flattened feature map "
                                 "itself, which has no convolutional form")
 
-    # The rules, one per kind of head node (see _RULES): each gets the node (a copy that
-    # reads src where the graph read the flattened tensor) and the layout it reads, and
-    # returns what the node becomes.
 
-    def dense(self, n, layout: _Layout) -> _Step:
-        """Gemm, or MatMul (with the constant Add after it): a Conv."""
-        a, b = n.input[0], n.input[1]
-        if a not in self.plan.layouts or b not in self.ix.consts:
-            self.fail(n, "nofc needs the features as its first input and constant weights "
-                         "as its second")
-        w = self.ix.consts[b]
-        if w.ndim != 2:
-            self.fail(n, f"its weight has shape {w.shape}, not (in, out)")
-        if n.op_type == "Gemm":
-            (w, bias), fold = self.gemm(n, w), None
-        else:
-            w, (fold, bias) = w.T, self.matmul_bias(n)
-        fold_node = None if fold is None else self.ix.nodes[fold]
-        bias = self.check_bias(fold_node or n, bias, w)
-        kernel = self.kernel(n, w, layout)
-        base = n.name or n.output[0]
-        inputs = [a, self.const(f"{base}_conv_weight", kernel)]
-        if bias is not None:
-            inputs.append(self.const(f"{base}_conv_bias", bias))
-        out_name = (fold_node or n).output[0]
-        conv = _onnx().helper.make_node("Conv", inputs, [out_name], name=n.name or None,
-                                        kernel_shape=list(kernel.shape[2:]), strides=[1, 1])
-        why = (f"becomes Conv {kernel.shape[1]}->{kernel.shape[0]}, kernel "
-               f"{'x'.join(map(str, kernel.shape[2:]))} ({'x'.join(map(str, kernel.shape))} "
-               "weights)" + (f", bias from '{fold_node.name or out_name}'" if fold_node else ""))
-        return _Step(conv, _VectorLayout(kernel.shape[0]), why, absorbs=fold)
-
-    def gemm(self, n, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """A Gemm's weight as (out, in), alpha applied, and its bias C (beta applied)."""
-        if _attr(n, "transA", 0):
-            self.fail(n, "transA=1 transposes the features; nofc converts transA=0 only")
-        w = w if _attr(n, "transB", 0) else w.T  # (out, in)
-        w = w * np.asarray(_attr(n, "alpha", 1.0), dtype=w.dtype)
-        if len(n.input) < 3 or not n.input[2]:
-            return w, None
-        if n.input[2] not in self.ix.consts:
-            self.fail(n, "its bias C is not a constant")
-        return w, self.ix.consts[n.input[2]] * np.asarray(_attr(n, "beta", 1.0), w.dtype)
-
-    def matmul_bias(self, n) -> tuple[int | None, np.ndarray | None]:
-        """The Add of a constant right after a MatMul: (its index, the constant)."""
-        out = n.output[0]
-        users = self.ix.consumers.get(out, ())
-        if len(users) != 1 or out in self.ix.outputs:
-            return None, None
-        add = self.ix.nodes[users[0]]
-        other = [i for i in add.input if i != out]
-        rank = len(self.ix.shape(out) or (0, 0))
-        if add.op_type == "Add" and len(other) == 1 and other[0] in self.ix.consts and \
-                self.ix.consts[other[0]].ndim <= rank:  # broadcasting adds no axes
-            return users[0], self.ix.consts[other[0]]
-        return None, None
-
-    def check_bias(self, n, bias, w: np.ndarray) -> np.ndarray | None:
-        """The bias as one value per output, in the weight's dtype."""
-        if bias is None:
-            return None
-        out = w.shape[0]
-        if bias.size == 1:
-            bias = np.full(out, bias.reshape(()), dtype=w.dtype)
-        elif bias.size != out or bias.shape[-1] != out:  # (out,), (1, out), (1, 1, out)
-            self.fail(n, f"its bias has shape {bias.shape}; nofc needs one value per output "
-                         f"({out},)")
-        return bias.reshape(out).astype(w.dtype)
-
-    def kernel(self, n, w: np.ndarray, layout: _Layout) -> np.ndarray:
-        """The (out, in) weight as a Conv kernel (out, C, H, W) for the layout it reads."""
-        out = w.shape[0]
-        if isinstance(layout, _VectorLayout):
-            if w.shape[1] != layout.k:
-                self.fail(n, f"it expects {w.shape[1]} features but gets {layout.k}")
-            return w.reshape(out, layout.k, 1, 1)
-        c, h, wd, perm = layout.c, layout.h, layout.w, layout.perm
-        if w.shape[1] != c * h * wd:
-            self.fail(n, f"it expects {w.shape[1]} features but the feature map is "
-                         f"{c}x{h}x{wd} = {c * h * wd}; is input_size the training size?")
-        # the weight reads transpose(X, perm) flattened; the kernel reads X itself
-        t_dims = [(c, h, wd)[p - 1] for p in perm[1:]]
-        return w.reshape(out, *t_dims).transpose([0] + [perm.index(j) for j in (1, 2, 3)])
-
-    def elementwise(self, n, layout: _Layout) -> _Step:
-        extra = [i for i in n.input[1:] if i]
-        consts = self.ix.consts
-        if any(i not in consts or consts[i].size != 1 for i in extra):
-            self.fail(n, "its extra inputs are not scalar constants")
-        return _Step(n, layout, "kept: it acts on each value alone")
-
-    def binary(self, n, layout: _Layout) -> _Step:
-        """Tensors of the head with the same layout, scalars, or one constant per class."""
-        why = "kept: its other inputs are scalars or of the same layout"
-        vector = isinstance(layout, _VectorLayout)
-        for i, name in enumerate(n.input):
-            if name in self.plan.layouts:  # from the head
-                if self.plan.layouts[name] != layout:
-                    self.fail(n, "it combines tensors of different shapes")
-                continue
-            c = self.ix.consts.get(name)
-            if c is None:
-                self.fail(n, f"its input '{name}' is neither constant nor from the head")
-            if c.size == 1 or (n.op_type == "PRelu" and vector and c.shape == (layout.k, 1, 1)):
-                continue
-            head = next(t for t in n.input if t in self.plan.layouts)
-            if not vector or not self.per_class(c, head, layout):
-                self.fail(n, f"its constant '{name}' has shape {c.shape}; nofc handles "
-                             "scalars and one value per feature of the class scores")
-            n.input[i] = self.const(f"{name}_per_channel", c.reshape(layout.k, 1, 1))
-            why = "its per-class constants become (K, 1, 1)"
-        return _Step(n, layout, why)
-
-    def per_class(self, c: np.ndarray, head: str, layout: _VectorLayout) -> bool:
-        """Is constant ``c`` one value per class of the head tensor ``head`` it meets
-        (broadcast from the right, without adding axes)?"""
-        axes, rank = self.class_axes(head, layout)
-        off = rank - c.ndim
-        return off >= 0 and c.size == layout.k and any(
-            a >= off and c.shape[a - off] == layout.k for a in axes)
-
-    def scores_only(self, n, layout: _Layout, why: str) -> None:
-        if not isinstance(layout, _VectorLayout):
-            self.fail(n, why)
-
-    def class_axes(self, name: str, layout: _Layout) -> tuple[tuple[int, ...], int]:
-        """(the axes of tensor ``name`` that can hold its features, its rank) in the graph;
-        a tensor of unknown shape counts as (N, features)."""
-        shape = self.shape(name)
-        k = layout.k if isinstance(layout, _VectorLayout) else layout.c * layout.h * layout.w
-        return (_feature_axes(shape, k), len(shape)) if shape else ((1,), 2)
-
-    def softmax(self, n, layout: _Layout) -> _Step:
-        self.scores_only(n, layout, "it runs on the flattened feature map, not on class scores")
-        if self.ix.opset < 13:
-            self.fail(n, f"in opset {self.ix.opset} Softmax flattens its input; "
-                         "re-export the model with opset 13 or later")
-        axes, rank = self.class_axes(n.input[0], layout)
-        if _attr(n, "axis", -1) % rank not in axes:
-            self.fail(n, "it does not run over the class axis")
-        _set_attr(n, "axis", 1)
-        return _Step(n, layout, "runs over the channel axis (axis=1)")
-
-    def batch_norm(self, n, layout: _Layout) -> _Step:
-        self.scores_only(n, layout, "it normalises the flattened feature map feature by feature")
-        if 1 not in self.class_axes(n.input[0], layout)[0]:
-            self.fail(n, "its channel axis 1 does not hold the class scores")
-        return _Step(n, layout, "kept: it normalises each channel")
-
-    def reshape(self, n, layout: _Layout) -> _Step:
-        """A Reshape, Squeeze, Unsqueeze or Flatten that only adds or drops axes of size 1
-        (torch.onnx writes them around Gemm) or keeps the shape: Identity."""
-        src, out = self.shape(n.input[0]), self.ix.shape(n.output[0])
-        if src is None or out is None or src != out and not (
-                src[0] == out[0] and self.class_axes(n.input[0], layout)[0] and
-                self.class_axes(n.output[0], layout)[0]):
-            what = "class scores" if isinstance(layout, _VectorLayout) else \
-                "flattened feature map"
-            self.fail(n, f"it changes the shape of the {what}")
-        del n.input[1:]
-        del n.attribute[:]
-        n.op_type = "Identity"
-        return _Step(n, layout, "becomes Identity: the values keep their order and the map "
-                                "its K x h x w shape")
-
-    def unsupported(self, n, layout: _Layout) -> _Step:
-        what = "class scores" if isinstance(layout, _VectorLayout) else "flattened feature map"
-        self.fail(n, f"it reads the {what} and has no fully convolutional form; nofc "
-                     "converts Gemm, MatMul(+Add), elementwise activations, "
-                     "BatchNormalization and Softmax there")
+# --------------------------------------------------------------------------- plan: the body
 
 
-_RULES = {
-    **dict.fromkeys(_DENSE, _Planner.dense),
-    **dict.fromkeys(_ELEMENTWISE, _Planner.elementwise),
-    **dict.fromkeys(_BINARY, _Planner.binary),
-    **dict.fromkeys(_SOFTMAX, _Planner.softmax),
-    "BatchNormalization": _Planner.batch_norm,
-    **dict.fromkeys(_RESHAPE, _Planner.reshape),
-}
+def _plan_moves(p: _Planner) -> None:
+    """Reshapes that only move a one-channel axis become the Transposes they stand for."""
+    for at, perm in p.ix.moves.items():
+        n = p.ix.nodes[at]
+        new = _onnx().helper.make_node("Transpose", [n.input[0]], [n.output[0]],
+                                       name=n.name or None, perm=list(perm))
+        p.edit(at, new, f"becomes Transpose {list(perm)}: its constant shape only "
+                        "moves the one-channel axis, but fixes height and width")
+
+
+# --------------------------------------------------------------------------- plan: the entry
+
+
+def _plan_entry(p: _Planner) -> tuple[str, str]:
+    """Plan away the flatten; returns (flattened tensor, 4D tensor the head reads)."""
+    ix = p.ix
+    at = _find_entry(ix)
+    entry = ix.nodes[at]
+    t = entry.input[0]
+    perm, pool = _trace_layout(ix, entry)
+    if perm[0] != 0:
+        p.fail(entry, f"the flattened tensor moves the batch axis (perm {perm})")
+    ts = ix.shape(t)
+    xs = tuple(ts[perm.index(j)] for j in range(4))  # (N, C, H, W) of the NCHW source
+    if None in xs[1:]:
+        p.fail(entry, f"the shape of its input '{t}' is unknown at the reference size")
+    src = _nchw(p, t, perm)
+    if entry.op_type in _REDUCE:  # pooling and flatten in one
+        return entry.output[0], _plan_reduce(p, at, src, xs, perm)
+    if pool is not None and p.pooling == "window":
+        _window_pool(p, pool)
+    p.edit(at, None, f"removed: the head reads the {'x'.join(map(str, xs[1:]))} map '{src}'")
+    # a 1 x 1 map flattens to its C channels in any order: plain class-score vector
+    p.plan.layouts[src] = _VectorLayout(xs[1]) if xs[2:] == (1, 1) else \
+        _MapLayout(*xs[1:], tuple(perm))
+    return entry.output[0], src
+
+
+def _plan_reduce(p: _Planner, at: int, src: str, xs: tuple, perm: list[int]) -> str:
+    """A ReduceMean/Max over height and width without keepdims becomes a pooling
+    that keeps them; returns the pooled tensor."""
+    entry = p.ix.nodes[at]
+    if {perm[a] for a in _axes(entry, p.ix.consts)} != {2, 3}:
+        p.fail(entry, "it does not reduce over height and width")
+    pooled = p.fresh(entry.output[0] + "_map")
+    if p.pooling == "window":
+        new = _pool_node(entry, src, pooled, xs[2:])
+    else:
+        new = _onnx().helper.make_node(_REDUCE_TO_GLOBAL[entry.op_type], [src], [pooled],
+                                       name=entry.name or None)
+    p.edit(at, new, f"becomes {new.op_type}{_kernel_text(new)}, keeping height and width")
+    p.plan.layouts[pooled] = _VectorLayout(xs[1])
+    return pooled
+
+
+def _window_pool(p: _Planner, at: int) -> None:
+    """Global pooling -> the (h, w) window it covers at the reference size, stride 1."""
+    pool = p.ix.nodes[at]
+    src = p.ix.shape(pool.input[0])
+    if src is None or None in src[2:]:
+        p.fail(pool, "its input's height and width are unknown at the reference size")
+    new = _pool_node(pool, pool.input[0], pool.output[0], src[2:])
+    p.edit(at, new, f"becomes {new.op_type}{_kernel_text(new)}: the window of the "
+                    "reference size")
+
+
+def _pool_node(pool, src: str, out: str, window):
+    return _onnx().helper.make_node(_GLOBAL_POOL[pool.op_type], [src], [out],
+                                    name=pool.name or None, kernel_shape=list(window),
+                                    strides=[1, 1])
 
 
 def _kernel_text(node) -> str:
     k = _attr(node, "kernel_shape")
     return f", kernel {'x'.join(map(str, k))}, stride 1" if k else ""
+
+
+def _nchw(p: _Planner, t: str, perm) -> str:
+    """The NCHW tensor X with t = transpose(X, perm): t itself, a Transpose's input or
+    a new Transpose that undoes ``perm``."""
+    if perm == [0, 1, 2, 3]:
+        return t
+    at = p.ix.producer.get(t)
+    if at is not None and p.ix.perm_at(at) == perm:
+        return p.ix.nodes[at].input[0]
+    src = p.fresh(t + "_nchw")
+    p.insert(_onnx().helper.make_node(
+        "Transpose", [t], [src], name=src, perm=[perm.index(i) for i in range(4)]),
+        f"undoes the permutation {perm} before the flatten")
+    return src
+
+
+# --------------------------------------------------------------------------- plan: head rules
+
+# A rule plans one head node: rule(planner, node, layout) gets the node (a copy that reads
+# src where the graph read the flattened tensor) and the layout it reads, and returns what
+# the node becomes (a _Step) or refuses.
+_Rule = Callable[[_Planner, Any, _Layout], _Step]
+
+
+def _plan_dense(p: _Planner, n, layout: _Layout) -> _Step:
+    """Gemm, or MatMul (with the constant Add after it): a Conv."""
+    a, b = n.input[0], n.input[1]
+    if a not in p.plan.layouts or b not in p.ix.consts:
+        p.fail(n, "nofc needs the features as its first input and constant weights "
+                  "as its second")
+    w = p.ix.consts[b]
+    if w.ndim != 2:
+        p.fail(n, f"its weight has shape {w.shape}, not (in, out)")
+    if n.op_type == "Gemm":
+        (w, bias), fold = _gemm_weight(p, n, w), None
+    else:
+        w, (fold, bias) = w.T, _matmul_bias(p, n)
+    fold_node = None if fold is None else p.ix.nodes[fold]
+    bias = _check_bias(p, fold_node or n, bias, w)
+    kernel = _kernel(p, n, w, layout)
+    base = n.name or n.output[0]
+    inputs = [a, p.const(f"{base}_conv_weight", kernel)]
+    if bias is not None:
+        inputs.append(p.const(f"{base}_conv_bias", bias))
+    out_name = (fold_node or n).output[0]
+    conv = _onnx().helper.make_node("Conv", inputs, [out_name], name=n.name or None,
+                                    kernel_shape=list(kernel.shape[2:]), strides=[1, 1])
+    why = (f"becomes Conv {kernel.shape[1]}->{kernel.shape[0]}, kernel "
+           f"{'x'.join(map(str, kernel.shape[2:]))} ({'x'.join(map(str, kernel.shape))} "
+           "weights)" + (f", bias from '{fold_node.name or out_name}'" if fold_node else ""))
+    return _Step(conv, _VectorLayout(kernel.shape[0]), why, absorbs=fold)
+
+
+def _gemm_weight(p: _Planner, n, w: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Gemm's weight as (out, in), alpha applied, and its bias C (beta applied)."""
+    if _attr(n, "transA", 0):
+        p.fail(n, "transA=1 transposes the features; nofc converts transA=0 only")
+    w = w if _attr(n, "transB", 0) else w.T  # (out, in)
+    w = w * np.asarray(_attr(n, "alpha", 1.0), dtype=w.dtype)
+    if len(n.input) < 3 or not n.input[2]:
+        return w, None
+    if n.input[2] not in p.ix.consts:
+        p.fail(n, "its bias C is not a constant")
+    return w, p.ix.consts[n.input[2]] * np.asarray(_attr(n, "beta", 1.0), w.dtype)
+
+
+def _matmul_bias(p: _Planner, n) -> tuple[int | None, np.ndarray | None]:
+    """The Add of a constant right after a MatMul: (its index, the constant)."""
+    ix, out = p.ix, n.output[0]
+    users = ix.consumers.get(out, ())
+    if len(users) != 1 or out in ix.outputs:
+        return None, None
+    add = ix.nodes[users[0]]
+    other = [i for i in add.input if i != out]
+    rank = len(ix.shape(out) or (0, 0))
+    if add.op_type == "Add" and len(other) == 1 and other[0] in ix.consts and \
+            ix.consts[other[0]].ndim <= rank:  # broadcasting adds no axes
+        return users[0], ix.consts[other[0]]
+    return None, None
+
+
+def _check_bias(p: _Planner, n, bias, w: np.ndarray) -> np.ndarray | None:
+    """The bias as one value per output, in the weight's dtype."""
+    if bias is None:
+        return None
+    out = w.shape[0]
+    if bias.size == 1:
+        bias = np.full(out, bias.reshape(()), dtype=w.dtype)
+    elif bias.size != out or bias.shape[-1] != out:  # (out,), (1, out), (1, 1, out)
+        p.fail(n, f"its bias has shape {bias.shape}; nofc needs one value per output "
+                  f"({out},)")
+    return bias.reshape(out).astype(w.dtype)
+
+
+def _kernel(p: _Planner, n, w: np.ndarray, layout: _Layout) -> np.ndarray:
+    """The (out, in) weight as a Conv kernel (out, C, H, W) for the layout it reads."""
+    out = w.shape[0]
+    if isinstance(layout, _VectorLayout):
+        if w.shape[1] != layout.k:
+            p.fail(n, f"it expects {w.shape[1]} features but gets {layout.k}")
+        return w.reshape(out, layout.k, 1, 1)
+    c, h, wd, perm = layout.c, layout.h, layout.w, layout.perm
+    if w.shape[1] != c * h * wd:
+        p.fail(n, f"it expects {w.shape[1]} features but the feature map is "
+                  f"{c}x{h}x{wd} = {c * h * wd}; is input_size the training size?")
+    # the weight reads transpose(X, perm) flattened; the kernel reads X itself
+    t_dims = [(c, h, wd)[a - 1] for a in perm[1:]]
+    return w.reshape(out, *t_dims).transpose([0] + [perm.index(j) for j in (1, 2, 3)])
+
+
+def _plan_elementwise(p: _Planner, n, layout: _Layout) -> _Step:
+    extra = [i for i in n.input[1:] if i]
+    consts = p.ix.consts
+    if any(i not in consts or consts[i].size != 1 for i in extra):
+        p.fail(n, "its extra inputs are not scalar constants")
+    return _Step(n, layout, "kept: it acts on each value alone")
+
+
+def _plan_binary(p: _Planner, n, layout: _Layout) -> _Step:
+    """Tensors of the head with the same layout, scalars, or one constant per class."""
+    why = "kept: its other inputs are scalars or of the same layout"
+    vector = isinstance(layout, _VectorLayout)
+    for i, name in enumerate(n.input):
+        if name in p.plan.layouts:  # from the head
+            if p.plan.layouts[name] != layout:
+                p.fail(n, "it combines tensors of different shapes")
+            continue
+        c = p.ix.consts.get(name)
+        if c is None:
+            p.fail(n, f"its input '{name}' is neither constant nor from the head")
+        if c.size == 1 or (n.op_type == "PRelu" and vector and c.shape == (layout.k, 1, 1)):
+            continue
+        head = next(t for t in n.input if t in p.plan.layouts)
+        if not vector or not _per_class(p, c, head, layout):
+            p.fail(n, f"its constant '{name}' has shape {c.shape}; nofc handles "
+                      "scalars and one value per feature of the class scores")
+        n.input[i] = p.const(f"{name}_per_channel", c.reshape(layout.k, 1, 1))
+        why = "its per-class constants become (K, 1, 1)"
+    return _Step(n, layout, why)
+
+
+def _per_class(p: _Planner, c: np.ndarray, head: str, layout: _VectorLayout) -> bool:
+    """Is constant ``c`` one value per class of the head tensor ``head`` it meets
+    (broadcast from the right, without adding axes)?"""
+    axes, rank = _class_axes(p, head, layout)
+    off = rank - c.ndim
+    return off >= 0 and c.size == layout.k and any(
+        a >= off and c.shape[a - off] == layout.k for a in axes)
+
+
+def _scores_only(p: _Planner, n, layout: _Layout, why: str) -> None:
+    if not isinstance(layout, _VectorLayout):
+        p.fail(n, why)
+
+
+def _class_axes(p: _Planner, name: str, layout: _Layout) -> tuple[tuple[int, ...], int]:
+    """(the axes of tensor ``name`` that can hold its features, its rank) in the graph;
+    a tensor of unknown shape counts as (N, features)."""
+    shape = p.shape(name)
+    k = layout.k if isinstance(layout, _VectorLayout) else layout.c * layout.h * layout.w
+    return (_feature_axes(shape, k), len(shape)) if shape else ((1,), 2)
+
+
+def _read_text(layout: _Layout) -> str:
+    """What a head node with ``layout`` reads, for refusals."""
+    return "class scores" if isinstance(layout, _VectorLayout) else "flattened feature map"
+
+
+def _plan_softmax(p: _Planner, n, layout: _Layout) -> _Step:
+    _scores_only(p, n, layout, "it runs on the flattened feature map, not on class scores")
+    if p.ix.opset < 13:
+        p.fail(n, f"in opset {p.ix.opset} Softmax flattens its input; "
+                  "re-export the model with opset 13 or later")
+    axes, rank = _class_axes(p, n.input[0], layout)
+    if _attr(n, "axis", -1) % rank not in axes:
+        p.fail(n, "it does not run over the class axis")
+    _set_attr(n, "axis", 1)
+    return _Step(n, layout, "runs over the channel axis (axis=1)")
+
+
+def _plan_batch_norm(p: _Planner, n, layout: _Layout) -> _Step:
+    _scores_only(p, n, layout, "it normalises the flattened feature map feature by feature")
+    if 1 not in _class_axes(p, n.input[0], layout)[0]:
+        p.fail(n, "its channel axis 1 does not hold the class scores")
+    return _Step(n, layout, "kept: it normalises each channel")
+
+
+def _plan_reshape(p: _Planner, n, layout: _Layout) -> _Step:
+    """A Reshape, Squeeze, Unsqueeze or Flatten that only adds or drops axes of size 1
+    (torch.onnx writes them around Gemm) or keeps the shape: Identity."""
+    src, out = p.shape(n.input[0]), p.ix.shape(n.output[0])
+    if src is None or out is None or src != out and not (
+            src[0] == out[0] and _class_axes(p, n.input[0], layout)[0] and
+            _class_axes(p, n.output[0], layout)[0]):
+        p.fail(n, f"it changes the shape of the {_read_text(layout)}")
+    del n.input[1:]
+    del n.attribute[:]
+    n.op_type = "Identity"
+    return _Step(n, layout, "becomes Identity: the values keep their order and the map "
+                            "its K x h x w shape")
+
+
+def _plan_unsupported(p: _Planner, n, layout: _Layout) -> NoReturn:
+    p.fail(n, f"it reads the {_read_text(layout)} and has no fully convolutional form; nofc "
+              "converts Gemm, MatMul(+Add), elementwise activations, "
+              "BatchNormalization and Softmax there")
+
+
+# op type -> rule; an op without one is refused (_plan_unsupported)
+_RULES: dict[str, _Rule] = {
+    **dict.fromkeys(_DENSE, _plan_dense),
+    **dict.fromkeys(_ELEMENTWISE, _plan_elementwise),
+    **dict.fromkeys(_BINARY, _plan_binary),
+    **dict.fromkeys(_SOFTMAX, _plan_softmax),
+    "BatchNormalization": _plan_batch_norm,
+    **dict.fromkeys(_RESHAPE, _plan_reshape),
+}
 
 
 # --------------------------------------------------------------------------- apply
