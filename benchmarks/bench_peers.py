@@ -299,7 +299,7 @@ def _run_nofc(spec, net):
     fcn = nofc.convert(net, input_size=(3, window, window))
     convert_s = time.perf_counter() - t
     stats: dict = {}
-    kw = dict(scale=1.0, progress=False, stats=stats, tile=spec["tile"])
+    kw = dict(normalize=nofc.Normalize(scale=1.0), progress=False, stats=stats, tile=spec["tile"])
     if spec.get("mask"):
         kw["mask"] = "auto"
     if spec.get("step"):

@@ -185,9 +185,9 @@ def dask_scaling(args) -> list[dict]:
     for n in (1, 2):
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           host="127.0.0.1", dashboard_address=None) as cluster:
+            dask = nofc.Dask(scheduler=cluster.scheduler_address)
             run = lambda: nofc.tiled_predict(fcn, img, input_size=size, tile=args.dask_tile,  # noqa: E731
-                                             backend="dask", scheduler=cluster.scheduler_address,
-                                             progress=False)
+                                             backend=dask, progress=False)
             run()  # warm-up: ships the model
             t = time.perf_counter()
             run()
@@ -237,10 +237,11 @@ def mask(args) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         slide = Path(tmp) / "glass.tif"
         _glass_slide(slide, args.mask_side)
-        run = dict(input_size=size, tile=args.mask_tile, progress=args.progress, level=0)
+        run = dict(input_size=size, tile=args.mask_tile, progress=args.progress)
         stats: dict = {}
-        t_all = _timeit(lambda: nofc.tiled_predict(fcn, str(slide), **run), args.repeat)
-        t_mask = _timeit(lambda: nofc.tiled_predict(fcn, str(slide), mask="auto",
+        slide = nofc.open_source(str(slide), level=0)
+        t_all = _timeit(lambda: nofc.tiled_predict(fcn, slide, **run), args.repeat)
+        t_mask = _timeit(lambda: nofc.tiled_predict(fcn, slide, mask="auto",
                                                     stats=stats, **run), args.repeat)
         bound = stats["windows"] / stats["computed"]
         speedup = t_all / t_mask
@@ -315,7 +316,7 @@ def faults(args) -> list[dict]:
                 watch.reset(kill_at, sorted(client.run(os.getpid).items())[0])
                 t = time.perf_counter()
                 out = nofc.tiled_predict(fcn, img, input_size=size, tile=tile,
-                                         backend="dask", scheduler=cluster.scheduler_address,
+                                         backend=nofc.Dask(scheduler=cluster.scheduler_address),
                                          progress=False)
                 return out, time.perf_counter() - t
 

@@ -254,7 +254,7 @@ def test_tiled_equals_whole_image(padded):
     image = np.random.default_rng(0).standard_normal((3, 83, 70))
     whole = nofc.dense_predict(fcn, torch.from_numpy(image), size, 2, method="dilate")
     tiled = nofc.tiled_predict(fcn, image, size, tile=32, step=2, method="dilate",
-                               dtype=torch.float64, progress=False, layout="chw")
+                               dtype=torch.float64, progress=False)
     assert tiled.shape == tuple(whole.shape[1:])
     assert np.abs(tiled - whole[0].numpy()).max() <= 1e-10
 

@@ -137,19 +137,19 @@ _CLIENT = textwrap.dedent("""
     sinks.ZarrSink._write = slow
     img = np.random.default_rng(0).random((320, 320))
     nofc.tiled_predict(fcn, img, (1, 32, 32), tile=32, out=sys.argv[2], progress=False,
-                       dtype=torch.float64, backend="dask", scheduler=sys.argv[1])
+                       dtype=torch.float64, backend=nofc.Dask(scheduler=sys.argv[1]))
 """)
 
 
 def test_truncated_tiff_on_a_cluster(fcn, tmp_path, cluster, client):
     path = _tiff(tmp_path, "cut.tif", cut=0.6)
     with pytest.raises(NofcError, match=f"cannot read TIFF {path} at rows .*map block"):
-        _run(fcn, str(path), backend="dask", scheduler=cluster.scheduler_address)
+        _run(fcn, str(path), backend=nofc.Dask(scheduler=cluster.scheduler_address))
     with pytest.warns(UserWarning, match="map blocks are NaN"):
-        got = _run(fcn, str(path), backend="dask", scheduler=cluster.scheduler_address,
-                   on_error="skip")
+        got = _run(fcn, nofc.open_source(str(path), on_error="skip"),
+                   backend=nofc.Dask(scheduler=cluster.scheduler_address))
     with pytest.warns(UserWarning, match="map blocks are NaN"):
-        np.testing.assert_array_equal(got, _run(fcn, str(path), on_error="skip"))
+        np.testing.assert_array_equal(got, _run(fcn, nofc.open_source(str(path), on_error="skip")))
 
 
 def test_client_killed_then_second_writer_refused_then_resume(fcn, ref, writes, tmp_path,
@@ -171,7 +171,7 @@ def test_client_killed_then_second_writer_refused_then_resume(fcn, ref, writes, 
     proc.wait()
     first = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
     assert 3 <= len(first) < BLOCKS and (store / ".nofc_lock").exists()  # a stale lock
-    got = _run(fcn, IMG, out=store, backend="dask", scheduler=cluster.scheduler_address)
+    got = _run(fcn, IMG, out=store, backend=nofc.Dask(scheduler=cluster.scheduler_address))
     assert not set(writes) & set(first)  # finished blocks are never computed again
     _assert_complete(got, ref, first + writes, store)
 
@@ -184,7 +184,7 @@ def test_worker_joins_mid_run(fcn, ref, writes, cluster, client, processed):
         client.wait_for_workers(3, timeout=120)
 
     writes.hooks[3] = grow
-    got = _run(fcn, IMG, backend="dask", scheduler=cluster.scheduler_address)
+    got = _run(fcn, IMG, backend=nofc.Dask(scheduler=cluster.scheduler_address))
     _assert_complete(got, ref, writes)
     [new] = set(client.run(os.getpid)) - before
     assert client.run(lambda: tiling._UNPICKLED, workers=[new]) == {new: 1}  # got the model
@@ -195,7 +195,7 @@ def test_worker_killed_mid_run(fcn, ref, writes, tmp_path, cluster, client, proc
     store = tmp_path / "map.zarr"
     victim = min(client.run(os.getpid).values())
     writes.hooks[3] = lambda: os.kill(victim, signal.SIGKILL)
-    got = _run(fcn, IMG, out=store, backend="dask", scheduler=cluster.scheduler_address)
+    got = _run(fcn, IMG, out=store, backend=nofc.Dask(scheduler=cluster.scheduler_address))
     _assert_complete(got, ref, writes, store)
     assert victim not in client.run(os.getpid).values()
     assert sum(processed.by_worker.values()) >= BLOCKS  # lost tasks were recomputed
@@ -225,7 +225,7 @@ def test_scheduler_lost_one_line_then_restarted_and_resumed(fcn, ref, writes, tm
     try:
         writes.hooks[5] = lambda: proc.send_signal(signal.SIGKILL)
         with pytest.raises(NofcError) as err:
-            _run(fcn, IMG, out=store, backend="dask", scheduler=address)
+            _run(fcn, IMG, out=store, backend=nofc.Dask(scheduler=address))
         assert len(writes) >= 5
         assert str(err.value).startswith(f"lost the Dask scheduler at {address}")
         assert str(err.value).endswith(f"{store} holds {len(writes)} of {BLOCKS} blocks; the "
@@ -235,7 +235,7 @@ def test_scheduler_lost_one_line_then_restarted_and_resumed(fcn, ref, writes, tm
         proc.wait()
     proc, address = _scheduler()  # the scheduler restarted (at a new address here)
     try:
-        got = _run(fcn, IMG, out=store, backend="dask", scheduler=address)
+        got = _run(fcn, IMG, out=store, backend=nofc.Dask(scheduler=address))
     finally:
         proc.kill()
         proc.wait()
@@ -275,7 +275,7 @@ def test_truncated_tiff_skipped_listed_and_retried(fcn, writes, tmp_path):
     store = tmp_path / "map.zarr"
     with pytest.warns(UserWarning, match="map blocks are NaN because their image region "
                                          "cannot be read") as record:
-        got = _run(fcn, str(path), out=store, on_error="skip")
+        got = _run(fcn, nofc.open_source(str(path), on_error="skip"), out=store)
     assert len([w for w in record if "image region" in str(w.message)]) == 1
     bad = dict(zarr.open_array(str(store), mode="r").attrs)["nofc"]["bad_blocks"]
     assert bad and all(f"cannot read TIFF {path} at rows" in b["error"] for b in bad)
@@ -291,7 +291,7 @@ def test_truncated_tiff_skipped_listed_and_retried(fcn, writes, tmp_path):
     # the same call tries the bad blocks again, and only them
     writes.clear()
     with pytest.warns(UserWarning, match="map blocks are NaN"):
-        _run(fcn, str(path), out=store, on_error="skip")
+        _run(fcn, nofc.open_source(str(path), on_error="skip"), out=store)
     assert writes == []
     assert {tuple(b["block"]) for b in dict(zarr.open_array(str(store)).attrs)["nofc"][
         "bad_blocks"]} == skipped
@@ -403,4 +403,4 @@ def test_transient_read_errors_are_retried_then_reported_once(fcn, ref):
         _run(fcn, flaky)
     assert sum(flaky.seen.values()) == 3  # one block, three tries, then the one line
     with pytest.raises(NofcError, match="on_error must be 'raise' or 'skip'"):
-        _run(fcn, IMG, on_error="ignore")
+        nofc.open_source(IMG, on_error="ignore")

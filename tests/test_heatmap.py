@@ -9,7 +9,7 @@ from PIL import Image
 import nofc
 from nofc import NofcError
 from nofc.cli import main
-from nofc.images import IMAGENET_MEAN, IMAGENET_STD, normalize
+from nofc.images import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from nofc.sources import load_image
 
 RNG = np.random.default_rng(0)
@@ -82,17 +82,31 @@ def test_image_errors(tmp_path):
     with pytest.raises(NofcError, match="3 colour channels and the network expects 2"):
         load_image(rgb, channels=2)
     with pytest.raises(NofcError, match="--std has 2 values and the image 3"):
-        normalize(np.zeros((3, 2, 2), np.float32), None, (1, 2))
+        Normalize(std=(1, 2))(np.zeros((3, 2, 2), np.float32))
     with pytest.raises(NofcError, match="positive"):
-        normalize(np.zeros((3, 2, 2), np.float32), None, (0,))
+        Normalize(std=(0,))
+
+
+@pytest.mark.parametrize("bad, says", [
+    (dict(std=float("nan")), "--std must be finite numbers, got \\[nan\\]"),
+    (dict(mean=(0.5, float("inf"))), "--mean must be finite numbers"),
+    (dict(mean="abc"), "--mean must be numbers, got 'abc'"),
+    (dict(scale=float("nan")), "scale must be a positive finite number, got nan"),
+    (dict(scale=0), "scale must be a positive finite number, got 0"),
+])
+def test_normalize_refuses_what_would_make_a_nan_map(bad, says):
+    with pytest.raises(NofcError, match=f"^{says}"):
+        Normalize(**bad)
 
 
 def test_normalize():
     x = np.ones((3, 2, 2), np.float32)
-    y = normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    y = Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)(x)
     np.testing.assert_allclose(y[:, 0, 0], (1 - np.array(IMAGENET_MEAN)) / IMAGENET_STD,
                                rtol=1e-6)
-    assert (normalize(x, 0.5, 2.0) == 0.25).all()
+    assert (Normalize(mean=0.5, std=2.0)(x) == 0.25).all()
+    u8 = np.full((1, 2, 2), 255, np.uint8)  # integers are scaled to [0, 1] first
+    assert (Normalize()(u8) == 1).all() and (Normalize(scale=2.0)(u8) == 510).all()
 
 
 def _png_size(path):

@@ -127,8 +127,8 @@ def _everything(model, size):
     if hasattr(nofc, "dense_predict"):
         nofc.dense_predict(model, image, size)  # converts a copy itself
     if hasattr(nofc, "tiled_predict") and not fcn._nofc_record.global_context:
-        nofc.tiled_predict(model, image.numpy(), size, tile=size[1] + 32, progress=False,
-                           layout="chw")
+        nofc.tiled_predict(model, nofc.open_source(image.numpy(), layout="chw"), size,
+                           tile=size[1] + 32, progress=False)
     return fcn
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import nofc
-from nofc.sinks import GeoJsonOutput, output_for
+from nofc.sinks import GeoJsonOutput, GeoTiffOutput, output_for
 from nofc import NofcError
 from nofc.cli import main
 from nofc.sources import load_image
@@ -104,20 +104,21 @@ def test_same_map_from_numpy_png_tiff_slide_geotiff_whole_tiled_dask(fcn, files)
     ref = _run(fcn, IMG)
     np.testing.assert_allclose(ref, whole, rtol=0, atol=1e-10)
     for kind in ("png", "tiff", "slide", "geotiff"):
-        got = _run(fcn, files[kind], level=0 if kind == "slide" else None)
+        got = _run(fcn, open_source(files[kind], level=0) if kind == "slide" else files[kind])
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10, err_msg=kind)
     kinds = {k: open_source(files[k]).kind for k in ("png", "tiff", "slide", "geotiff")}
     assert kinds == {"png": "picture", "tiff": "tiff", "slide": "tiff", "geotiff": "raster"}
     assert open_source(files["slide"], level=0).kind == "slide"
-    dask = _run(fcn, files["slide"], level=0, backend="dask")  # the source travels by path
+    # the source travels by path, with its options
+    dask = _run(fcn, open_source(files["slide"], level=0), backend="dask")
     np.testing.assert_allclose(dask, ref, rtol=0, atol=1e-10)
 
 
 def test_level_and_mpp_equal_the_level_array_and_boxes_are_level_0(fcn, files, tmp_path):
     level1 = np.ascontiguousarray(IMG[::2, ::2])
     ref = _run(fcn, level1)
-    np.testing.assert_allclose(_run(fcn, files["slide"], level=1), ref, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(_run(fcn, files["slide"], mpp=0.5), ref, rtol=0, atol=1e-10)
+    for src in (open_source(files["slide"], level=1), open_source(files["slide"], mpp=0.5)):
+        np.testing.assert_allclose(_run(fcn, src), ref, rtol=0, atol=1e-10)
     src = open_source(files["slide"], mpp=0.5)
     assert (src.level, src.downsample, src.mpp) == (1, (2.0, 2.0), (0.5, 0.5))
     geo = nofc.geometry(fcn, SIZE)
@@ -129,7 +130,8 @@ def test_level_and_mpp_equal_the_level_array_and_boxes_are_level_0(fcn, files, t
     assert between.hw == (32, 42) and between.level == 1
     assert between.read(slice(0, 32), slice(0, 42)).shape == (3, 32, 42)
     out = tmp_path / "map.tif"
-    _run(fcn, files["slide"], level=1, out=str(out), metadata={"classes": CLASSES})
+    _run(fcn, open_source(files["slide"], level=1),
+         out=GeoTiffOutput(str(out), metadata={"classes": CLASSES}))
     with rasterio.open(out) as ds:  # the map's pixels are in level-0 slide coordinates
         ys, xs = geo.centers(src.hw)
         assert ds.xy(2, 3) == pytest.approx((xs[3] * 2, ys[2] * 2))
@@ -159,7 +161,7 @@ def test_bands_nodata_and_auto_mask_of_a_raster(fcn, tmp_path):
     src = open_source(str(path), bands=[3, 2, 1], channels=3)
     assert src.read(slice(0, 2), slice(0, 2)).tolist() == bands[[2, 1, 0], :2, :2].tolist()
     stats = {}
-    got = _run(fcn, str(path), bands=[1, 2, 3], mask="auto", stats=stats)
+    got = _run(fcn, open_source(str(path), bands=[1, 2, 3]), mask="auto", stats=stats)
     assert np.isnan(got[:, :, -5:]).all() and np.isfinite(got[:, :, :5]).all()
     assert stats["computed"] < stats["windows"]
     with pytest.raises(NofcError, match="has bands 1..4, not"):
@@ -185,7 +187,7 @@ def test_auto_mask_computes_a_third_and_keeps_foreground_cells(fcn, tmp_path):
     path, img = _glass_slide(tmp_path / "glass.tif")
     stats = {}
     full = _run(fcn, img)
-    masked = _run(fcn, str(path), level=0, mask="auto", stats=stats)
+    masked = _run(fcn, open_source(str(path), level=0), mask="auto", stats=stats)
     assert stats["computed"] <= 0.35 * stats["windows"], stats
     fg = np.isfinite(masked).all(0)
     assert fg.any() and (~fg).any()
@@ -211,8 +213,8 @@ def test_mask_array_and_file(fcn, tmp_path):
 def test_qupath_geojson_is_valid_in_slide_pixels_with_class_measurements(fcn, files,
                                                                           tmp_path):
     out = tmp_path / "cells.geojson"
-    scores = _run(fcn, files["slide"], level=1, out=GeoJsonOutput(str(out), threshold=0.0),
-                  metadata={"classes": CLASSES})
+    scores = _run(fcn, open_source(files["slide"], level=1),
+                  out=GeoJsonOutput(str(out), threshold=0.0, metadata={"classes": CLASSES}))
     doc = json.loads(out.read_text())
     assert doc["type"] == "FeatureCollection"
     feats = doc["features"]
@@ -257,7 +259,7 @@ def test_regressions_of_the_three_image_paths(fcn, tmp_path):
                                np.moveaxis(big, -1, 0) / (2 ** 31 - 1), rtol=1e-6)
     # std 0 is refused by the tiled path too (it used to give a map of NaN)
     with pytest.raises(NofcError, match="--std values must be positive"):
-        _run(fcn, str(tmp_path / "rgba.tif"), std=(0, 0, 0))
+        _run(fcn, str(tmp_path / "rgba.tif"), normalize=nofc.Normalize(std=(0, 0, 0)))
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")

@@ -103,8 +103,8 @@ def test_uint8_images_are_scaled_and_normalised():
     fcn = _fcn(PaddedNet(), (3, 16, 16))
     img = np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, mean=mean, std=std,
-                             progress=False, dtype=F64)
+    got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, progress=False,
+                             normalize=nofc.Normalize(mean=mean, std=std), dtype=F64)
     x = (np.moveaxis(img, -1, 0) / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     np.testing.assert_allclose(got, _dense(fcn, x, (3, 16, 16)), rtol=0, atol=1e-10)
 
@@ -136,8 +136,9 @@ def test_zarr_output_metadata_and_refusal(tmp_path):
     fcn = _fcn(LeNet5(), (1, 32, 32), dtype=torch.float32)
     img = np.random.default_rng(7).random((100, 80)).astype(np.float32)
     store = tmp_path / "map.zarr"
-    arr = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, out=store,
-                             progress=False, metadata={"classes": [str(i) for i in range(10)]})
+    classes = {"classes": [str(i) for i in range(10)]}
+    arr = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, progress=False,
+                             out=nofc.sinks.ZarrOutput(store, metadata=classes))
     ref = nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=32, progress=False)
     np.testing.assert_array_equal(arr[:], ref)
     meta = dict(zarr.open_array(str(store), mode="r").attrs)["nofc"]
@@ -234,8 +235,8 @@ def test_dask_local_cluster_two_workers_model_shipped_once(tmp_path):
     ref = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, progress=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   host="127.0.0.1", dashboard_address=None) as cluster:
-        got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, backend="dask",
-                                 scheduler=cluster.scheduler_address, progress=False)
+        got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, progress=False,
+                                 backend=nofc.Dask(scheduler=cluster.scheduler_address))
         with distributed.Client(cluster) as client:
             counts = client.run(lambda: tiling._UNPICKLED)
     np.testing.assert_array_equal(got, ref)

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 import nofc
 from nofc.cli import main
+from nofc.sinks import ZarrOutput
 from nofc.viewer import export_viewer, serve
 from nofc.viewer.server import OSD_VERSION, STATIC
 from nofc.viewer.tiles import decode, softmax
@@ -69,8 +70,8 @@ def _make_store(folder: Path, *, record_image: bool = True) -> tuple[Path, Path]
     store = folder / "square.zarr"
     # tiled_predict records the image it read; None says: record none
     meta = {"classes": ["background", "bright"], "image": str(tif) if record_image else None}
-    nofc.tiled_predict(fcn, str(tif), (1, 16, 16), tile=512, out=str(store), progress=False,
-                       metadata=meta)
+    nofc.tiled_predict(fcn, str(tif), (1, 16, 16), tile=512, progress=False,
+                       out=ZarrOutput(str(store), metadata=meta))
     return tif, store
 
 

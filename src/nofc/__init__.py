@@ -16,9 +16,11 @@ from .dilation import dilate
 from .errors import NofcError
 from .explanation import Explanation, explain
 from .export import export_onnx, export_program, to_torchscript
+from .images import Normalize
 from .layers import FullConv2d
 from .onnx_import import convert_onnx, verify_onnx
-from .tiling import tiled_predict
+from .sources import open_source
+from .tiling import Dask, tiled_predict
 from .verification import VerifyReport, verify
 from .windows import Geometry, geometry
 
@@ -30,6 +32,9 @@ __all__ = [
     "dilate",
     "tiled_predict", "to_torchscript", "export_program", "export_onnx", "convert_onnx",
     "verify_onnx",
+    # the options that travel as objects: an image with its reading options, the
+    # normalisation, a Dask backend
+    "open_source", "Normalize", "Dask",
     # the types they return
     "Geometry", "VerifyReport", "Explanation", "FullConv2d", "NofcError",
     "zoo", "__version__",

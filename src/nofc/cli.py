@@ -242,19 +242,26 @@ def _add_heatmap(sub) -> None:
 
 def _cmd_heatmap(args) -> int:
     from .heatmap import heatmap
-
+    from .images import Normalize
     from .sinks import output_for
+    from .sources import open_source
+    from .tiling import Dask
 
     out = None if args.out is None and args.threshold is None else output_for(
         args.out, **({} if args.threshold is None else {"threshold": args.threshold}))
+    normalize = None if args.mean is None and args.std is None else \
+        Normalize(mean=args.mean, std=args.std)
+    backend = "local" if args.scheduler is None and args.workers is None else \
+        Dask(scheduler=args.scheduler, workers=args.workers)
     model, size = _load(args)
-    info = heatmap(model, args.image, size, args.output, spec=args.model, cls=args.cls,
-                   top=args.top, step=args.step, scores_path=args.scores, mean=args.mean,
-                   std=args.std, labels_file=args.labels, device=args.device, force=args.force,
-                   tile=args.tile, out=out, scheduler=args.scheduler, workers=args.workers,
-                   verify=args.verify, skip_bad_tiles=args.skip_bad_tiles, level=args.level,
-                   mpp=args.mpp, bands=args.bands, mask=args.mask,
-                   edges=args.edges, check=args.check)
+    image = open_source(args.image, channels=size[0], level=args.level, mpp=args.mpp,
+                        bands=args.bands,
+                        on_error="skip" if args.skip_bad_tiles else "raise")
+    info = heatmap(model, image, size, args.output, spec=args.model, cls=args.cls,
+                   top=args.top, step=args.step, scores_path=args.scores,
+                   normalize=normalize, labels_file=args.labels, device=args.device,
+                   force=args.force, tile=args.tile, out=out, backend=backend,
+                   verify=args.verify, mask=args.mask, edges=args.edges, check=args.check)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "

@@ -2,13 +2,14 @@
 
 Two ways to the map, one way on from it. An image up to ``TILE_ABOVE`` pixels is loaded
 whole and predicted in one ``dense_predict``; a larger one (or one with ``tile``, ``out``,
-``scheduler`` or ``workers``) goes through ``tiled_predict``, read by region, and is drawn
+a Dask backend or a mask) goes through ``tiled_predict``, read by region, and is drawn
 on a thumbnail. Either gives a ``_Map``; the classes to draw, the PNG, the saved scores
 and the summary are then made the same way for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class _Map:
 
 def heatmap(
     model,
-    image_path,
+    image,
     input_size,
     output,
     *,
@@ -57,33 +58,36 @@ def heatmap(
     top: int | None = None,
     step=None,
     scores_path=None,
-    mean=None,
-    std=None,
+    normalize=None,
     labels_file=None,
     device=None,
     force: bool = False,
     progress: bool = True,
     tile: int | None = None,
     out=None,
-    scheduler: str | None = None,
-    workers: int | None = None,
+    backend="local",
     verify: bool = False,
-    skip_bad_tiles: bool = False,
-    level: int | None = None,
-    mpp: float | None = None,
-    bands=None,
     mask=None,
     edges: str = "inside",
     check: bool = True,
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
 
-    The conversion is checked against the classifier at ``input_size`` before the map is
-    computed (``check=False`` skips that); ``edges`` is ``dense_predict``'s.
+    ``image`` is a file path or an image opened with its options
+    (``nofc.open_source(path, level=1, on_error="skip")``: a slide's level or pixel size,
+    a raster's bands, unreadable regions left NaN). ``normalize`` is a
+    ``nofc.Normalize``; by default the model's own (a timm model's pretrained config,
+    ImageNet's for torchvision RGB models), else none. The conversion is checked against
+    the classifier at ``input_size`` before the map is computed (``check=False`` skips
+    that); ``edges`` is ``dense_predict``'s.
 
-    Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, ``scheduler`` or
-    ``workers`` given) go through :func:`nofc.tiled_predict`: TIFF is read lazily, the map
-    can be written to a zarr store ``out``, and the PNG is drawn on a downsampled image.
+    Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, a Dask ``backend`` or
+    a ``mask`` given, or opened with options) go through :func:`nofc.tiled_predict`: TIFF
+    is read lazily, the map can be written to a zarr store ``out``, and the PNG is drawn
+    on a downsampled image. Slides and rasters are always tiled; their boxes are in
+    level-0 slide pixels. With a mask ``info["windows_computed"]`` says how many windows
+    were computed. ``out`` may also be a GeoTIFF ``.tif``, a QuPath ``.geojson`` or an
+    output object with its options (``nofc.sinks.output_for``).
 
     Writes ``output`` (PNG) and, when given, ``scores_path``: ``.npz`` with ``scores``
     (K, h, w) raw logits, ``boxes`` (h, w, 4) window of every cell, ``step``, ``stride``,
@@ -92,38 +96,39 @@ def heatmap(
     With ``verify``, the original classifier also runs crop by crop (float32, at the
     network stride) and ``info["verify"]`` is ``nofc.verify``'s report of the measured
     difference between the map and the crops (whole images only).
-    With ``skip_bad_tiles`` the image is read by region (tiled) and blocks whose region
-    cannot be read (a corrupt or truncated TIFF tile) are left NaN, with one warning.
-    Slides (``level``, ``mpp``) and rasters (``bands``) are always tiled, and so is a run
-    with a ``mask`` (``info["windows_computed"]`` says how many); their boxes are in
-    level-0 slide pixels. ``out`` may also be a GeoTIFF ``.tif``, a QuPath ``.geojson``
-    or an output object with its options (``nofc.sinks.output_for``).
     Returns a summary (classes drawn, map shape, geometry).
     """
+    from .images import Normalize
+    from .sinks import output_for
+    from .sources import open_source
+    from .tiling import Dask
+
     _check_outputs(output, scores_path, force=force)
     if out is not None:
-        from .sinks import output_for
-
         out = output_for(out)
         out.check(force=force)
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
+    if normalize is not None and not isinstance(normalize, Normalize):
+        raise NofcError(f"normalize must be a nofc.Normalize(mean=, std=, scale=), got "
+                        f"{type(normalize).__name__}")
     size = tuple(input_size)
-    read = {"level": level, "mpp": mpp, "bands": bands}
-    if tile is not None or out is not None or scheduler is not None or workers is not None \
-            or skip_bad_tiles or mask is not None or any(v is not None for v in read.values()) \
-            or _file_kind(image_path) in ("slide", "raster") or _pixels(image_path) > TILE_ABOVE:
-        computed = _tiled_map(model, image_path, size, spec=spec, step=step, mean=mean,
-                              std=std, device=device, progress=progress, tile=tile,
-                              out=out, scheduler=scheduler, workers=workers,
-                              on_error="skip" if skip_bad_tiles else "raise", read=read,
-                              mask=mask, labels_file=labels_file,
+    src = open_source(image, channels=size[0])
+    if normalize is None:
+        normalize = Normalize(*_default_norm(model, spec, size[0]))
+    normalize.check(size[0])
+    if tile is not None or out is not None or isinstance(backend, Dask) or backend == "dask" \
+            or src.on_error == "skip" or mask is not None or src.reading() \
+            or src.kind in ("slide", "raster") or src.hw[0] * src.hw[1] > TILE_ABOVE:
+        computed = _tiled_map(model, src, size, normalize=normalize, step=step,
+                              device=device, progress=progress, tile=tile, out=out,
+                              backend=backend, mask=mask, labels_file=labels_file,
                               edges=edges, check=check)
     else:
-        computed = _whole_map(model, image_path, size, spec=spec, step=step, mean=mean,
-                              std=std, device=device, progress=progress, verify=verify,
+        computed = _whole_map(model, src, size, normalize=normalize, step=step,
+                              device=device, progress=progress, verify=verify,
                               edges=edges, check=check)
-    return _draw(computed, model, image_path, output, cls=cls, top=top,
+    return _draw(computed, model, src.path or "image", output, cls=cls, top=top,
                  labels_file=labels_file, scores_path=scores_path, force=force)
 
 
@@ -143,16 +148,15 @@ def _check_outputs(output, scores_path, *, force: bool) -> None:
 # --------------------------------------------------------------------------- the two ways
 
 
-def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progress,
-               verify, edges="inside", check=True) -> _Map:
-    """The image loaded whole, one dense pass."""
+def _whole_map(model, src, size, *, normalize, step, device, progress, verify,
+               edges="inside", check=True) -> _Map:
+    """The image read whole, one dense pass."""
     from .dense import dense_predict
-    from .images import normalize
-    from .sources import load_image
+    from .images import default_scale
 
-    raw = load_image(image_path, channels=size[0])  # (C, H, W) in [0, 1]
-    mean, std = _norm(model, spec, size[0], mean, std)
-    x = torch.from_numpy(normalize(raw, mean, std))
+    region = src.read(slice(None), slice(None))  # (C, H, W) as stored
+    raw = region.astype(np.float32) * np.float32(default_scale(region.dtype))  # to draw on
+    x = torch.from_numpy(normalize(region))
     fcn, geo, steps = _network(model, size, step, check=check)
     logits = dense_predict(fcn, x, size, steps, device=device, progress=progress,
                            edges=edges)[0]
@@ -164,56 +168,52 @@ def _whole_map(model, image_path, size, *, spec, step, mean, std, device, progre
 
         extra["verify"] = str(_verify(model, fcn, size, image=x, dtype=torch.float32,
                                       device=device))
-    info = _info(geo, steps, raw.shape, scores.shape[1:], mean, std, **extra)
+    info = _info(geo, steps, raw.shape, scores.shape[1:], normalize, **extra)
     return _Map(scores, geo, steps, raw, raw.shape, info)
 
 
-def _tiled_map(model, image_path, size, *, spec, step, mean, std, device, progress, tile, out,
-               scheduler, workers, on_error="raise", read=None, mask=None,
-               labels_file=None, edges="inside", check=True) -> _Map:
+def _tiled_map(model, src, size, *, normalize, step, device, progress, tile, out, backend,
+               mask=None, labels_file=None, edges="inside", check=True) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     from .placement import placement_of
-    from .sources import open_source
+    from .sinks import output_for
     from .tiling import check_tileable, default_tile, num_outputs, tiled_predict
 
-    src = open_source(image_path, channels=size[0], **(read or {}))
     H, W = src.hw
-    mean, std = _norm(model, spec, size[0], mean, std)
     fcn, geo, steps = _network(model, size, step, check=check)
     tile = default_tile(geo) if tile is None else tile
     check_tileable(fcn, geo, tile)  # a refusal before the status line, not after it
-    backend = "dask" if scheduler is not None or workers is not None else "local"
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
           + (f", downsample {src.downsample[0]:g}" if src.downsample != (1.0, 1.0) else "")
           + f"): tiled with tile {tile} (tiling is automatic above {TILE_ABOVE / 1e6:.1f} "
-          f"Mpix), backend {backend}" + (f", map to {out.path}" if out is not None else ""),
-          file=sys.stderr)
+          f"Mpix), backend {_backend_name(backend)}"
+          + (f", map to {out.path}" if out is not None else ""), file=sys.stderr)
     stats: dict = {}
     names = _class_names(model, num_outputs(fcn, size), labels_file)
-    scores = tiled_predict(fcn, src, size, tile=tile, out=out, backend=backend,
-                           step=None if steps == geo.stride else steps, mean=mean, std=std,
-                           scheduler=scheduler, workers=workers, device=device,
-                           progress=progress, on_error=on_error, mask=mask,
-                           stats=stats, metadata={"classes": names},
-                           edges=edges, check=False)
+    if out is not None and out.path is not None and not out.metadata:
+        out = dataclasses.replace(out, metadata={"classes": names})
+    scores = tiled_predict(fcn, src, size, tile=tile, out=output_for(out), backend=backend,
+                           step=None if steps == geo.stride else steps,
+                           normalize=normalize, device=device, progress=progress, mask=mask,
+                           stats=stats, edges=edges, check=False)
     h, w = scores.shape[1:]
     geo = geo.with_edges((H, W), edges, step=steps)  # the windows of this map
     place = placement_of(src, geo, steps)
     extra = {"placement": place.as_dict()}
     if mask is not None:
         extra["windows_computed"] = [stats["computed"], stats["windows"]]
-    info = _info(geo, steps, (size[0], H, W), (h, w), mean, std, tile=tile, **extra)
-    picture = _thumbnail(src, "hwc", (H, W), skip_bad=on_error == "skip")
+    info = _info(geo, steps, (size[0], H, W), (h, w), normalize, tile=tile, **extra)
+    picture = _thumbnail(src, (H, W), skip_bad=src.on_error == "skip")
     return _Map(scores, geo, steps, picture, (size[0], H, W), info,
                 every=_every((h, w)), placement=place)
 
 
-def _norm(model, spec, channels: int, mean, std):
-    """The normalisation given, or the one the model was trained with when neither is."""
-    if mean is None and std is None:
-        return _default_norm(model, spec, channels)
-    return mean, std
+def _backend_name(backend) -> str:
+    scheduler, workers = getattr(backend, "scheduler", None), getattr(backend, "workers", None)
+    return ("dask" + (f" at {scheduler}" if scheduler else "")
+            + (f" on {workers} local workers" if workers else "")) \
+        if backend != "local" else "local"
 
 
 def _network(model, size, step, *, check=True):
@@ -227,12 +227,12 @@ def _network(model, size, step, *, check=True):
     return fcn, geo, geo.check_step(step)
 
 
-def _info(geo, steps, image_shape, map_shape, mean, std, **extra) -> dict:
+def _info(geo, steps, image_shape, map_shape, normalize, **extra) -> dict:
     """The geometry and the facts of the run, as plain Python (saved as JSON)."""
     info = geo.as_dict()
     info.update(step=list(steps), image_shape=list(image_shape), map_shape=list(map_shape),
-                mean=None if mean is None else list(map(float, np.ravel(mean))),
-                std=None if std is None else list(map(float, np.ravel(std))), **extra)
+                mean=None if normalize.mean is None else list(normalize.mean),
+                std=None if normalize.std is None else list(normalize.std), **extra)
     return info
 
 
@@ -310,24 +310,24 @@ def _every(map_shape) -> int:
     return max(1, -(-max(map_shape) // _THUMB))
 
 
-def _thumbnail(src, layout: str, hw, skip_bad: bool = False) -> np.ndarray:
+def _thumbnail(src, hw, skip_bad: bool = False) -> np.ndarray:
     """``(C, h, w)`` float image in [0, 1], every f-th pixel, for drawing under the map;
     with ``skip_bad``, parts that cannot be read are drawn black."""
-    from .images import BadRegion, default_scale, read_region
+    from .images import BadRegion, default_scale
 
     f = _every(hw)
     try:
-        region = read_region(src, layout, slice(None, None, f), slice(None, None, f))
+        region = src.read(slice(None, None, f), slice(None, None, f))
     except BadRegion:
         if not skip_bad:
             raise
-        region = _readable_parts(src, layout, hw, f)
+        region = _readable_parts(src, hw, f)
     return (region.astype(np.float32) * default_scale(region.dtype)).clip(0, 1)
 
 
-def _readable_parts(src, layout: str, hw, f: int, part: int = 128) -> np.ndarray:
+def _readable_parts(src, hw, f: int, part: int = 128) -> np.ndarray:
     """The thumbnail read part by part, zero where a part cannot be read."""
-    from .images import BadRegion, read_region
+    from .images import BadRegion
 
     part *= f
     parts = []
@@ -336,10 +336,9 @@ def _readable_parts(src, layout: str, hw, f: int, part: int = 128) -> np.ndarray
         for x in range(0, hw[1], part):
             rows, cols = slice(y, min(y + part, hw[0]), f), slice(x, min(x + part, hw[1]), f)
             try:
-                row.append(read_region(src, layout, rows, cols))
+                row.append(src.read(rows, cols))
             except BadRegion:
-                c = 1 if layout == "hw" else src.shape[0 if layout == "chw" else 2]
-                row.append(np.zeros((c, len(range(*rows.indices(hw[0]))),
+                row.append(np.zeros((src.channels, len(range(*rows.indices(hw[0]))),
                                      len(range(*cols.indices(hw[1])))), src.dtype))
         parts.append(np.concatenate(row, axis=2))
     return np.concatenate(parts, axis=1)
@@ -393,36 +392,6 @@ def _default_norm(model, spec: str, channels: int):
 
         return IMAGENET_MEAN, IMAGENET_STD
     return None, None
-
-
-def _file_kind(image_path) -> str | None:
-    """``"slide"``, ``"raster"``, ``"tiff"`` or ``"picture"``: how a file is read."""
-    from .sources import file_kind
-
-    try:
-        return file_kind(Path(image_path))
-    except Exception:  # noqa: BLE001 - unreadable files fail later with a clear message
-        return None
-
-
-def _pixels(image_path) -> int:
-    """Pixel count of an image file without decoding it (0 when unknown)."""
-    p = Path(image_path)
-    try:
-        if p.suffix.lower() in (".tif", ".tiff", ".btf"):
-            import tifffile
-
-            with tifffile.TiffFile(p) as tif:
-                shape = tif.series[0].shape
-                axes = tif.series[0].axes
-            return int(np.prod([n for n, a in zip(shape, axes) if a in "YX"]))
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(p) as im:
-            return im.size[0] * im.size[1]
-    except Exception:  # noqa: BLE001 - unreadable files fail later with a clear message
-        return 0
 
 
 def _save_scores(path, scores, boxes, info, *, force) -> None:

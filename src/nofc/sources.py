@@ -29,17 +29,17 @@ where they lie.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import NofcError, first_line
-from .images import BadRegion, TiffSource, default_scale, describe_pixels, image_layout
+from .images import BadRegion, default_scale, describe_pixels
 
-__all__ = ["ImageSource", "open_source", "open_image_array", "load_image", "scale_of",
+__all__ = ["ImageSource", "open_source", "load_image", "scale_of",
            "SLIDE_SUFFIXES"]
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
@@ -65,6 +65,9 @@ class ImageSource:
         transform: GDAL-order affine ``(a, b, c, d, e, f)`` of the pixels read (rasters).
         crs: the raster's coordinate reference system as WKT.
         nodata: the raster's nodata value.
+        on_error: what a region that cannot be read (a corrupt or truncated tile) does in
+            a tiled run: ``"raise"`` stops it in one line naming the file and the pixels,
+            ``"skip"`` leaves that region's map blocks NaN (``open_source(on_error=)``).
 
     It is also array-like, ``(H, W, C)`` by ``[rows, cols]``, so that code written for
     arrays reads it unchanged.
@@ -77,12 +80,14 @@ class ImageSource:
     transform: tuple | None = None
     crs: str | None = None
     nodata = None
+    on_error = "raise"
 
     background = (1.0, 1.0, 1.0)  # what alpha is composited over, in [0, 1]
 
     def __init__(self, hw, channels: int, dtype, want: int | None = None):
         self.hw = (int(hw[0]), int(hw[1]))
         self._stored, self._want = channels, want  # channels after alpha; asked for
+        self._stored_dtype = np.dtype(dtype)
         self.dtype = np.dtype(dtype) if want is None or want == channels or channels == 1 \
             else np.dtype(np.float64)  # luma is computed in float
         self.channels = channels if want is None else want
@@ -112,6 +117,25 @@ class ImageSource:
     def __getitem__(self, key) -> np.ndarray:
         rows, cols = key
         return np.moveaxis(self.read(rows, cols), 0, -1)
+
+    def for_channels(self, want: int | None) -> "ImageSource":
+        """This source read as ``want`` channels (gray <-> RGB matched as in the module
+        docstring); itself when nothing changes. A source opened for other channels, or an
+        array in memory without them, is refused in one line."""
+        if want is None or want == self._want or (self._want is None and want == self.channels):
+            return self
+        if self._want is not None:
+            raise NofcError(f"{self.name} was opened for {self._want} channels; the network "
+                            f"wants {want}")
+        _check_channels(self._stored, want, self.name)
+        other = copy.copy(self)
+        ImageSource.__init__(other, self.hw, self._stored, self._stored_dtype, want)
+        return other
+
+    def reading(self) -> dict:
+        """The options given when opening that change which pixels are read (a slide's
+        level or mpp, a raster's bands), for a store's record of its arguments."""
+        return {}
 
     def describe(self) -> dict:
         """What a map records about its image (``metadata["image"]``)."""
@@ -197,11 +221,19 @@ class ArraySource(ImageSource):
         lay = image_layout(shape, want, layout) if strict else \
             _array_layout(shape, want, layout)
         self.array, self.layout, self.path, self.kind = array, lay, path, kind
+        self._layout_given = layout
         c = 1 if lay == "hw" else shape[2] if lay == "hwc" else shape[0]
         self._has_alpha = c in (2, 4) and want not in (2, 4) and not strict
         hw = shape[:2] if lay != "chw" else shape[1:]
         super().__init__(hw, c - self._has_alpha, getattr(array, "dtype", np.float32), want)
         _check_channels(self._stored, want, self.name)
+
+    def for_channels(self, want: int | None) -> ImageSource:
+        if self.path is None and self._want is None and want is not None:
+            other = ArraySource(self.array, self._layout_given, want)  # as given: strict
+            other.on_error = self.on_error
+            return other
+        return super().for_channels(want)
 
     def _read(self, rows, cols):
         a = self.array
@@ -212,6 +244,33 @@ class ArraySource(ImageSource):
         if self.layout == "hw":
             return region[None]
         return np.moveaxis(region, -1, 0) if self.layout == "hwc" else region
+
+
+def image_layout(shape: tuple[int, ...], channels: int, layout: str = "auto") -> str:
+    """``"hw"``, ``"hwc"`` or ``"chw"``: where the ``channels`` of an array of ``shape`` are.
+
+    >>> image_layout((40, 50, 3), 3), image_layout((3, 40, 50), 3), image_layout((40, 50), 1)
+    ('hwc', 'chw', 'hw')
+    """
+    if len(shape) == 2:
+        if channels != 1:
+            raise NofcError(f"image is grayscale {shape} but the model expects {channels} "
+                            "channels")
+        return "hw"
+    if len(shape) != 3:
+        raise NofcError(f"image must be (H, W), (H, W, C) or (C, H, W), got shape {shape}")
+    if layout in ("hwc", "chw"):
+        c = shape[2] if layout == "hwc" else shape[0]
+        if c != channels:
+            raise NofcError(f"image has {c} channels ({layout} {shape}) but the model expects "
+                            f"{channels}")
+        return layout
+    if shape[2] == channels:
+        return "hwc"
+    if shape[0] == channels:
+        return "chw"
+    raise NofcError(f"image of shape {shape} has no axis of {channels} channels; pass "
+                    "layout='hwc' or 'chw' and the right number of channels")
 
 
 def _array_layout(shape, want: int | None, layout: str) -> str:
@@ -236,11 +295,59 @@ def _array_layout(shape, want: int | None, layout: str) -> str:
     return image_layout(shape, want or 3, layout)  # raises: no axis of that many channels
 
 
+class _LazyTiff:
+    """A TIFF's first series as a lazy array, read region by region through tifffile's
+    zarr view; pickles as its path (Dask workers open their own)."""
+
+    def __init__(self, path: str):
+        try:
+            import tifffile
+            import zarr
+        except ImportError:  # pragma: no cover - part of nofc[scale]
+            raise NofcError("reading TIFF needs the scale extra: pip install 'nofc[scale]'"
+                            ) from None
+        self.path = str(path)
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                page = tif.series[0]
+                self.shape = tuple(page.shape)
+                self.dtype = np.dtype(page.dtype)
+                self.axes = page.axes
+        except Exception as exc:  # noqa: BLE001
+            raise NofcError(f"cannot read TIFF {path}: {first_line(exc)}") from None
+        self._zarr = zarr
+        self._arr = None
+
+    def _open(self):
+        if self._arr is None:
+            import tifffile
+
+            store = tifffile.imread(self.path, aszarr=True)
+            arr = self._zarr.open(store, mode="r")
+            if hasattr(arr, "keys") and not hasattr(arr, "shape"):  # a multiscale group
+                arr = arr[sorted(arr.keys())[0]]
+            self._arr = arr
+        return self._arr
+
+    def __getitem__(self, key):
+        return np.asarray(self._open()[key])
+
+    def __getstate__(self):  # ship the path, not an open file, to Dask workers
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "axes": self.axes}
+
+    def __setstate__(self, state):
+        import zarr
+
+        self.__dict__.update(state)
+        self._zarr = zarr
+        self._arr = None
+
+
 class TiffFileSource(ArraySource):
-    """A TIFF's first series read lazily through tifffile (``nofc.images.TiffSource``)."""
+    """A TIFF's first series read lazily through tifffile."""
 
     def __init__(self, path: str, want: int | None = None):
-        tiff = TiffSource(path)
+        tiff = _LazyTiff(path)
         shape = tuple(n for n, a in zip(tiff.shape, tiff.axes) if a in "YXCS")
         if shape != tuple(tiff.shape):
             raise NofcError(f"{path}: TIFF of shape {tiff.shape} ({tiff.axes}) is not a single "
@@ -311,6 +418,7 @@ class SlideSource(ImageSource):
             slide.close()
         if level is not None and mpp is not None:
             raise NofcError("give level= or mpp=, not both")
+        self._asked = {"level": level, "mpp": mpp}
         if level is None and mpp is None:
             level = 0
         if level is not None:
@@ -329,6 +437,9 @@ class SlideSource(ImageSource):
         self._local = threading.local()
         super().__init__(hw, 3, np.uint8, want)
         _check_channels(3, want, self.name)
+
+    def reading(self) -> dict:
+        return {k: v for k, v in self._asked.items() if v is not None}
 
     def _slide(self):
         slide = getattr(self._local, "slide", None) if hasattr(self, "_local") else None
@@ -453,6 +564,7 @@ class RasterSource(ImageSource):
         except ImportError:  # pragma: no cover - checked by _dataset
             raise
         alpha = [i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha]
+        given = bands is not None
         if bands is None:
             bands = [b for b in range(1, ds.count + 1) if b not in alpha]
         bands = [int(b) for b in np.atleast_1d(bands)]
@@ -460,6 +572,7 @@ class RasterSource(ImageSource):
         if bad or not bands:
             raise NofcError(f"{path} has bands 1..{ds.count}, not {bad or bands}; choose "
                             "bands among those")
+        self._asked = {"bands": bands} if given else {}
         self.bands = bands + (alpha[:1] if alpha and alpha[0] not in bands else [])
         self._has_alpha = len(self.bands) > len(bands)
         dtypes = {ds.dtypes[b - 1] for b in self.bands}
@@ -472,6 +585,9 @@ class RasterSource(ImageSource):
         self.nodata = ds.nodata
         super().__init__((ds.height, ds.width), len(bands), dtypes.pop(), want)
         _check_channels(len(bands), want, self.name)
+
+    def reading(self) -> dict:
+        return dict(self._asked)
 
     def _dataset(self):
         ds = getattr(self._local, "ds", None) if hasattr(self, "_local") else None
@@ -537,8 +653,9 @@ def _slide_format(path: Path) -> str | None:
 
 
 def open_source(image, *, channels: int | None = None, layout: str = "auto", level=None,
-                mpp=None, bands=None) -> ImageSource:
-    """The :class:`ImageSource` for what the user gives.
+                mpp=None, bands=None, on_error: str = "raise") -> ImageSource:
+    """The :class:`ImageSource` for what the user gives; the options of reading a file
+    travel with it (``tiled_predict(open_source("scan.svs", mpp=0.5), ...)``).
 
     Args:
         image: an array (numpy, memmap, zarr, dask, torch), an :class:`ImageSource`, or a
@@ -547,14 +664,38 @@ def open_source(image, *, channels: int | None = None, layout: str = "auto", lev
             georeferencing, or any other file GDAL opens, through rasterio; other TIFFs
             through tifffile (lazily); PNG/JPEG whole.
         channels: the channels the network wants (gray <-> RGB matched), or None.
+        layout: where an array's channels are: ``"auto"``, ``"hwc"`` or ``"chw"``.
         level, mpp: a slide's level, or microns per pixel (pick the level, resample).
         bands: a raster's 1-based bands.
+        on_error: ``"raise"`` or ``"skip"``: what a region that cannot be read does in a
+            tiled run (``ImageSource.on_error``).
 
     >>> open_source(np.zeros((2, 30, 20), np.float32), channels=2).hw
     (30, 20)
+    >>> open_source("scan.svs", on_error="retry")
+    Traceback (most recent call last):
+    ...
+    nofc.errors.NofcError: on_error must be 'raise' or 'skip', got 'retry'
     """
+    if on_error not in ("raise", "skip"):
+        raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if layout not in ("auto", "hwc", "chw"):
+        raise NofcError(f"layout must be 'auto', 'hwc' or 'chw', got {layout!r}")
     if isinstance(image, ImageSource):
-        return image
+        if level is not None or mpp is not None or bands is not None or layout != "auto":
+            raise NofcError("the image is already open: give layout=, level=, mpp= and "
+                            "bands= to the open_source call that opened it")
+        src = image.for_channels(channels)
+        if on_error != "raise" and src.on_error != on_error:
+            src = copy.copy(src) if src is image else src
+            src.on_error = on_error
+        return src
+    src = _open(image, channels, layout, level, mpp, bands)
+    src.on_error = on_error
+    return src
+
+
+def _open(image, channels, layout, level, mpp, bands) -> ImageSource:
     if not isinstance(image, (str, os.PathLike)):
         if level is not None or mpp is not None or bands is not None:
             raise NofcError("level=, mpp= and bands= apply to slide and raster files, not "
@@ -621,22 +762,3 @@ def load_image(path, *, channels: int = 3, background=(1.0, 1.0, 1.0)) -> np.nda
     src.background = tuple(background)
     region = src.read(slice(None), slice(None))
     return np.ascontiguousarray(region.astype(np.float32) * np.float32(scale_of(region.dtype)))
-
-
-def open_image_array(image):
-    """Wrap what the user gives as something sliceable ``[y0:y1, x0:x1]`` with ``.shape``.
-
-    Accepts a numpy array or memmap, a zarr array, a dask array, a torch tensor, or a path
-    to a TIFF (read lazily, tiled and BigTIFF included). PNG and JPEG paths are read whole
-    into memory (those formats cannot be read by region).
-
-    >>> open_image_array(np.zeros((5, 7, 3), np.uint8)).shape
-    (5, 7, 3)
-    """
-    if isinstance(image, (str, os.PathLike)):
-        return open_source(image)  # slides, rasters, TIFF by region; pictures whole
-    if isinstance(image, torch.Tensor):
-        return image.detach().cpu().numpy()
-    if hasattr(image, "shape") and hasattr(image, "__getitem__"):
-        return image
-    raise NofcError(f"image must be an array, a tensor or a file path, got {type(image).__name__}")

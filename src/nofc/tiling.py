@@ -28,20 +28,14 @@ from .conversion import as_fcn
 from .dense import dense_predict
 from .dilation import fine_pass
 from .errors import NofcError, check_input_size, first_line
-from .images import (
-    BadRegion,
-    default_scale,
-    normalize,
-    read_region,
-    to_tensor,
-)
+from .images import BadRegion, Normalize
 from .masks import mask_cells
 from .placement import placement_of
 from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
 from .windows import cached_geometry
 
-__all__ = ["tiled_predict", "plan_tiles", "default_tile", "check_tileable", "num_outputs"]
+__all__ = ["tiled_predict", "Dask", "plan_tiles", "default_tile", "check_tileable", "num_outputs"]
 
 
 # --------------------------------------------------------------------------- plan
@@ -103,7 +97,7 @@ class _TileRunner:
         _UNPICKLED += 1
         self.__dict__.update(state)
 
-    def __init__(self, fcn, input_size, step, scale, mean, std, dtype, device, layout,
+    def __init__(self, fcn, input_size, step, normalize: Normalize, dtype, device,
                  method="auto", edges="inside", pads=(0, 0, 0, 0)):
         # a fine step: tiles run the dilated network (at its own stride) when there is one
         fine = fine_pass(fcn, input_size, cached_geometry(fcn, input_size).check_step(step),
@@ -112,16 +106,15 @@ class _TileRunner:
         self.dilated = None if fine is None else cached_geometry(fine.net, input_size)
         self.input_size = input_size
         self.step = step if fine is None else None
-        self.scale, self.mean, self.std = scale, mean, std
+        self.normalize = normalize  # its scale decided for the image's pixels
         self.dtype = dtype
         self.device = device
-        self.layout = layout
         self.edges, self.pads = edges, tuple(pads)  # tiles are planned on the padded image
 
     def read(self, src, t: Tile) -> np.ndarray:
         y0, y1, x0, x1 = t.inp
         if not any(self.pads):
-            return read_region(src, self.layout, slice(y0, y1), slice(x0, x1))
+            return src.read(slice(y0, y1), slice(x0, x1))  # (C, h, w)
         return self._read_padded(src, (y0, y1), (x0, x1))
 
     def _read_padded(self, src, ys, xs) -> np.ndarray:
@@ -134,7 +127,7 @@ class _TileRunner:
             lo, hi = min(max(a - before, 0), n), max(min(b - before, n), 0)
             widths.append((lo - (a - before), (b - before) - hi))
             inner.append(slice(lo, hi))
-        region = read_region(src, self.layout, *inner)  # (C, h, w)
+        region = src.read(*inner)  # (C, h, w)
         if self.edges == "reflect":
             for axis, (w0, w1) in zip((1, 2), widths):
                 if max(w0, w1) >= region.shape[axis]:  # pragma: no cover - tiles are larger
@@ -147,7 +140,7 @@ class _TileRunner:
         return self.compute(self.read(src, t), t)
 
     def compute(self, region: np.ndarray, t: Tile) -> np.ndarray:
-        x = to_tensor(region, self.scale, self.mean, self.std, self.dtype, self.device)
+        x = self.normalize.tensor(region, dtype=self.dtype, device=self.device)
         with torch.no_grad(), warnings.catch_warnings():
             # NaN/Inf pixels: dense_predict marks their cells NaN and would warn once per
             # tile in tile coordinates; tiled_predict warns once for the whole map instead
@@ -163,33 +156,62 @@ class _TileRunner:
         return block.cpu().numpy()
 
 
+@dataclass(frozen=True)
+class Dask:
+    """Compute the tiles as a Dask graph (``tiled_predict(backend=Dask(...))``).
+
+    With no arguments, Dask's threaded scheduler in this process; ``scheduler``: the
+    cluster at that address (``"tcp://host:8786"``); ``workers``: a new
+    ``distributed.LocalCluster`` of that many processes, closed when the run ends.
+
+    >>> Dask(workers=0)
+    Traceback (most recent call last):
+    ...
+    nofc.errors.NofcError: workers must be a positive number of processes, got 0
+    """
+
+    scheduler: str | None = None
+    workers: int | None = None
+
+    def __post_init__(self):
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise NofcError(f"workers must be a positive number of processes, got {w!r}")
+        if self.scheduler is not None and w is not None:
+            raise NofcError("give a scheduler address or a number of workers, not both")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise NofcError(f"scheduler must be an address such as 'tcp://host:8786', got "
+                            f"{self.scheduler!r}")
+
+
+def _backend(backend) -> Dask | None:
+    """None for this process, else the Dask backend (``"dask"``: threaded)."""
+    if isinstance(backend, Dask):
+        return backend
+    if backend == "dask":
+        return Dask()
+    if backend == "local":
+        return None
+    raise NofcError(f"backend must be 'local', 'dask' or a nofc.Dask(...), got {backend!r}")
+
+
 def tiled_predict(
     fcn: nn.Module,
     image,
     input_size,
     tile: int | None = None,
     out: str | os.PathLike | None = None,
-    backend: str = "local",
+    backend: str | Dask = "local",
     *,
     step=None,
     method: str = "auto",
-    layout: str = "auto",
-    mean=None,
-    std=None,
-    scale: float | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
+    normalize: Normalize | None = None,
+    edges: str = "inside",
+    mask=None,
     device=None,
     dtype: torch.dtype = torch.float32,
-    progress: bool = True,
-    metadata: dict | None = None,
-    on_error: str = "raise",
-    edges: str = "inside",
     check: bool = True,
-    level: int | None = None,
-    mpp: float | None = None,
-    bands=None,
-    mask=None,
+    progress: bool = True,
     stats: dict | None = None,
 ):
     """Dense map of an image of any size, tile by tile; equals ``dense_predict`` exactly.
@@ -197,10 +219,11 @@ def tiled_predict(
     Args:
         fcn: the converted network (``nofc.convert``); a classifier that is not converted
             yet is converted first.
-        image: numpy array or memmap, zarr array, dask array, tensor, or a file path
-            (``nofc.sources``: TIFF, whole-slide images and rasters are read lazily region
-            by region; PNG/JPEG whole). ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``: see
-            ``layout``.
+        image: numpy array or memmap, zarr array, dask array, tensor, a file path, or an
+            image opened with its own options (``nofc.open_source(path, level=1)``: a
+            slide's level or pixel size, a raster's bands, an array's layout, what an
+            unreadable region does). TIFF, whole-slide images and rasters are read lazily
+            region by region; PNG/JPEG whole. ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``.
         input_size: ``(C, H, W)`` the classifier was trained on.
         tile: input pixels per tile side (before the halo); memory grows with it. Default
             (``None``): 2048, or three times the receptive field's reach past the window
@@ -212,33 +235,32 @@ def tiled_predict(
             with other arguments is refused. A ``.tif`` is a GeoTIFF with the map's
             georeferencing (level-0 pixels for slides), a ``.geojson`` QuPath detections
             (``nofc.sinks.GeoJsonOutput(path, threshold=0.8)`` for another threshold
-            than 0.5). Another suffix is refused. ``None`` returns a numpy array.
-        backend: ``"local"`` (this process) or ``"dask"`` (a dask graph over the tiles,
-            on the local scheduler, or the cluster at ``scheduler="tcp://host:8786"``, or a
-            ``distributed.LocalCluster`` of ``workers`` processes).
+            than 0.5; ``metadata={"classes": [...]}`` on any output names the classes).
+            Another suffix is refused. ``None`` returns a numpy array.
+        backend: ``"local"`` (this process), ``"dask"`` (a dask graph over the tiles on
+            Dask's threaded scheduler) or ``nofc.Dask(scheduler="tcp://host:8786")`` /
+            ``nofc.Dask(workers=4)`` (a cluster, or a new local one of 4 processes).
         step: map step in pixels (a divisor of the stride), default stride.
         method: for a finer step, as in ``dense_predict``: ``"dilate"`` runs the dilated
             network on every tile (halos sized for it), ``"shift"`` shift-and-stitch,
             ``"auto"`` the dilated one where it equals shift-and-stitch.
-        layout: ``"auto"``, ``"hwc"`` or ``"chw"``.
-        mean, std, scale: normalisation applied per tile: ``(x * scale - mean) / std``;
-            ``scale`` defaults to ``1 / max`` for integer images (255 for uint8) and 1 else.
-        metadata: kept with the map in the zarr store's attributes (class names, say).
-        on_error: what an image region that cannot be read (a corrupt or truncated TIFF
-            tile) does: ``"raise"`` stops the run with one line naming the file and the
-            region; ``"skip"`` leaves its blocks NaN, warns once and lists them in the
-            store's ``nofc.bad_blocks`` (a later run tries them again).
+        normalize: ``nofc.Normalize(mean=, std=, scale=)`` applied per tile:
+            ``(x * scale - mean) / std``; by default ``scale`` is ``1 / max`` for integer
+            images (255 for uint8) and 1 else, with no mean or std.
         edges: ``"inside"`` (one cell per window inside the image) or ``"zeros"`` /
             ``"reflect"`` (the image padded so that windows cover every pixel), as in
             ``dense_predict``; the map's windows are ``geo.with_edges(hw, edges)``'s.
-        check: check a classifier converted here against itself first, as in
-            ``dense_predict``.
-        level, mpp: a whole-slide image's level, or microns per pixel (``nofc.sources``).
-        bands: a raster's 1-based bands.
         mask: ``"auto"``, a 2-D array or a mask file (``nofc.masks``): tiles without
             foreground are not computed, background cells are NaN.
+        check: check a classifier converted here against itself first, as in
+            ``dense_predict``.
         stats: a dict to fill with ``windows`` (map cells), ``computed`` (cells of the
             tiles computed in this run), ``tiles`` and ``tiles_computed``.
+
+    A region of the image that cannot be read (a corrupt or truncated TIFF tile) stops
+    the run with one line naming the file and the region, or, for an image opened with
+    ``open_source(..., on_error="skip")``, leaves its blocks NaN, warns once and lists them
+    in the store's ``nofc.bad_blocks`` (a later run tries them again).
 
     On a cluster, workers may die or join mid-run: their blocks are recomputed elsewhere
     and the map is the same. A block that fails for a transient reason is tried
@@ -256,31 +278,28 @@ def tiled_predict(
     (10, 68, 43)
     """
     size = check_input_size(input_size)
-    if backend not in ("local", "dask"):
-        raise NofcError(f"backend must be 'local' or 'dask', got {backend!r}")
-    if on_error not in ("raise", "skip"):
-        raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if tile is not None and (not isinstance(tile, int) or tile < 1):
+    dask = _backend(backend)
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
+    norm = Normalize() if normalize is None else normalize
+    if not isinstance(norm, Normalize):
+        raise NofcError(f"normalize must be a nofc.Normalize(mean=, std=, scale=), got "
+                        f"{type(normalize).__name__}")
+    norm.check(size[0])
     output = output_for(out)  # an unknown suffix is refused before any work
     fcn = as_fcn(fcn, size, check=check)  # a classifier not converted yet is converted here
     net_geo = cached_geometry(fcn, size)
     tile = default_tile(net_geo) if tile is None else tile
     check_tileable(fcn, net_geo, tile)
-    src = open_source(image, channels=size[0], layout=layout, level=level, mpp=mpp,
-                      bands=bands)
-    lay = "hwc"
+    src = open_source(image, channels=size[0])
     steps = net_geo.check_step(step)
     geo = net_geo.with_edges(src.hw, edges, step=steps)  # the map's windows in the image
     geo.check_fits(src.hw)
     pads = geo.padding(src.hw, step=steps)
     hw = (src.hw[0] + pads[0] + pads[1], src.hw[1] + pads[2] + pads[3])  # tiles' image
-    normalize(np.zeros((size[0], 1, 1), np.float32), mean, std)  # the same checks
-    if scale is None:
-        scale = default_scale(np.dtype(getattr(src, "dtype", np.float32)))
+    norm = norm.for_pixels(src.dtype)
     device = torch.device(param_like(fcn)[0] if device is None else device)
-    runner = _TileRunner(fcn.eval(), size, step, float(scale), mean, std, dtype, device, lay,
-                         method, edges, pads)
+    runner = _TileRunner(fcn.eval(), size, step, norm, dtype, device, method, edges, pads)
     tiles, (h, w) = plan_tiles(net_geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
@@ -288,10 +307,9 @@ def tiled_predict(
     sink = output.open(MapFacts(
         (num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
         placement=placement_of(src, geo, steps), blocks=len(tiles),
-        metadata={"image": src.describe(), **(metadata or {})},
-        arguments=lambda: {**_arguments(fcn, size, src.hw, tile, step, scale, mean, std,
-                                        dtype), **_reading(method, level, mpp, bands, mask,
-                                                           edges)}))
+        metadata={"image": src.describe()},
+        arguments=lambda: {**_arguments(fcn, size, src.hw, tile, step, norm, dtype),
+                           **_reading(method, src.reading(), mask, edges)}))
     if fg is not None:
         sink = MaskedSink(sink, fg)
     with sink:  # a store is locked against a second writer until the run ends
@@ -303,11 +321,11 @@ def tiled_predict(
                          computed=sum((t.out[1] - t.out[0]) * (t.out[3] - t.out[2])
                                       for t in todo))
         with _progress(len(tiles), len(tiles) - len(todo), progress) as bar:
-            blocks = _Blocks(sink, bar, on_error)
-            if backend == "local":
+            blocks = _Blocks(sink, bar, src.on_error)
+            if dask is None:
                 _run_local(runner, src, todo, blocks)
             else:
-                _run_dask(runner, src, todo, blocks, scheduler=scheduler, workers=workers)
+                _run_dask(runner, src, todo, blocks, dask)
     if sink.nan_cells:
         warnings.warn(f"the image has NaN or Inf pixels: {sink.nan_cells} map cells see them "
                       "and are NaN", stacklevel=2)
@@ -354,7 +372,7 @@ def check_tileable(fcn, geo, tile: int) -> None:
                         f"{geo.window} is efficient)")
 
 
-def _arguments(fcn, size, hw, tile, step, scale, mean, std, dtype) -> dict:
+def _arguments(fcn, size, hw, tile, step, norm: Normalize, dtype) -> dict:
     """Everything the map depends on: a store written for other arguments is refused."""
     return {
         "model": type(fcn).__name__,
@@ -363,19 +381,18 @@ def _arguments(fcn, size, hw, tile, step, scale, mean, std, dtype) -> dict:
         "image_shape": list(hw),
         "tile": tile,
         "step": step,
-        "scale": scale, "mean": _jsonable(mean), "std": _jsonable(std),
+        "scale": norm.scale, "mean": _jsonable(norm.mean), "std": _jsonable(norm.std),
         "dtype": str(dtype),
     }
 
 
-def _reading(method, level, mpp, bands, mask, edges="inside") -> dict:
+def _reading(method, reading: dict, mask, edges="inside") -> dict:
     """The options that change which pixels or which pass make the map, where they differ
     from the defaults (so a store written before they were recorded still resumes)."""
     if mask is not None and not isinstance(mask, (str, os.PathLike)):
         arr = np.ascontiguousarray(np.asarray(mask))
         mask = f"array {arr.shape} {hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
-    given = {"method": None if method == "auto" else method, "level": level, "mpp": mpp,
-             "bands": None if bands is None else [int(b) for b in np.atleast_1d(bands)],
+    given = {"method": None if method == "auto" else method, **reading,
              "mask": None if mask is None else str(mask),
              "edges": None if edges == "inside" else edges}
     return {key: value for key, value in given.items() if value is not None}
@@ -441,8 +458,9 @@ class _Blocks:
                 self.sink.skip(t, str(exc))
                 self.bar.update(1)
                 return
-            raise NofcError(f"{exc} (map block {t.index}); on_error='skip' (nofc heatmap "
-                            f"--skip-bad-tiles) leaves such blocks NaN and goes on; "
+            raise NofcError(f"{exc} (map block {t.index}); open_source(..., on_error='skip') "
+                            f"(nofc heatmap --skip-bad-tiles) leaves such blocks NaN and "
+                            f"goes on; "
                             f"{self.sink.resume_note()}") from None
         raise NofcError(f"{exc}; {self.sink.resume_note()}") from None
 
@@ -477,12 +495,12 @@ def _run_local(runner, src, todo, blocks: _Blocks) -> None:
         blocks.run(t, lambda t=t: runner(src, t))
 
 
-def _run_dask(runner, src, todo, blocks: _Blocks, *, scheduler, workers) -> None:
+def _run_dask(runner, src, todo, blocks: _Blocks, backend: Dask) -> None:
     try:
         import dask  # noqa: F401
     except ImportError:  # pragma: no cover
         raise NofcError("backend='dask' needs the scale extra: pip install 'nofc[scale]'") from None
-    with _dask_client(scheduler, workers) as client:
+    with _dask_client(backend.scheduler, backend.workers) as client:
         if client is None:
             _run_threads(runner, src, todo, blocks)
         else:

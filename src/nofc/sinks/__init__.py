@@ -6,7 +6,7 @@ tiling never asks which kind it writes to. :func:`output_for` is the one place t
 an output's suffix.
 
 >>> output_for("cells.geojson", threshold=0.8)
-GeoJsonOutput(path='cells.geojson', threshold=0.8)
+GeoJsonOutput(path='cells.geojson', threshold=0.8, metadata=None)
 >>> output_for("map.shp")
 Traceback (most recent call last):
 ...

@@ -36,7 +36,8 @@ class MapFacts:
         arguments: called (only by sinks that record them: hashing a model takes time)
             for the dict of everything the map depends on; a store made for another is
             refused.
-        metadata: anything the caller wants kept with the map (class names, say).
+        metadata: what tiling records with the map (the image's description); an
+            output's own ``metadata`` (class names, say) is added by :meth:`Output.kept`.
         blocks: how many blocks the map has, for messages (``holds 5 of 12 blocks``).
     """
 
@@ -54,6 +55,11 @@ class Output:
     """Where a map goes and that kind of output's own options; ``open`` makes its sink."""
 
     path: Any = None
+    metadata: dict | None = None
+
+    def kept(self, facts: MapFacts) -> dict:
+        """What the map keeps: tiling's facts and this output's ``metadata``."""
+        return {**(facts.metadata or {}), **(self.metadata or {})}
 
     def check(self, *, force: bool = False) -> None:
         """Refuse, before any work, an output that exists and would be replaced."""

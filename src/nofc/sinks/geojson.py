@@ -34,6 +34,7 @@ class GeoJsonOutput(Output):
 
     path: str | os.PathLike
     threshold: float = 0.5
+    metadata: dict | None = None  # kept with the map (``{"classes": [...]}`` names bands)
 
     def __post_init__(self):
         if not 0.0 <= float(self.threshold) <= 1.0:
@@ -44,7 +45,7 @@ class GeoJsonOutput(Output):
 
     def open(self, facts: MapFacts) -> "GeoJsonSink":
         return GeoJsonSink(self.path, facts.shape, facts.dtype, placement=facts.placement,
-                           metadata=facts.metadata, blocks=facts.blocks,
+                           metadata=self.kept(facts), blocks=facts.blocks,
                            threshold=self.threshold)
 
 

@@ -29,13 +29,14 @@ class GeoTiffOutput(Output):
     """A GeoTIFF (``.tif``/``.tiff``)."""
 
     path: str | os.PathLike
+    metadata: dict | None = None  # kept with the map (``{"classes": [...]}`` names bands)
 
     def check(self, *, force: bool = False) -> None:
         refuse_overwrite(self.path, force=force)
 
     def open(self, facts: MapFacts) -> "GeoTiffSink":
         return GeoTiffSink(self.path, facts.shape, facts.dtype, placement=facts.placement,
-                           metadata=facts.metadata, blocks=facts.blocks)
+                           metadata=self.kept(facts), blocks=facts.blocks)
 
 
 class GeoTiffSink(FileSink):

@@ -31,11 +31,12 @@ class ZarrOutput(Output):
     """A zarr store (``.zarr``): resumable, so an existing one is reopened, not refused."""
 
     path: str | os.PathLike
+    metadata: dict | None = None  # kept with the map (``{"classes": [...]}`` names bands)
 
     def open(self, facts: MapFacts) -> "ZarrSink":
         return ZarrSink(self.path, facts.shape, facts.dtype, chunks=facts.chunks, geo=facts.geo,
                         arguments=facts.arguments() if facts.arguments is not None else {},
-                        metadata=facts.metadata, blocks=facts.blocks)
+                        metadata=self.kept(facts), blocks=facts.blocks)
 
 
 def _version() -> str:

@@ -28,8 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..errors import NofcError, first_line, refuse_overwrite
-from ..images import image_layout, spatial_shape
-from ..sources import open_image_array
+from ..sources import open_source
 from ..windows import parse_step
 from .tiles import CELL_TILE, TOP, ImageTiles, MapTiles, check_square_step
 
@@ -53,8 +52,7 @@ class Result:
     scores: object  # (K, h, w) zarr array of raw scores
     attrs: dict  # the store's attrs["nofc"]
     image: str  # the image's path
-    source: object  # the image, sliceable by region
-    layout: str
+    source: object  # the image: a nofc.sources.ImageSource, read by region
     step: int
     class_names: list[str]
 
@@ -89,13 +87,6 @@ def _find_image(result: str, attrs: dict, image) -> str:
                     f"image's new path: nofc view {result} IMAGE")
 
 
-def _channel_layout(shape: tuple[int, ...]) -> str:
-    """Where an image's channels are, whatever their number (1 to 4)."""
-    if len(shape) == 3 and shape[2] > 4 and shape[0] <= 4:
-        return image_layout(shape, shape[0], "chw")
-    return image_layout(shape, 1 if len(shape) == 2 else shape[-1], "auto")
-
-
 def open_result(result, image=None) -> Result:
     """Open a nofc map and its image, or say in one line why not.
 
@@ -124,9 +115,9 @@ def open_result(result, image=None) -> Result:
     args, geo = attrs["arguments"], attrs["geometry"]
     step = check_square_step(parse_step(args.get("step") or geo["stride"]))
     path = _find_image(name, attrs, image)
-    source = open_image_array(path)
-    layout = _channel_layout(tuple(source.shape))
-    hw = list(spatial_shape(tuple(source.shape), layout))
+    reading = {k: args[k] for k in ("level", "mpp", "bands") if args.get(k) is not None}
+    source = open_source(path, **reading)  # as the map read it: a slide's level, bands
+    hw = list(source.hw)
     expected = list(args.get("image_shape") or hw)
     if hw != expected:
         raise NofcError(f"{path} is {hw[0]}x{hw[1]} but {name} was computed on a "
@@ -134,7 +125,7 @@ def open_result(result, image=None) -> Result:
     names = (attrs.get("metadata") or {}).get("classes") or []
     k = int(scores.shape[0])
     class_names = [str(names[i]) if i < len(names) else f"class {i}" for i in range(k)]
-    return Result(name, scores, attrs, path, source, layout, step, class_names)
+    return Result(name, scores, attrs, path, source, step, class_names)
 
 
 class _Cache:
@@ -184,7 +175,7 @@ class Viewer:
 
     def __init__(self, result: Result):
         self.result = result
-        self.image = ImageTiles(result.source, result.layout)
+        self.image = ImageTiles(result.source)
         self.map = MapTiles(result.scores)
         self._cache = _Cache(CACHE_BYTES)
         self._routes = [

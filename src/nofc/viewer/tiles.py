@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NofcError
-from ..images import default_scale, read_region, spatial_shape
+from ..images import default_scale
 
 __all__ = ["TILE", "Pyramid", "ImageTiles", "MapTiles", "box_mean"]
 
@@ -129,18 +129,19 @@ def _encode(fmt: str, pixels: np.ndarray, mode: str) -> bytes:
 
 
 class ImageTiles:
-    """JPEG tiles of an image source (``nofc.sources.open_image_array``), read by region.
+    """JPEG tiles of an image (``nofc.sources.ImageSource``), read by region.
 
-    >>> t = ImageTiles(np.full((300, 500, 3), 200, np.uint8), "hwc")
+    >>> from nofc.sources import open_source
+    >>> t = ImageTiles(open_source(np.full((300, 500, 3), 200, np.uint8)))
     >>> t.pyramid.top, t.tile(9, 0, 0)[:2]
     (9, b'\\xff\\xd8')
     """
 
-    def __init__(self, src, layout: str):
-        self.src, self.layout = src, layout
-        h, w = spatial_shape(tuple(src.shape), layout)
+    def __init__(self, src):
+        self.src = src
+        h, w = src.hw
         self.pyramid = Pyramid(int(w), int(h))
-        self.scale = default_scale(np.dtype(getattr(src, "dtype", np.float32)))
+        self.scale = default_scale(src.dtype)
         self.ov_factor = _pow2_at_least(max(h, w) / OVERVIEW)
         self._overview = None
         self._lock = threading.Lock()
@@ -148,7 +149,7 @@ class ImageTiles:
     def _read(self, y0: int, y1: int, x0: int, x1: int, f: int) -> np.ndarray:
         """``(C, ceil((y1-y0)/f), ceil((x1-x0)/f))`` means in [0, 1] (every s-th pixel)."""
         s = max(1, f // 4)
-        region = read_region(self.src, self.layout, slice(y0, y1, s), slice(x0, x1, s))
+        region = self.src.read(slice(y0, y1, s), slice(x0, x1, s))  # (C, h, w)
         return box_mean(region.astype(np.float32) * np.float32(self.scale), f // s)
 
     def overview(self) -> np.ndarray:
