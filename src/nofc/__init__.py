@@ -18,9 +18,10 @@ from .explanation import Explanation, explain
 from .export import export_onnx, export_program, to_torchscript
 from .layers import FullConv2d
 from .onnx_import import convert_onnx, verify_onnx
+from .receptive import geometry
 from .tiling import tiled_predict
 from .verification import VerifyReport, verify
-from .windows import Geometry, geometry
+from .windows import Geometry
 
 __version__ = "0.1.0"
 
