@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nofc
-from nofc.windows import cached_geometry
+from nofc.receptive import cached_geometry
 
 from conftest import load_benchmark
 

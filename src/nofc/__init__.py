@@ -19,10 +19,11 @@ from .export import export_onnx, export_program, to_torchscript
 from .images import Normalize
 from .layers import FullConv2d
 from .onnx_import import convert_onnx, verify_onnx
+from .receptive import geometry
 from .sources import open_source
 from .tiling import Dask, tiled_predict
 from .verification import VerifyReport, verify
-from .windows import Geometry, geometry
+from .windows import Geometry
 
 __version__ = "0.1.0"
 

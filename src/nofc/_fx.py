@@ -1,7 +1,7 @@
 """The one torch.fx toolkit: tracing, fake-tensor probing, shape recording, node naming.
 
-Every module that reads a network's graph (conversion, windows, explanation, dense,
-tiling, export) goes through these helpers, so a graph is traced, probed and described
+Every module that reads a network's graph (conversion, receptive, measure, explanation,
+dense, tiling, export) goes through these helpers, so a graph is traced, probed and described
 the same way everywhere.
 
 >>> import torch.nn as nn
@@ -32,7 +32,8 @@ from .errors import NofcError, first_line
 __all__ = [
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
     "describe_node", "drop_dead_code", "fake_mode", "fmt_shape", "get_attr", "global_pool", "output_node",
-    "param_like", "probe", "register_notrace_module", "trace", "viewed", "written",
+    "param_like", "probe", "register_notrace_module", "spatial_size", "trace", "viewed",
+    "written",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
@@ -52,6 +53,18 @@ def fmt_shape(shape) -> str:
     if shape is None:
         return "?"
     return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def spatial_size(shape, dims=(2, 3)) -> tuple[int, int] | None:
+    """The (H, W) of a 4D shape whose spatial axes are at ``dims`` (NCHW: (2, 3)); None
+    for no shape or one of another rank.
+
+    >>> spatial_size((2, 8, 5, 7)), spatial_size((2, 5, 7, 8), dims=(1, 2)), spatial_size((2, 8))
+    ((5, 7), (5, 7), None)
+    """
+    if shape is None or len(shape) != 4:
+        return None
+    return (shape[dims[0]], shape[dims[1]])
 
 
 class NodeFailure(Exception):
@@ -673,7 +686,7 @@ def global_pool(gm: fx.GraphModule, n: fx.Node) -> tuple[str, Any] | None:
     """``("avg" | "max" | "sum", output_size)`` when ``n`` is adaptive pooling of a map or a
     reduction over both spatial dims (output size 1); None otherwise.
 
-    One recogniser for conversion (which rewrites it) and windows (which refuses it).
+    One recogniser for conversion (which rewrites it) and receptive (which refuses it).
     Pooling that also returns indices is not recognised: its output is a tuple.
     """
     if n.op == "call_module":

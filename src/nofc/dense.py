@@ -25,7 +25,8 @@ from .conversion import as_fcn
 from .dilation import fine_pass
 from .errors import NofcError, check_input_size
 from .streaming import streamed
-from .windows import Geometry, cached_geometry, parse_step
+from .receptive import cached_geometry
+from .windows import Geometry, parse_step
 
 __all__ = ["dense_predict", "sliding_window_predict", "BAND_BUDGET"]
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from ._fx import describe_node, get_attr, probe, trace
 from .errors import NofcError, check_input_size
 from .layers import DilatedPool2d, pair
-from .windows import Geometry, cached_geometry, spatial_slices
+from .receptive import cached_geometry, spatial_slices
+from .windows import Geometry
 
 __all__ = ["dilate", "plan", "apply", "DilationPlan", "fine_pass", "METHODS"]
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ._fx import NodeFailure, param_like, probe
 from .errors import NofcError, check_input_size, first_line, refuse_overwrite
 from .io import atomic_output
-from .windows import cached_geometry
+from .receptive import cached_geometry
 
 __all__ = ["save_model", "save_onnx", "to_torchscript", "export_program", "export_onnx",
            "FORMATS"]

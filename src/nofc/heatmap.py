@@ -220,7 +220,7 @@ def _network(model, size, step, *, check=True):
     """The converted network (checked against the classifier unless ``check`` is False),
     its geometry and the map step ``(sy, sx)``."""
     from .conversion import as_fcn
-    from .windows import cached_geometry
+    from .receptive import cached_geometry
 
     fcn = as_fcn(model, size, check=check)
     geo = cached_geometry(fcn, size)

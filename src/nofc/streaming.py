@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from ._fx import output_node, param_like, probe, trace
 from .errors import NofcError
-from .windows import Geometry, node_axes
+from .receptive import node_axes
+from .windows import Geometry
 
 __all__ = ["stages", "streamed", "STREAM_PIXELS", "CHUNK"]
 

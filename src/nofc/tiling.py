@@ -33,7 +33,7 @@ from .masks import mask_cells
 from .placement import placement_of
 from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
-from .windows import cached_geometry
+from .receptive import cached_geometry
 
 __all__ = ["tiled_predict", "Dask", "plan_tiles", "default_tile", "check_tileable", "num_outputs"]
 

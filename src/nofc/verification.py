@@ -14,7 +14,7 @@ from .conversion import as_fcn
 from .dense import as_batch, dense_predict, sliding_window_predict
 from .errors import NofcError, check_input_size
 from .tolerance import DEFAULT_TOL, passes, tolerance_text
-from .windows import cached_geometry
+from .receptive import cached_geometry
 
 __all__ = ["verify", "VerifyReport"]
 
