@@ -9,6 +9,8 @@ and run it densely over large images.
 torch.Size([1, 1000, 6, 6])
 """
 
+from importlib import metadata as _metadata
+
 from . import zoo
 from .conversion import convert
 from .dense import dense_predict, sliding_window_predict
@@ -25,7 +27,10 @@ from .tiling import Dask, tiled_predict
 from .verification import VerifyReport, verify
 from .windows import Geometry
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("nofc")
+except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+    __version__ = "unknown"
 
 __all__ = [
     # convert, prove, apply, ship

@@ -10,7 +10,16 @@ import argparse
 import sys
 import warnings
 
+from . import __version__, convert, explain, verify
 from .errors import NofcError, first_line, refuse_overwrite
+from .export import save_model, save_onnx
+from .heatmap import heatmap
+from .images import Normalize
+from .io import default_input_size, load_model, parse_size
+from .onnx_import import convert_onnx, verify_onnx
+from .sinks import output_for
+from .sources import open_source
+from .tiling import Dask
 
 EXIT_USAGE = 2
 
@@ -37,8 +46,6 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .io import default_input_size, load_model, parse_size
-
     size = parse_size(args.input_size) if args.input_size is not None else None
     model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
     size = size or default_input_size(model)
@@ -65,8 +72,6 @@ def _add_explain(sub) -> None:
 def _cmd_explain(args) -> int:
     import torch
 
-    from . import explain, verify
-    from .io import parse_size
 
     model, size = _load(args)
     at = parse_size(args.at, n=2, what="--at") if args.at else None
@@ -76,8 +81,6 @@ def _cmd_explain(args) -> int:
         table.rows = [r for r in table.rows if r.changed]
     print(table)
     if args.verify:
-        from . import convert
-
         fcn = convert(model, size, pooling=args.pooling, fc_stride=args.fc_stride,
                       flatten_order=args.flatten_order)
         for dtype in (torch.float64, torch.float32):
@@ -102,8 +105,6 @@ def _add_convert(sub) -> None:
 def _cmd_convert_onnx(args) -> int:
     from pathlib import Path
 
-    from .io import parse_size
-    from .onnx_import import convert_onnx, verify_onnx
 
     if args.input_size is None:
         raise NofcError("--input-size is needed for an ONNX classifier: the CxHxW it was "
@@ -131,7 +132,6 @@ def _cmd_convert_onnx(args) -> int:
         if not report.ok:
             raise NofcError(f"the converted model does not match the original: {report}")
         print(report)
-    from .export import save_onnx
 
     save_onnx(fcn, args.output, force=args.force)
     classes = fcn.graph.output[0].type.tensor_type.shape.dim[1].dim_value
@@ -140,9 +140,6 @@ def _cmd_convert_onnx(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from . import convert, verify
-    from .export import save_model
-
     if str(args.model).lower().endswith(".onnx"):
         return _cmd_convert_onnx(args)
     model, size = _load(args)
@@ -211,8 +208,9 @@ def _add_heatmap(sub) -> None:
                    help="skip the check that the converted network gives the classifier's "
                         "outputs at the input size (one forward each) before the map")
     big = p.add_argument_group("large images (tiling is automatic above 16.8 Mpix)")
-    big.add_argument("--tile", type=int, metavar="PX", help="tile side in pixels (default 2048, more for a network "
-                     "whose receptive field reaches far past its window)")
+    big.add_argument("--tile", type=int, metavar="PX",
+                     help="tile side in pixels (default 2048, more for a network whose "
+                          "receptive field reaches far past its window)")
     big.add_argument("--out", metavar="STORE.zarr|MAP.tif|CELLS.geojson",
                      help="write the raw map as tiles finish: a zarr store (rerun to resume), "
                           "a GeoTIFF (georeferenced; level-0 pixels for a slide: QGIS), or "
@@ -241,12 +239,6 @@ def _add_heatmap(sub) -> None:
 
 
 def _cmd_heatmap(args) -> int:
-    from .heatmap import heatmap
-    from .images import Normalize
-    from .sinks import output_for
-    from .sources import open_source
-    from .tiling import Dask
-
     out = None if args.out is None and args.threshold is None else output_for(
         args.out, **({} if args.threshold is None else {"threshold": args.threshold}))
     normalize = None if args.mean is None and args.std is None else \
@@ -316,8 +308,6 @@ _COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="nofc",
         description="No fully-connected layers: convert a classifier into a fully "

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._fx import describe_node, get_attr, probe, trace
+from .conversion import as_fcn
 from .errors import NofcError, check_input_size
 from .layers import DilatedPool2d, pair
 from .receptive import cached_geometry, spatial_slices
@@ -418,8 +419,6 @@ def dilate(fcn: nn.Module, input_size, step) -> fx.GraphModule:
     >>> net(torch.randn(1, 1, 40, 48)).shape, nofc.geometry(net, (1, 32, 32)).stride
     (torch.Size([1, 10, 9, 17]), (1, 1))
     """
-    from .conversion import as_fcn
-
     size = check_input_size(input_size)
     net = as_fcn(fcn, size)
     entry = _cached(net, size, cached_geometry(net, size).check_step(step))

@@ -18,9 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .conversion import as_fcn
+from .dense import dense_predict
 from .errors import NofcError, refuse_overwrite
+from .images import BadRegion, IMAGENET_MEAN, IMAGENET_STD, Normalize, default_scale
 from .io import atomic_output
+from .placement import placement_of
+from .receptive import cached_geometry
 from .render import render_heatmap
+from .sinks import output_for
+from .sources import open_source
+from .tiling import Dask, check_tileable, default_tile, num_outputs, tiled_predict
+from .verification import verify as _verify
 
 __all__ = ["heatmap"]
 
@@ -98,11 +107,6 @@ def heatmap(
     difference between the map and the crops (whole images only).
     Returns a summary (classes drawn, map shape, geometry).
     """
-    from .images import Normalize
-    from .sinks import output_for
-    from .sources import open_source
-    from .tiling import Dask
-
     _check_outputs(output, scores_path, force=force)
     if out is not None:
         out = output_for(out)
@@ -151,9 +155,6 @@ def _check_outputs(output, scores_path, *, force: bool) -> None:
 def _whole_map(model, src, size, *, normalize, step, device, progress, verify,
                edges="inside", check=True) -> _Map:
     """The image read whole, one dense pass."""
-    from .dense import dense_predict
-    from .images import default_scale
-
     region = src.read(slice(None), slice(None))  # (C, H, W) as stored
     raw = region.astype(np.float32) * np.float32(default_scale(region.dtype))  # to draw on
     x = torch.from_numpy(normalize(region))
@@ -164,8 +165,6 @@ def _whole_map(model, src, size, *, normalize, step, device, progress, verify,
     scores = logits.float().cpu().numpy()  # (K, h, w)
     extra = {}
     if verify:
-        from .verification import verify as _verify
-
         extra["verify"] = str(_verify(model, fcn, size, image=x, dtype=torch.float32,
                                       device=device))
     info = _info(geo, steps, raw.shape, scores.shape[1:], normalize, **extra)
@@ -176,10 +175,6 @@ def _tiled_map(model, src, size, *, normalize, step, device, progress, tile, out
                mask=None, labels_file=None, edges="inside", check=True) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
-    from .placement import placement_of
-    from .sinks import output_for
-    from .tiling import check_tileable, default_tile, num_outputs, tiled_predict
-
     H, W = src.hw
     fcn, geo, steps = _network(model, size, step, check=check)
     tile = default_tile(geo) if tile is None else tile
@@ -219,9 +214,6 @@ def _backend_name(backend) -> str:
 def _network(model, size, step, *, check=True):
     """The converted network (checked against the classifier unless ``check`` is False),
     its geometry and the map step ``(sy, sx)``."""
-    from .conversion import as_fcn
-    from .receptive import cached_geometry
-
     fcn = as_fcn(model, size, check=check)
     geo = cached_geometry(fcn, size)
     return fcn, geo, geo.check_step(step)
@@ -313,8 +305,6 @@ def _every(map_shape) -> int:
 def _thumbnail(src, hw, skip_bad: bool = False) -> np.ndarray:
     """``(C, h, w)`` float image in [0, 1], every f-th pixel, for drawing under the map;
     with ``skip_bad``, parts that cannot be read are drawn black."""
-    from .images import BadRegion, default_scale
-
     f = _every(hw)
     try:
         region = src.read(slice(None, None, f), slice(None, None, f))
@@ -327,8 +317,6 @@ def _thumbnail(src, hw, skip_bad: bool = False) -> np.ndarray:
 
 def _readable_parts(src, hw, f: int, part: int = 128) -> np.ndarray:
     """The thumbnail read part by part, zero where a part cannot be read."""
-    from .images import BadRegion
-
     part *= f
     parts = []
     for y in range(0, hw[0], part):
@@ -388,8 +376,6 @@ def _default_norm(model, spec: str, channels: int):
             len(cfg["mean"]) == len(cfg["std"]) == channels:
         return tuple(cfg["mean"]), tuple(cfg["std"])
     if str(spec).startswith("torchvision:") and channels == 3:
-        from .images import IMAGENET_MEAN, IMAGENET_STD
-
         return IMAGENET_MEAN, IMAGENET_STD
     return None, None
 

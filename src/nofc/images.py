@@ -33,7 +33,8 @@ class Normalize:
         scale: what multiplies the stored pixels first; None: ``1 / max`` for integer
             images (255 for uint8, :func:`default_scale`), 1 for floats.
 
-    >>> Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)(np.ones((3, 2, 2), np.float32))[:, 0, 0].round(3)
+    >>> imagenet = Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    >>> imagenet(np.ones((3, 2, 2), np.float32))[:, 0, 0].round(3)
     array([2.249, 2.429, 2.64 ], dtype=float32)
     >>> Normalize(std=float("nan"))
     Traceback (most recent call last):

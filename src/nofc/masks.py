@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NofcError
+from .sources import open_source
 
 __all__ = ["resolve_mask", "cell_foreground", "mask_cells", "otsu"]
 
@@ -77,8 +78,6 @@ def resolve_mask(mask, source) -> tuple[np.ndarray, float]:
                             f"{picture.shape[0]} channels: give a mask array or file")
         return tissue(picture), per
     if isinstance(mask, (str, Path)):
-        from .sources import open_source
-
         if not Path(mask).is_file():
             raise NofcError(f"mask file not found: {mask} (give a file, an array or 'auto')")
         m = open_source(mask)

@@ -41,6 +41,8 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 
 from .errors import NofcError, check_input_size, first_line, refuse_overwrite
+from .export import save_onnx
+from .verification import VerifyReport
 
 __all__ = ["convert_onnx", "verify_onnx"]
 
@@ -1001,8 +1003,6 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
     _apply(m, plan, size, layout)
     _check_result(m, size, plan.outputs, layout, pooling)
     if output is not None:
-        from .export import save_onnx
-
         save_onnx(m, output, force=force)
     return m
 
@@ -1024,8 +1024,6 @@ def verify_onnx(model, fcn, input_size, *, batch: int = 1, seed: int = 0,
     >>> report.ok, report.output_shape
     (True, (3, 32, 1, 1))
     """
-    from .verification import VerifyReport
-
     try:
         import onnxruntime as ort
     except ImportError:
