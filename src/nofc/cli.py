@@ -31,7 +31,12 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
                    help="the size the classifier was trained on, e.g. 3x224x224 (a timm:NAME "
                         "model's default: the input size of its pretrained config)")
     p.add_argument("--weights", metavar="FILE",
-                   help="state_dict file (loaded with weights_only=True)")
+                   help="checkpoint as saved: .pt/.pth/.ckpt/.safetensors state_dict, "
+                        "Lightning or EMA dicts, module./model. prefixes (always loaded "
+                        "with weights_only=True); a torchvision/timm head is sized from it")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="build a torchvision:NAME or timm:NAME model with N classes "
+                        "(default: 1000, or the checkpoint's classifier size)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole-model file (can run code: only for files "
                         "you trust)")
@@ -47,7 +52,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     size = parse_size(args.input_size) if args.input_size is not None else None
-    model = load_model(args.model, weights=args.weights, trust_pickle=args.trust_pickle)
+    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                       trust_pickle=args.trust_pickle)
     size = size or default_input_size(model)
     if size is None:
         raise NofcError(f"--input-size is needed for {args.model}: the CxHxW the classifier "
@@ -71,7 +77,6 @@ def _add_explain(sub) -> None:
 
 def _cmd_explain(args) -> int:
     import torch
-
 
     model, size = _load(args)
     at = parse_size(args.at, n=2, what="--at") if args.at else None
@@ -105,7 +110,6 @@ def _add_convert(sub) -> None:
 def _cmd_convert_onnx(args) -> int:
     from pathlib import Path
 
-
     if args.input_size is None:
         raise NofcError("--input-size is needed for an ONNX classifier: the CxHxW it was "
                         "trained on, e.g. --input-size 3x224x224")
@@ -114,9 +118,10 @@ def _cmd_convert_onnx(args) -> int:
     if Path(args.output).suffix.lower() != ".onnx":
         raise NofcError(f"an ONNX classifier converts to ONNX: name the output .onnx, not "
                         f"{args.output}")
-    for flag, value, default in (("--weights", args.weights, None), ("--fc-stride",
-                                 args.fc_stride, 1), ("--flatten-order", args.flatten_order,
-                                                      "chw")):
+    for flag, value, default in (("--weights", args.weights, None),
+                                 ("--num-classes", args.num_classes, None),
+                                 ("--fc-stride", args.fc_stride, 1),
+                                 ("--flatten-order", args.flatten_order, "chw")):
         if value != default:
             raise NofcError(f"{flag} does not apply to an ONNX model (the flatten order is "
                             "read off the graph)")

@@ -349,7 +349,8 @@ def _choose_classes(cls, top, peaks, names):
 
 
 def _class_names(model, k: int, labels_file=None) -> list[str]:
-    """Names for the K outputs: a labels file, torchvision's ImageNet list, or indices."""
+    """Names for the K outputs: a labels file, the names the checkpoint kept, torchvision's
+    ImageNet list, or indices."""
     if labels_file is not None:
         p = Path(labels_file)
         if not p.is_file():
@@ -358,6 +359,9 @@ def _class_names(model, k: int, labels_file=None) -> list[str]:
         if len(names) != k:
             raise NofcError(f"{labels_file} has {len(names)} names, the model {k} classes")
         return names
+    kept = getattr(model, "nofc_class_names", None)
+    if kept is not None and len(kept) == k:
+        return list(kept)
     if k == 1000 and type(model).__module__.startswith("torchvision."):
         try:
             from torchvision.models import ResNet50_Weights

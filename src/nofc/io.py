@@ -16,7 +16,7 @@ import torch.nn as nn
 from .errors import NofcError, first_line, refuse_overwrite
 from .zoo import MODELS
 
-__all__ = ["load_model", "parse_size", "atomic_output", "default_input_size"]
+__all__ = ["load_model", "parse_size", "atomic_output", "default_input_size", "head_classes"]
 
 
 def parse_size(text: str, *, n: int = 3, what: str = "--input-size") -> tuple[int, ...]:
@@ -36,12 +36,26 @@ def parse_size(text: str, *, n: int = 3, what: str = "--input-size") -> tuple[in
     return values
 
 
-def _load_state_dict(path: str) -> dict:
+_NESTED = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "net")
+_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+
+
+def _load_checkpoint(path: str) -> tuple[dict, list[str] | None]:
+    """The state_dict in a weights file as people save it, and the class names it keeps.
+
+    ``.pt``/``.pth``/``.ckpt`` through ``torch.load(weights_only=True)`` (a file cannot run
+    code), ``.safetensors`` through safetensors. A dict that is not itself a state_dict is
+    searched for one under ``state_dict`` (Lightning), ``model``, ``state_dict_ema``,
+    ``model_ema``, ``module`` or ``net``; class names under ``classes`` or
+    ``class_names`` (or Lightning's ``hyper_parameters``).
+    """
     p = Path(path)
     if not p.is_file():
         raise NofcError(f"weights file not found: {path}")
     if p.stat().st_size == 0:
         raise NofcError(f"weights file is empty: {path}")
+    if p.suffix.lower() == ".safetensors":
+        return _load_safetensors(p), None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -58,15 +72,102 @@ def _load_state_dict(path: str) -> dict:
         first = detail.group(1) if detail else first_line(exc)
         raise NofcError(f"cannot read weights from {path}: not a PyTorch weights file "
                         f"({type(exc).__name__}: {first})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise NofcError(f"{path} is not a state_dict (a dict of tensors)")
-    return obj
+    names = _stored_names(obj)
+    sd = obj
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        inner = [obj[k] for k in _NESTED if isinstance(obj.get(k), dict) and _is_state_dict(obj[k])]
+        sd = inner[0] if inner else obj
+    if not isinstance(sd, dict) or not _is_state_dict(sd):
+        keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, dict) else ""
+        raise NofcError(f"{path} is not a state_dict (a dict of tensors)"
+                        + (f"; its keys: {keys}, none of {', '.join(_NESTED)} holds one"
+                           if keys else ""))
+    return sd, names
 
 
-def _apply_state_dict(model: nn.Module, sd: dict, path: str) -> None:
+def _is_state_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                           for k, v in d.items())
+
+
+def _stored_names(obj) -> list[str] | None:
+    """Class names kept beside the weights, when a list of strings is there."""
+    if not isinstance(obj, dict):
+        return None
+    for holder in (obj, obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"),
+                                                                 dict) else {}):
+        for key in ("classes", "class_names"):
+            names = holder.get(key)
+            if isinstance(names, (list, tuple)) and names and all(isinstance(n, str)
+                                                                  for n in names):
+                return list(names)
+    return None
+
+
+def _load_safetensors(p: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # pragma: no cover - timm brings it
+        raise NofcError(f"reading {p.name} needs safetensors: pip install safetensors") from None
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
+        raise NofcError(f"cannot read weights from {p}: not a safetensors file "
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _fitted_keys(sd: dict, own: dict) -> dict:
+    """``sd`` with the wrapper prefixes (``module.`` of DDP, ``model.`` of Lightning,
+    ``_orig_mod.`` of torch.compile) stripped where that makes more keys fit the model.
+
+    >>> _fitted_keys({"module.model.fc.weight": 1}, {"fc.weight": 0})
+    {'fc.weight': 1}
+    """
+    best = sd
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in best):
+                stripped = {k[len(prefix):]: v for k, v in best.items()}
+                if len(own.keys() & stripped.keys()) >= len(own.keys() & best.keys()):
+                    best, changed = stripped, True
+    if not own.keys() & best.keys():  # a Lightning module that keeps other things beside
+        for prefix in _PREFIXES:
+            part = {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
+            if len(own.keys() & part.keys()) > len(own.keys() & best.keys()):
+                best = part
+    return best
+
+
+def head_classes(sd: dict, own: dict) -> int | None:
+    """The number of classes of a checkpoint whose only difference from the model is the
+    size of its classifier: every wrongly shaped tensor has the model's class count as
+    its first dimension and one other count in the file. None when that is not so.
+
+    >>> head_classes({"fc.weight": torch.zeros(2, 8), "fc.bias": torch.zeros(2)},
+    ...              {"fc.weight": torch.zeros(10, 8), "fc.bias": torch.zeros(10)})
+    2
+    """
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if not wrong or set(sd) != set(own):
+        return None
+    firsts = {tuple(own[k].shape)[:1] + tuple(sd[k].shape)[:1] for k in wrong}
+    rest_same = all(tuple(own[k].shape)[1:] == tuple(sd[k].shape)[1:] for k in wrong)
+    if len(firsts) != 1 or not rest_same:
+        return None
+    return int(next(iter(firsts))[1])
+
+
+def _apply_state_dict(model: nn.Module, sd: dict, path: str, rebuild=None) -> nn.Module:
+    """Load ``sd`` into ``model`` (prefixes fitted), or into ``rebuild(n)`` when the file's
+    classifier has ``n`` classes; one NofcError naming the keys that differ otherwise."""
     own = model.state_dict()
+    sd = _fitted_keys(sd, own)
+    n = head_classes(sd, own)
+    if n is not None and rebuild is not None:
+        model = rebuild(n)
+        own = model.state_dict()
     missing = [k for k in own if k not in sd]
     extra = [k for k in sd if k not in own]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -79,9 +180,13 @@ def _apply_state_dict(model: nn.Module, sd: dict, path: str) -> None:
     if wrong:
         problems.append(f"{len(wrong)} wrongly shaped (e.g. {'; '.join(wrong[:2])})")
     if problems:
+        hint = (f"; a classifier of {n} classes: give --num-classes {n} with a model that "
+                "takes it (torchvision:NAME, timm:NAME)" if n is not None and rebuild is None
+                else "")
         raise NofcError(f"state_dict {path} does not fit {type(model).__name__}: "
-                        + "; ".join(problems))
+                        + "; ".join(problems) + hint)
     model.load_state_dict(sd)
+    return model
 
 
 def _import_factory(spec: str) -> nn.Module:
@@ -112,7 +217,8 @@ def _import_factory(spec: str) -> nn.Module:
     return model
 
 
-def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = False) -> nn.Module:
+def load_model(spec: str, *, weights: str | None = None, num_classes: int | None = None,
+               trust_pickle: bool = False) -> nn.Module:
     """Build the model a CLI user names, in eval mode.
 
     ``spec`` is ``torchvision:NAME`` or ``timm:NAME`` (random weights; timm's pretrained
@@ -121,12 +227,22 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
     ``path/to/file.py:factory`` (the factory is called with no arguments) or a ``.pt``
     file holding a whole pickled model, which is refused unless ``trust_pickle``
     (unpickling can run arbitrary code).
-    ``weights`` is a state_dict file, always loaded with ``weights_only=True``.
+    ``weights`` is a checkpoint as saved (``.pt``, ``.pth``, ``.ckpt``, ``.safetensors``;
+    a Lightning or EMA dict; DDP's ``module.`` and Lightning's ``model.`` prefixes), always
+    loaded with ``weights_only=True``. ``num_classes`` builds a torchvision or timm model
+    with that head; without it the head is sized from the checkpoint's classifier. Class
+    names kept in the checkpoint (``classes``) go to ``model.nofc_class_names``.
 
     >>> load_model("torchvision:resnet18").fc.out_features
     1000
+    >>> load_model("torchvision:resnet18", num_classes=3).fc.out_features
+    3
     """
     spec = str(spec)
+    if num_classes is not None and (isinstance(num_classes, bool) or
+                                    not isinstance(num_classes, int) or num_classes < 1):
+        raise NofcError(f"--num-classes must be a positive number, got {num_classes!r}")
+    rebuild = None
     if spec.startswith("nofc:"):
         name = spec.split(":", 1)[1]
         if name not in MODELS:
@@ -141,9 +257,18 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
             close = [a for a in available if name.lower()[:4] in a][:5]
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise NofcError(f"unknown torchvision model '{name}'{hint}")
-        model = torchvision.models.get_model(name, weights=None)
+        def rebuild(n):
+            return torchvision.models.get_model(name, weights=None, num_classes=n)
+
+        model = torchvision.models.get_model(name, weights=None) if num_classes is None \
+            else rebuild(num_classes)
     elif spec.startswith("timm:"):
-        model = _timm_model(spec.split(":", 1)[1])
+        name = spec.split(":", 1)[1]
+
+        def rebuild(n):
+            return _timm_model(name, num_classes=n)
+
+        model = _timm_model(name, num_classes=num_classes)
     elif spec.endswith((".pt", ".pth", ".ckpt")) and ":" not in Path(spec).name:
         path = Path(spec)
         if not path.is_file():
@@ -172,12 +297,18 @@ def load_model(spec: str, *, weights: str | None = None, trust_pickle: bool = Fa
     else:
         raise NofcError(f"cannot tell what model {spec!r} is: use torchvision:NAME, timm:NAME, "
                         "path/to/file.py:factory or a pickled model .pt with --trust-pickle")
+    if num_classes is not None and rebuild is None:
+        raise NofcError(f"--num-classes applies to torchvision:NAME and timm:NAME models; "
+                        f"{spec} builds its own head")
     if weights is not None:
-        _apply_state_dict(model, _load_state_dict(weights), weights)
+        sd, names = _load_checkpoint(weights)
+        model = _apply_state_dict(model, sd, weights, rebuild=None if num_classes else rebuild)
+        if names is not None:
+            model.nofc_class_names = names
     return model.eval()
 
 
-def _timm_model(name: str) -> nn.Module:
+def _timm_model(name: str, num_classes: int | None = None) -> nn.Module:
     """``timm.create_model(name)`` with random weights, or a NofcError naming close names."""
     try:
         import timm
@@ -188,7 +319,8 @@ def _timm_model(name: str) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise NofcError(f"unknown timm model '{name}'{hint}")
     try:
-        return timm.create_model(name, pretrained=False)
+        return timm.create_model(name, pretrained=False,
+                                 **({} if num_classes is None else {"num_classes": num_classes}))
     except Exception as exc:  # noqa: BLE001
         raise NofcError(f"timm cannot build '{name}': {type(exc).__name__}: "
                         f"{first_line(exc)}") from None
