@@ -112,3 +112,45 @@ def test_head_classes_reads_only_a_classifier_difference():
     assert head_classes({"a.weight": torch.zeros(5, 3), "fc.weight": torch.zeros(5, 4)}, own) \
         is None  # a body that differs is another architecture, not another head
     assert head_classes(dict(own), own) is None
+
+
+def test_pretrained_weights_come_from_the_library_cache_and_are_never_downloaded(
+        tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    # offline and empty: one line naming the file and where it goes
+    with pytest.raises(NofcError, match=r"torchvision:resnet18.IMAGENET1K_V1 weights are not "
+                                        r"in torch hub's cache: put https://download.pytorch"
+                                        r".org/models/resnet18-f37072fd.pth at .*torch/hub/"
+                                        r"checkpoints/resnet18-f37072fd.pth"):
+        load_model("torchvision:resnet18", pretrained=True)
+    with pytest.raises(NofcError, match=r"timm:resnet18.a1_in1k pretrained weights are not in "
+                                        r"the local cache; nofc never downloads: fetch them "
+                                        r"\(huggingface-cli download timm/resnet18.a1_in1k\)"):
+        load_model("timm:resnet18.a1_in1k")
+    with pytest.raises(NofcError, match="has weights IMAGENET1K_V1, DEFAULT, not 'V9'"):
+        load_model("torchvision:resnet18.V9")
+    # the files placed where each library keeps them (weights made here: no hub)
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18()
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(tv.state_dict(), folder / "resnet18-f37072fd.pth")
+    got = load_model("torchvision:resnet18.IMAGENET1K_V1")
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in tv.state_dict().items())
+    assert got.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert got.nofc_class_names[:2] == ["tench", "goldfish"]
+    tm = timm.create_model("resnet18", pretrained=False)
+    snap = tmp_path / "hf" / "models--timm--resnet18.a1_in1k" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc123")
+    save_file(tm.state_dict(), str(snap / "model.safetensors"))
+    got = load_model("timm:resnet18", pretrained=True)  # the default tag, a1_in1k
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in tm.state_dict().items())
+    assert got.nofc_class_names[0].startswith("tench")
+    # the CLI reads the input size from the torchvision weights
+    assert main(["explain", "torchvision:resnet18", "--pretrained", "--changed"]) == 0
+    assert "224" in capsys.readouterr().out

@@ -34,6 +34,10 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint as saved: .pt/.pth/.ckpt/.safetensors state_dict, "
                         "Lightning or EMA dicts, module./model. prefixes (always loaded "
                         "with weights_only=True); a torchvision/timm head is sized from it")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the library's own pretrained weights (torchvision's DEFAULT, "
+                        "timm's default tag), read from its cache, never downloaded; "
+                        "torchvision:NAME.WEIGHTS or timm:NAME.TAG say which")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="build a torchvision:NAME or timm:NAME model with N classes "
                         "(default: 1000, or the checkpoint's classifier size)")
@@ -53,12 +57,12 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     size = parse_size(args.input_size) if args.input_size is not None else None
     model = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
-                       trust_pickle=args.trust_pickle)
+                       pretrained=args.pretrained, trust_pickle=args.trust_pickle)
     size = size or default_input_size(model)
     if size is None:
         raise NofcError(f"--input-size is needed for {args.model}: the CxHxW the classifier "
-                        "was trained on, e.g. --input-size 3x224x224 (only timm:NAME models "
-                        "name their own)")
+                        "was trained on, e.g. --input-size 3x224x224 (timm:NAME models and "
+                        "pretrained torchvision weights name their own)")
     return model, size
 
 
@@ -120,6 +124,7 @@ def _cmd_convert_onnx(args) -> int:
                         f"{args.output}")
     for flag, value, default in (("--weights", args.weights, None),
                                  ("--num-classes", args.num_classes, None),
+                                 ("--pretrained", args.pretrained, False),
                                  ("--fc-stride", args.fc_stride, 1),
                                  ("--flatten-order", args.flatten_order, "chw")):
         if value != default:

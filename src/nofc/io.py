@@ -218,12 +218,15 @@ def _import_factory(spec: str) -> nn.Module:
 
 
 def load_model(spec: str, *, weights: str | None = None, num_classes: int | None = None,
-               trust_pickle: bool = False) -> nn.Module:
+               pretrained: bool = False, trust_pickle: bool = False) -> nn.Module:
     """Build the model a CLI user names, in eval mode.
 
     ``spec`` is ``torchvision:NAME`` or ``timm:NAME`` (random weights; timm's pretrained
     config, with its mean, std and input size, stays on the model as ``pretrained_cfg``),
     ``nofc:NAME`` (models shipped with nofc, such as ``nofc:lenet5``),
+    ``torchvision:NAME.WEIGHTS`` / ``timm:NAME.TAG`` or ``pretrained`` (the library's own
+    pretrained weights, read from its cache, never downloaded: a missing file is one line
+    naming it and where it goes; mean, std, input size and class names come with them),
     ``path/to/file.py:factory`` (the factory is called with no arguments) or a ``.pt``
     file holding a whole pickled model, which is refused unless ``trust_pickle``
     (unpickling can run arbitrary code).
@@ -251,7 +254,7 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
     elif spec.startswith("torchvision:"):
         import torchvision
 
-        name = spec.split(":", 1)[1]
+        name, _, tag = spec.split(":", 1)[1].partition(".")
         available = torchvision.models.list_models(module=torchvision.models)
         if name not in available:
             close = [a for a in available if name.lower()[:4] in a][:5]
@@ -262,13 +265,18 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
 
         model = torchvision.models.get_model(name, weights=None) if num_classes is None \
             else rebuild(num_classes)
+        if tag or pretrained:
+            _torchvision_pretrained(model, name, tag or "DEFAULT", num_classes)
     elif spec.startswith("timm:"):
         name = spec.split(":", 1)[1]
 
         def rebuild(n):
             return _timm_model(name, num_classes=n)
 
-        model = _timm_model(name, num_classes=num_classes)
+        if "." in name or pretrained:
+            model = _timm_pretrained(name, num_classes)
+        else:
+            model = _timm_model(name, num_classes=num_classes)
     elif spec.endswith((".pt", ".pth", ".ckpt")) and ":" not in Path(spec).name:
         path = Path(spec)
         if not path.is_file():
@@ -297,6 +305,9 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
     else:
         raise NofcError(f"cannot tell what model {spec!r} is: use torchvision:NAME, timm:NAME, "
                         "path/to/file.py:factory or a pickled model .pt with --trust-pickle")
+    if pretrained and not spec.startswith(("torchvision:", "timm:")):
+        raise NofcError(f"--pretrained applies to torchvision:NAME and timm:NAME models, not "
+                        f"{spec}; give a weights file with --weights")
     if num_classes is not None and rebuild is None:
         raise NofcError(f"--num-classes applies to torchvision:NAME and timm:NAME models; "
                         f"{spec} builds its own head")
@@ -326,8 +337,90 @@ def _timm_model(name: str, num_classes: int | None = None) -> nn.Module:
                         f"{first_line(exc)}") from None
 
 
+def _torchvision_pretrained(model: nn.Module, name: str, tag: str, num_classes) -> None:
+    """Load torchvision's ``tag`` weights of ``name`` from torch hub's cache into ``model``;
+    its transforms' mean, std and crop size and its categories stay on the model."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    if tag not in enum.__members__:
+        raise NofcError(f"torchvision:{name} has weights {', '.join(enum.__members__)}, not "
+                        f"{tag!r}")
+    w = enum[tag]
+    categories = list(w.meta.get("categories") or [])
+    if num_classes is not None and num_classes != len(categories):
+        raise NofcError(f"torchvision:{name}.{w.name} has {len(categories)} classes; "
+                        f"--num-classes {num_classes} needs a fine-tuned --weights file")
+    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    if not file.is_file():
+        raise NofcError(f"torchvision:{name}.{w.name} weights are not in torch hub's cache: "
+                        f"put {w.url} at {file} (nofc never downloads; or give "
+                        "--weights FILE)")
+    sd, _ = _load_checkpoint(str(file))
+    _apply_state_dict(model, sd, str(file))
+    t = w.transforms()
+    crop = getattr(t, "crop_size", None) or [w.meta.get("min_size", (224, 224))[0]]
+    model.pretrained_cfg = {"mean": tuple(t.mean), "std": tuple(t.std),
+                            "input_size": (3, int(crop[0]), int(crop[-1]))}
+    model.nofc_class_names = categories
+
+
+def _timm_pretrained(name: str, num_classes) -> nn.Module:
+    """A timm model with its pretrained weights from the Hugging Face (or torch hub)
+    cache, never downloaded; ImageNet class names when its head is ImageNet's."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name is said by _timm_model
+        cfg = None
+    if cfg is None:
+        _timm_model(name)  # raises the one line naming close names
+        raise NofcError(f"timm:{name} has no pretrained weights; drop the tag or give "
+                        "--weights FILE")
+    file = _timm_cached_file(cfg)
+    if file is None:
+        where = (f"huggingface-cli download {cfg.hf_hub_id}" if cfg.hf_hub_id
+                 else f"put {cfg.url} in {Path(torch.hub.get_dir()) / 'checkpoints'}")
+        raise NofcError(f"timm:{name} pretrained weights are not in the local cache; nofc "
+                        f"never downloads: fetch them ({where}) or give --weights FILE")
+    try:
+        model = timm.create_model(name, pretrained=True,
+                                  pretrained_cfg_overlay={"file": str(file)},
+                                  **({} if num_classes is None else {"num_classes": num_classes}))
+    except Exception as exc:  # noqa: BLE001
+        raise NofcError(f"timm cannot load {file} into '{name}': {type(exc).__name__}: "
+                        f"{first_line(exc)}") from None
+    subset = timm.data.infer_imagenet_subset(model)
+    if subset:
+        info = timm.data.ImageNetInfo(subset)
+        if info.num_classes() == model.num_classes:
+            model.nofc_class_names = list(info.label_descriptions())
+    return model
+
+
+def _timm_cached_file(cfg) -> Path | None:
+    """The cached weights of a timm pretrained config: in the Hugging Face cache (its
+    safetensors or bin file) or in torch hub's checkpoints folder."""
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else
+                         ["model.safetensors", "pytorch_model.bin"]):
+            found = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    if cfg.url:
+        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if file.is_file():
+            return file
+    return None
+
+
 def default_input_size(model: nn.Module) -> tuple[int, int, int] | None:
-    """The ``(C, H, W)`` a timm model's pretrained config names (None for other models).
+    """The ``(C, H, W)`` a timm model's pretrained config names, or torchvision pretrained
+    weights' crop size (None for other models).
 
     >>> default_input_size(load_model("timm:resnet18"))
     (3, 224, 224)
