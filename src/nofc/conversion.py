@@ -220,10 +220,12 @@ def convert(
     return fcn
 
 
-def as_fcn(model: nn.Module, size, *, check: bool = True) -> fx.GraphModule:
+def as_fcn(model: nn.Module, size, *, check: bool = True, refused=None) -> nn.Module:
     """``model`` itself when nofc converted it for ``size``; else its conversion, which
     with ``check`` must give the classifier's outputs at ``size`` (``check_conversion``)
-    before any map is computed from it."""
+    before any map is computed from it. ``refused(error)``, when given, makes the network
+    for a classifier that ``convert`` refuses (``nofc.crops``); a failed check is never
+    passed to it."""
     if not isinstance(model, nn.Module):
         raise NofcError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     have = getattr(model, "_nofc_input_size", None)
@@ -232,7 +234,12 @@ def as_fcn(model: nn.Module, size, *, check: bool = True) -> fx.GraphModule:
             raise NofcError(f"the network was converted for input_size={tuple(have)}, not "
                             f"{tuple(size)}")
         return model
-    fcn = convert(model, size)
+    try:
+        fcn = convert(model, size)
+    except NofcError as exc:
+        if refused is None:
+            raise
+        return refused(exc)
     if check:
         check_conversion(model, fcn, size)
     return fcn

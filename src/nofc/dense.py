@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ._fx import param_like
-from .conversion import as_fcn
+from .crops import CropNet, crop_scores, map_network
 from .dilation import fine_pass
 from .errors import NofcError, check_input_size
 from .streaming import streamed
@@ -123,7 +123,11 @@ def dense_predict(
             (shift-and-stitch). ``"auto"`` (default): dilated where that equals
             shift-and-stitch (no padding; ``ceil_mode`` is fine), else shift-and-stitch, saying
             why in a one-line warning, once per network and step. A network that cannot
-            be dilated runs shift-and-stitch with such a warning.
+            be dilated runs shift-and-stitch with such a warning. ``"crops"``: the
+            classifier itself on every window at ``step`` (default: the window), in
+            batches (``nofc.crops``): exact for any classifier, one forward per window;
+            ``"auto"`` does this too for a classifier that ``convert`` refuses (a ViT's
+            class token), with a one-line warning.
         edges: ``"inside"`` (default): one cell per window wholly inside the image,
             ``(H - window_h) // step + 1`` rows, as crop by crop. ``"zeros"`` or
             ``"reflect"``: the image is first padded on all four sides (evenly, the odd
@@ -155,14 +159,14 @@ def dense_predict(
     torch.Size([1, 10, 10, 6])
     """
     size = check_input_size(input_size)
-    net = as_fcn(fcn, size, check=check)
+    net = map_network(fcn, size, method=method, step=step, check=check)
     geo = cached_geometry(net, size)
     steps = geo.check_step(step)
     x = as_batch(image, size[0])
     edged = geo.with_edges(x.shape[-2:], edges, step=steps)
     edged.check_fits(x.shape[-2:])
     x = pad_edges(x, edged.padding(x.shape[-2:], step=steps), edges)
-    fine = fine_pass(net, size, steps, method)
+    fine = None if isinstance(net, CropNet) else fine_pass(net, size, steps, method)
     if fine is not None:
         net = fine.net
     net, device, dtype = placed(net, device, dtype)
@@ -292,18 +296,6 @@ def sliding_window_predict(
         raise NofcError(f"image is {H}x{W}, smaller than the {wh}x{ww} window; pad or resize "
                         f"it to at least {wh}x{ww}")
     model, device, dtype = placed(model, device, dtype)
-    ny, nx = (H - wh) // steps[0] + 1, (W - ww) // steps[1] + 1
-    windows = x.unfold(2, wh, steps[0]).unfold(3, ww, steps[1])  # (B, C, ny, nx, wh, ww)
-    total = x.shape[0] * ny * nx
-    out = None
     with torch.no_grad():
-        for sl in _chunks(total, batch_size):
-            idx = torch.arange(sl.start, sl.stop)
-            b, i, j = idx // (ny * nx), (idx // nx) % ny, idx % nx
-            crops = windows[b, :, i, j].to(device=device, dtype=dtype)  # (n, C, wh, ww)
-            scores = model(crops)
-            scores = scores.reshape(scores.shape[0], -1)  # (n, K); a converted net gives 1x1
-            if out is None:
-                out = scores.new_empty((total, scores.shape[1]))
-            out[sl] = scores
-    return out.reshape(x.shape[0], ny, nx, -1).permute(0, 3, 1, 2)
+        return crop_scores(model, x, size[1:], steps, batch=batch_size, device=device,
+                           dtype=dtype)

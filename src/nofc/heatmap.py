@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conversion import as_fcn
+from .crops import map_network
 from .dense import dense_predict
 from .errors import NofcError, refuse_overwrite
 from .images import BadRegion, IMAGENET_MEAN, IMAGENET_STD, Normalize, default_scale
@@ -214,7 +214,7 @@ def _backend_name(backend) -> str:
 def _network(model, size, step, *, check=True):
     """The converted network (checked against the classifier unless ``check`` is False),
     its geometry and the map step ``(sy, sx)``."""
-    fcn = as_fcn(model, size, check=check)
+    fcn = map_network(model, size, method="auto", step=step, check=check)
     geo = cached_geometry(fcn, size)
     return fcn, geo, geo.check_step(step)
 

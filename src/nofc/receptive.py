@@ -424,7 +424,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
 
     Args:
         fcn: the result of ``nofc.convert`` (any fully convolutional module that torch.fx
-            can trace works; ``(B, K, h, w)`` output).
+            can trace works; ``(B, K, h, w)`` output). A network that states its own
+            geometry (``geometry_for(input_size)``, as ``nofc.crops.CropNet``) is taken
+            at its word.
         input_size: ``(C, H, W)`` the classifier was trained on.
 
     Raises:
@@ -439,6 +441,9 @@ def geometry(fcn: nn.Module, input_size) -> Geometry:
     ((4, 4), (32, 32), True, (9, 3))
     """
     size = check_input_size(input_size)
+    own = getattr(fcn, "geometry_for", None)
+    if callable(own):
+        return own(size)
     gm = fcn if isinstance(fcn, fx.GraphModule) else trace(fcn)
     record = getattr(fcn, "_nofc_record", None)
     dilated = getattr(fcn, "_nofc_dilation", None)

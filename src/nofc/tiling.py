@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from ._fx import param_like, probe
-from .conversion import as_fcn
+from .crops import CropNet, map_network
 from .dense import dense_predict
 from .dilation import fine_pass
 from .errors import NofcError, check_input_size, first_line
@@ -100,8 +101,8 @@ class _TileRunner:
     def __init__(self, fcn, input_size, step, normalize: Normalize, dtype, device,
                  method="auto", edges="inside", pads=(0, 0, 0, 0)):
         # a fine step: tiles run the dilated network (at its own stride) when there is one
-        fine = fine_pass(fcn, input_size, cached_geometry(fcn, input_size).check_step(step),
-                         method)
+        fine = None if isinstance(fcn, CropNet) else fine_pass(
+            fcn, input_size, cached_geometry(fcn, input_size).check_step(step), method)
         self.fcn = fcn if fine is None else fine.net
         self.dilated = None if fine is None else cached_geometry(fine.net, input_size)
         self.input_size = input_size
@@ -243,7 +244,9 @@ def tiled_predict(
         step: map step in pixels (a divisor of the stride), default stride.
         method: for a finer step, as in ``dense_predict``: ``"dilate"`` runs the dilated
             network on every tile (halos sized for it), ``"shift"`` shift-and-stitch,
-            ``"auto"`` the dilated one where it equals shift-and-stitch.
+            ``"auto"`` the dilated one where it equals shift-and-stitch; ``"crops"`` the
+            classifier on every window at ``step`` (``nofc.crops``), which ``"auto"`` also
+            does, with a one-line warning, for a classifier that ``convert`` refuses.
         normalize: ``nofc.Normalize(mean=, std=, scale=)`` applied per tile:
             ``(x * scale - mean) / std``; by default ``scale`` is ``1 / max`` for integer
             images (255 for uint8) and 1 else, with no mean or std.
@@ -287,7 +290,9 @@ def tiled_predict(
                         f"{type(normalize).__name__}")
     norm.check(size[0])
     output = output_for(out)  # an unknown suffix is refused before any work
-    fcn = as_fcn(fcn, size, check=check)  # a classifier not converted yet is converted here
+    # a classifier not converted yet is converted here (or, where convert refuses it, and
+    # for method="crops", run crop by crop: nofc.crops)
+    fcn = map_network(fcn, size, method=method, step=step, check=check)
     net_geo = cached_geometry(fcn, size)
     tile = default_tile(net_geo) if tile is None else tile
     check_tileable(fcn, net_geo, tile)
@@ -415,9 +420,14 @@ def _jsonable(v):
 
 
 def num_outputs(fcn, size) -> int:
-    """The number of classes, from a shape probe at the reference size."""
-    rec = probe(fcn, (1, *size))
-    shape = rec.shapes.get("output")
+    """The number of classes, from a shape probe at the reference size (one real forward
+    for a network that is not a graph, such as a crop network)."""
+    if isinstance(fcn, fx.GraphModule):
+        shape = probe(fcn, (1, *size)).shapes.get("output")
+    else:
+        device, dtype = param_like(fcn)
+        with torch.no_grad():
+            shape = tuple(fcn(torch.zeros(1, *size, device=device, dtype=dtype)).shape)
     if shape is None or len(shape) != 4:
         raise NofcError(f"the network's output is {shape}, not a (B, K, h, w) map")
     return int(shape[1])
