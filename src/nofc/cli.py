@@ -30,10 +30,10 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", metavar="CxHxW",
                    help="the size the classifier was trained on, e.g. 3x224x224 (a timm:NAME "
                         "model's default: the input size of its pretrained config)")
-    p.add_argument("--weights", metavar="FILE",
-                   help="checkpoint as saved: .pt/.pth/.ckpt/.safetensors state_dict, "
-                        "Lightning or EMA dicts, module./model. prefixes (always loaded "
-                        "with weights_only=True); a torchvision/timm head is sized from it")
+    p.add_argument("--weights", metavar="FILE", help=(
+        "checkpoint as saved: .pt/.pth/.ckpt/.safetensors state_dict, Lightning or EMA "
+        "dicts, module./model. prefixes (always loaded with weights_only=True); a "
+        "torchvision/timm head is sized from it"))
     p.add_argument("--pretrained", action="store_true",
                    help="the library's own pretrained weights (torchvision's DEFAULT, "
                         "timm's default tag), read from its cache, never downloaded; "
