@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-all install clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY)"; exit 1; }
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || echo "make test: skipping the browser tests of nofc view: /usr/bin/chromium or /usr/bin/chromedriver missing (apt-get install -y chromium chromium-driver)"
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# everything, the tests marked slow included (the whole suite is over 15 minutes on 2 cores)
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -24,7 +24,7 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(a).max())
 
 
-@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+@pytest.mark.parametrize("name", [pytest.param("vgg16", marks=pytest.mark.slow), "resnet18"])
 def test_onnx_export_has_free_batch_height_width(name, tmp_path):
     torch.manual_seed(0)
     fcn = nofc.convert(torchvision.models.get_model(name).eval(), (3, 224, 224))

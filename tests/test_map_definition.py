@@ -58,7 +58,8 @@ def test_field_smaller_than_window_gives_the_sliding_window_shape():
     assert b.shape[:2] == (49, 44) and b[..., 2].max() <= 70 and b[..., 3].max() <= 61
 
 
-@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_0", "mnasnet0_5"])
+@pytest.mark.parametrize("name", ["resnet18", "squeezenet1_0",
+                                  pytest.param("mnasnet0_5", marks=pytest.mark.slow)])
 def test_padded_networks_have_no_cells_past_the_edges(name):
     """The network itself gives cells for windows past the bottom and right edges (its
     zero padding); the map does not."""

@@ -39,7 +39,7 @@ from conftest import state_hash
 
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("nofc-default", max_examples=300, **_COMMON)
+settings.register_profile("nofc-default", max_examples=150, **_COMMON)
 settings.register_profile("nofc-slow", max_examples=3000, **_COMMON)
 _PROFILE = "nofc-slow" if os.environ.get("HYPOTHESIS_PROFILE") == "slow" else "nofc-default"
 
