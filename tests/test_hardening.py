@@ -81,7 +81,7 @@ def test_bomb_declared_size_refused_before_reading(tmp_path, capsys):
     png = bomb_png(tmp_path / "bomb.png")
     for image in (bomb, png):
         one_error(capsys, ["heatmap", *LENET, str(image), "-o", str(tmp_path / "h.png")],
-                  "declares 1000000x1000000 pixels", "limit of 100000 Mpix",
+                  "declares 1000000x1000000 pixels", "(1,000,000 Mpix), more than the limit of 100,000 Mpix",
                   "--max-pixels 1000000000000")
         with pytest.raises(NofcError, match="declares 1000000x1000000 pixels"):
             nofc.open_source(image)

@@ -832,9 +832,12 @@ def _pixel_limit(max_pixels) -> int | None:
 
 def _check_pixels(h: int, w: int, path, max_pixels: int | None) -> None:
     """Refuse a file whose header declares more than ``max_pixels`` pixels."""
+    def mpix(n: int) -> str:
+        return f"{n / 1e6:,.0f}" if n >= 1e6 else f"{n / 1e6:.3g}"
+
     if max_pixels is not None and h * w > max_pixels:
-        raise NofcError(f"{path} declares {h}x{w} pixels ({h * w / 1e6:.6g} Mpix), more than "
-                        f"the limit of {max_pixels / 1e6:.6g} Mpix (a corrupt or forged "
+        raise NofcError(f"{path} declares {h}x{w} pixels ({mpix(h * w)} Mpix), more than "
+                        f"the limit of {mpix(max_pixels)} Mpix (a corrupt or forged "
                         f"header?); if the image is that large, raise the limit: "
                         f"--max-pixels {h * w} (open_source(max_pixels=))")
 
