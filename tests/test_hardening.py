@@ -369,3 +369,31 @@ def test_dask_run_prints_no_dashboard_port(tmp_path, capsys):
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "8787" not in cap.err and "already in use" not in cap.err, cap.err
+
+
+def test_os_and_memory_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """Failures of the machine, not of nofc: one line, exit 2 (the traceback with --debug)."""
+    import nofc.io
+
+    image = gray_tiff(tmp_path / "a.tif")
+    for exc, line in ((PermissionError(errno.EACCES, "Permission denied", "m.pt"),
+                       "nofc: error: PermissionError: [Errno 13] Permission denied: 'm.pt'"),
+                      (MemoryError("Unable to allocate 9.00 TiB"),
+                       "nofc: error: MemoryError: Unable to allocate 9.00 TiB")):
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(nofc.io, "load_model", fail)
+        assert one_error(capsys, ["heatmap", *LENET, str(image), "-o",
+                                  str(tmp_path / "h.png")]) == line
+    assert written(tmp_path, image) == []
+
+
+def test_sliding_window_model_that_raises(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("no\nmore")
+
+    with pytest.raises(NofcError, match=r"^the model Broken failed on an input of 1x1x32x32 "
+                                        r"\(float32 on cpu\): ValueError: no; nofc --debug"):
+        nofc.sliding_window_predict(Broken(), torch.randn(1, 40, 40), (1, 32, 32))

@@ -196,8 +196,13 @@ def _forward(net: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
     """``net(x)`` (streamed); an error raised inside the network is one NofcError line
     naming the network, the input it failed on and the first line of the error (the
     traceback stays on it as ``__cause__``: ``nofc --debug`` prints it)."""
+    return _run_model(lambda: streamed(net, geo, x), net, x)
+
+
+def _run_model(run, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``run()``, with an error raised inside the network ``net`` given ``x`` as one line."""
     try:
-        return streamed(net, geo, x)
+        return run()
     except NofcError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model raises anything
@@ -320,7 +325,7 @@ def sliding_window_predict(
             idx = torch.arange(sl.start, sl.stop)
             b, i, j = idx // (ny * nx), (idx // nx) % ny, idx % nx
             crops = windows[b, :, i, j].to(device=device, dtype=dtype)  # (n, C, wh, ww)
-            scores = model(crops)
+            scores = _run_model(lambda: model(crops), model, crops)  # noqa: B023 - called now
             scores = scores.reshape(scores.shape[0], -1)  # (n, K); a converted net gives 1x1
             if out is None:
                 out = scores.new_empty((total, scores.shape[1]))
