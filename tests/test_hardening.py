@@ -76,7 +76,10 @@ def written(tmp_path: Path, *keep: Path) -> list[str]:
 # --------------------------------------------------------------------------- 5. bombs
 
 
-def test_bomb_declared_size_refused_before_reading(tmp_path, capsys):
+def test_bomb_declared_size_refused_before_reading(tmp_path, capsys, monkeypatch):
+    import nofc.io
+
+    monkeypatch.setattr(nofc.io, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     bomb = bomb_tiff(tmp_path / "bomb.tif")
     png = bomb_png(tmp_path / "bomb.png")
     for image in (bomb, png):
@@ -177,8 +180,10 @@ def test_workers_refused_before_anything(tmp_path, capsys, monkeypatch, workers)
 
 def test_outputs_refused_before_computing(tmp_path, capsys, monkeypatch):
     import nofc.conversion
+    import nofc.io
 
     monkeypatch.setattr(nofc.conversion, "as_fcn", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr(nofc.io, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     image = gray_tiff(tmp_path / "a.tif")
     png = str(tmp_path / "h.png")
     missing = tmp_path / "missing_folder"

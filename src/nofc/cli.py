@@ -260,7 +260,7 @@ def _add_heatmap(sub) -> None:
 
 
 def _cmd_heatmap(args) -> int:
-    from .heatmap import heatmap
+    from .heatmap import check_outputs, heatmap
     from .images import Normalize
     from .sinks import output_for
     from .sources import MAX_PIXELS, open_source
@@ -272,11 +272,12 @@ def _cmd_heatmap(args) -> int:
         Normalize(mean=args.mean, std=args.std)
     backend = "local" if args.scheduler is None and args.workers is None else \
         Dask(scheduler=args.scheduler, workers=args.workers)
-    model, size = _load(args)
-    image = open_source(args.image, channels=size[0], level=args.level, mpp=args.mpp,
-                        bands=args.bands,
+    check_outputs(args.output, args.scores, args.out, force=args.force)
+    image = open_source(args.image, level=args.level, mpp=args.mpp, bands=args.bands,
                         on_error="skip" if args.skip_bad_tiles else "raise",
                         max_pixels=MAX_PIXELS if args.max_pixels is None else args.max_pixels)
+    model, size = _load(args)  # every check above comes before the model is built
+    image = open_source(image, channels=size[0])
     info = heatmap(model, image, size, args.output, spec=args.model, cls=args.cls,
                    top=args.top, step=args.step, scores_path=args.scores,
                    normalize=normalize, labels_file=args.labels, device=args.device,

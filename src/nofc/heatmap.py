@@ -105,7 +105,7 @@ def heatmap(
     from .tiling import Dask
 
     out_path = getattr(out, "path", out)
-    _check_outputs(output, scores_path, out_path if isinstance(out_path, (str, os.PathLike))
+    check_outputs(output, scores_path, out_path if isinstance(out_path, (str, os.PathLike))
                    else None, force=force)
     if out is not None:
         out = output_for(out)
@@ -135,8 +135,9 @@ def heatmap(
                  labels_file=labels_file, scores_path=scores_path, force=force)
 
 
-def _check_outputs(output, scores_path, out_path=None, *, force: bool) -> None:
-    """Refuse bad, existing, unwritable or shared output paths before the long part."""
+def check_outputs(output, scores_path, out_path=None, *, force: bool) -> None:
+    """Refuse bad, existing, unwritable or shared output paths (``-o``, ``--scores``,
+    ``--out``) before the long part; the CLI calls it before loading the model."""
     named = [("-o", Path(output))] + ([("--scores", Path(scores_path))] if scores_path else [])
     if scores_path and Path(scores_path).suffix.lower() == ".npy":
         named.append(("--scores (its .json)", Path(scores_path).with_suffix(".json")))
