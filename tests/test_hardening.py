@@ -34,10 +34,10 @@ LENET = ["nofc:lenet5", "--input-size", "1x32x32"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def bomb_tiff(path: Path, h: int = 1_000_000, w: int = 1_000_000) -> Path:
-    """A 32x32 tiled TIFF (16x16 tiles) whose header claims ``h`` x ``w`` pixels."""
-    tifffile.imwrite(path, np.full((32, 32), 7, np.uint8), tile=(16, 16), compression="zlib",
-                     metadata=None)
+def bomb_tiff(path: Path, h: int = 1_000_000, w: int = 1_000_000, tiled: bool = True) -> Path:
+    """A 32x32 TIFF (16x16 tiles, or one strip) whose header claims ``h`` x ``w`` pixels."""
+    tifffile.imwrite(path, np.full((32, 32), 7, np.uint8), compression="zlib", metadata=None,
+                     **({"tile": (16, 16)} if tiled else {"rowsperstrip": 32}))
     data = bytearray(path.read_bytes())
     with tifffile.TiffFile(path) as tif:
         tags = tif.pages[0].tags
@@ -81,14 +81,15 @@ def test_bomb_declared_size_refused_before_reading(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(nofc.io, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     bomb = bomb_tiff(tmp_path / "bomb.tif")
+    strips = bomb_tiff(tmp_path / "strips.tif", tiled=False)  # tifffile logs about it: quiet
     png = bomb_png(tmp_path / "bomb.png")
-    for image in (bomb, png):
+    for image in (bomb, strips, png):
         one_error(capsys, ["heatmap", *LENET, str(image), "-o", str(tmp_path / "h.png")],
                   "declares 1000000x1000000 pixels", "(1,000,000 Mpix), more than the limit of 100,000 Mpix",
                   "--max-pixels 1000000000000")
         with pytest.raises(NofcError, match="declares 1000000x1000000 pixels"):
             nofc.open_source(image)
-    assert written(tmp_path, bomb, png) == []
+    assert written(tmp_path, bomb, strips, png) == []
 
 
 def test_max_pixels_option(tmp_path, capsys):
@@ -237,6 +238,13 @@ def test_no_asyncio_noise_after_a_one_line_error(tmp_path):
                          capture_output=True, text=True, env=env)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "while decompressing data" in lines[0], res.stderr[:2000]
+    # a forged strip count: tifffile logs "incorrect StripOffsets count" unless quietened
+    strips = bomb_tiff(tmp_path / "strips.tif", tiled=False)
+    res = subprocess.run([sys.executable, "-m", "nofc.cli", "heatmap", *LENET, str(strips),
+                          "-o", str(tmp_path / "h.png")], capture_output=True, text=True, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "declares 1000000x1000000" in lines[0], \
+        res.stderr[:2000]
     assert not (tmp_path / "h.png").exists()
 
 

@@ -339,17 +339,18 @@ class _LazyTiff:
         self.path = str(path)
         self._local = threading.local()
         try:
-            tif = self._tif()
-            series = tif.series[0]
-            self.shape = tuple(series.shape)
-            self.dtype = np.dtype(series.dtype)
-            self.axes = series.axes
-            page = series.keyframe
-            self._shaped = tuple(page.shaped)  # (separate samples, depth, H, W, samples)
-            self.one_page = page.size == int(np.prod(self.shape)) and \
-                self._shaped[1] == 1
-            self.others = [(s.keyframe.index, tuple(s.shape)) for s in tif.series[1:]
-                           if tuple(s.shape) != self.shape]
+            with _quiet_tifffile():  # header complaints: the region read says what matters
+                tif = self._tif()
+                series = tif.series[0]
+                page = series.keyframe
+                self.shape = tuple(series.shape)
+                self.dtype = np.dtype(series.dtype)
+                self.axes = series.axes
+                self._shaped = tuple(page.shaped)  # (separate samples, depth, H, W, samples)
+                self.one_page = page.size == int(np.prod(self.shape)) and \
+                    self._shaped[1] == 1
+                self.others = [(s.keyframe.index, tuple(s.shape)) for s in tif.series[1:]
+                               if tuple(s.shape) != self.shape]
         except NofcError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -361,7 +362,7 @@ class _LazyTiff:
         if tif is None:
             import tifffile
 
-            with _quiet_tifffile():  # header complaints: the region read says what matters
+            with _quiet_tifffile():
                 tif = self._local.tif = tifffile.TiffFile(self.path)
         return tif
 
@@ -385,7 +386,9 @@ class _LazyTiff:
     def _region(self, rows: slice, cols: slice) -> np.ndarray:
         """Pixels ``[rows, cols]`` as ``(separate samples, h, w, samples)``."""
         tif = self._tif()
-        page = tif.series[0].keyframe
+        with _quiet_tifffile():
+            page = tif.series[0].keyframe
+            offsets, counts = page.dataoffsets, page.databytecounts
         nsep, _, H, W, nsamp = self._shaped
         tiled = page.is_tiled
         th, tw = (page.tilelength, page.tilewidth) if tiled else \
@@ -393,7 +396,6 @@ class _LazyTiff:
         ny, nx = -(-H // th), -(-W // tw)
         ys, xs = np.arange(*rows.indices(H)), np.arange(*cols.indices(W))
         out = np.empty((nsep, len(ys), len(xs), nsamp), self.dtype)
-        offsets, counts = page.dataoffsets, page.databytecounts
         fh = tif.filehandle
         for ty in np.unique(ys // th):
             r = np.flatnonzero(ys // th == ty)  # rows of out from this tile row
@@ -746,7 +748,7 @@ def _is_geotiff(path: Path) -> bool:
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             tags = tif.pages[0].tags
             return _GEOKEYS in tags or 33922 in tags or 34264 in tags
     except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide or GDAL may
