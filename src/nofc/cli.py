@@ -1,24 +1,28 @@
 """The ``nofc`` command. Thin: parses arguments, calls the public API, prints.
 
 Each subcommand is a pair ``_add_NAME(subparsers)`` / ``_cmd_NAME(args) -> int`` listed in
-``_COMMANDS``. Errors the user can fix are NofcError: one line on stderr, exit code 2.
+``_COMMANDS``. Every failure that is not a bug in nofc (a NofcError, a model that raises, a
+file system or memory error) is one line on stderr and exit code 2; ``--debug`` (or
+``NOFC_DEBUG=1``) prints the traceback above that line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 
 from . import __version__, convert, explain, verify
 from .errors import NofcError, first_line, refuse_overwrite
 from .export import save_model, save_onnx
-from .heatmap import heatmap
+from .heatmap import check_outputs, heatmap
 from .images import Normalize
 from .io import default_input_size, load_model, parse_size
 from .onnx_import import convert_onnx, verify_onnx
 from .sinks import output_for
-from .sources import open_source
+from .sources import MAX_PIXELS, open_source
 from .tiling import Dask
 
 EXIT_USAGE = 2
@@ -176,6 +180,18 @@ def _floats(text: str) -> tuple[float, ...]:
                         f"got {text!r}") from None
 
 
+def _pixels(text: str) -> int:
+    """``--max-pixels``: ``1e12`` or ``1000000000000``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels, like 1e12; "
+                                         f"got {text!r}")
+    return int(value)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in str(text).split(",") if v.strip())
@@ -237,6 +253,9 @@ def _add_heatmap(sub) -> None:
     field.add_argument("--mpp", type=float,
                        help="microns per pixel to read the slide at (the level is picked, "
                             "resampled between levels)")
+    big.add_argument("--max-pixels", type=_pixels, metavar="N",
+                     help="refuse an image whose header declares more pixels than N, before "
+                          "reading it (default 1e11: a forged or corrupt header)")
     field.add_argument("--bands", type=_ints, metavar="B1,B2,...",
                        help="raster bands to read, 1-based (default: all but alpha)")
     field.add_argument("--mask", metavar="auto|FILE",
@@ -255,10 +274,12 @@ def _cmd_heatmap(args) -> int:
         Normalize(mean=args.mean, std=args.std)
     backend = "local" if args.scheduler is None and args.workers is None else \
         Dask(scheduler=args.scheduler, workers=args.workers)
-    model, size = _load(args)
-    image = open_source(args.image, channels=size[0], level=args.level, mpp=args.mpp,
-                        bands=args.bands,
-                        on_error="skip" if args.skip_bad_tiles else "raise")
+    check_outputs(args.output, args.scores, args.out, force=args.force)
+    image = open_source(args.image, level=args.level, mpp=args.mpp, bands=args.bands,
+                        on_error="skip" if args.skip_bad_tiles else "raise",
+                        max_pixels=MAX_PIXELS if args.max_pixels is None else args.max_pixels)
+    model, size = _load(args)  # every check above comes before the model is built
+    image = open_source(image, channels=size[0])
     info = heatmap(model, image, size, args.output, spec=args.model, cls=args.cls,
                    top=args.top, step=args.step, scores_path=args.scores,
                    normalize=normalize, labels_file=args.labels, device=args.device,
@@ -324,10 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "convolutional network and run it densely.",
     )
     parser.add_argument("--version", action="version", version=f"nofc {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback above an error's line (also NOFC_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in _COMMANDS.values():
         add(sub)
+    for p in sub.choices.values():  # also after the command: nofc heatmap ... --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
     return parser
+
+
+def _print_chain(exc: BaseException) -> None:
+    """The traceback of ``exc`` and of every error behind it, the first cause first
+    (``raise ... from None`` hides them from Python's own printing; --debug wants them)."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in reversed(chain):
+        traceback.print_exception(type(e), e, e.__traceback__, chain=False, file=sys.stderr)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -344,12 +382,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    debug = args.debug or os.environ.get("NOFC_DEBUG", "") not in ("", "0")
     try:
         with warnings.catch_warnings():  # restores showwarning for callers of main()
             warnings.showwarning = _one_line_warning
             return _COMMANDS[args.command][1](args)
-    except NofcError as exc:
-        print(f"nofc: error: {exc}", file=sys.stderr)
+    except (NofcError, OSError, MemoryError) as exc:
+        # OSError, MemoryError: the machine (disk, permissions, memory), not nofc
+        if debug:
+            _print_chain(exc)
+        what = "" if isinstance(exc, NofcError) else f"{type(exc).__name__}: "
+        print(f"nofc: error: {what}{exc if isinstance(exc, NofcError) else first_line(exc)}",
+              file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("nofc: interrupted; no output was written in place", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .conversion import as_fcn
-from .errors import NofcError, check_input_size
+from .errors import NofcError, call_model, check_input_size
 from .windows import Geometry, parse_step
 
 __all__ = ["CropNet", "crop_scores", "map_network"]
@@ -86,7 +86,7 @@ def crop_scores(model: nn.Module, x: torch.Tensor, window, step, *, batch: int,
         idx = torch.arange(start, min(start + batch, total), device=x.device)
         bi, i, j = idx // (ny * nx), (idx // nx) % ny, idx % nx
         crops = windows[bi, :, i, j].to(device=device or x.device, dtype=dtype or x.dtype)
-        scores = model(crops)
+        scores = call_model(model, crops)  # an error names the model and the crops
         scores = scores.reshape(scores.shape[0], -1)  # (n, K); a converted net gives 1x1
         if out is None:
             out = scores.new_empty((total, scores.shape[1]))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ._fx import param_like
 from .crops import CropNet, crop_scores, map_network
 from .dilation import fine_pass
-from .errors import NofcError, check_input_size
+from .errors import NofcError, call_model, check_input_size
 from .streaming import streamed
 from .receptive import cached_geometry
 from .windows import Geometry, parse_step
@@ -36,6 +36,10 @@ BAND_BUDGET = 2 << 30  # bytes of activations a dilated pass may hold; above, ro
 def as_batch(image, channels: int) -> torch.Tensor:
     """(C, H, W) or (B, C, H, W) tensor or array -> floating (B, C, H, W) tensor."""
     if isinstance(image, np.ndarray):
+        if image.dtype.kind not in "biuf":
+            raise NofcError(f"image pixels must be numbers (uint8, uint16, float32, ...), "
+                            f"got dtype {image.dtype}; convert them first, e.g. "
+                            "np.asarray(image, dtype=np.float32)")
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
         raise NofcError(f"image must be a torch.Tensor or numpy array of shape (C, H, W) or "
@@ -184,12 +188,19 @@ def dense_predict(
                 bar.update()
             elif factors == (1, 1):
                 h, w = geo.output_shape(xb.shape[-2:])  # the network may give more
-                outs.append(streamed(net, geo, xb)[..., :h, :w])
+                outs.append(_forward(net, geo, xb)[..., :h, :w])
                 bar.update()
             else:
                 outs.append(_shift_and_stitch(net, xb, geo, steps, factors, bar.update))
     out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
     return _mark_nonfinite(out, x, geo, steps)
+
+
+def _forward(net: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
+    """``net(x)`` (streamed); an error raised inside the network is one NofcError line
+    naming the network, the input it failed on and the first line of the error (the
+    traceback stays on it as ``__cause__``: ``nofc --debug`` prints it)."""
+    return call_model(net, x, run=lambda: streamed(net, geo, x))
 
 
 def _mark_nonfinite(out: torch.Tensor, x: torch.Tensor, geo: Geometry, steps) -> torch.Tensor:
@@ -227,12 +238,12 @@ def _dilated(net, bytes_per_pixel: float, x: torch.Tensor, size, hw) -> torch.Te
     row_bytes = bytes_per_pixel * x.element_size() / 4 * x.shape[0] * x.shape[-1]
     rows = int(BAND_BUDGET // max(row_bytes, 1) - geo.receptive_field[0]) // geo.stride[0]
     if rows >= h:
-        return streamed(net, geo, x)[..., :h, :w]
+        return _forward(net, geo, x)[..., :h, :w]
     out = None
     for a in range(0, h, max(1, rows)):
         b = min(h, a + max(1, rows))
         p0, p1, skip = geo.span(0, a, b, x.shape[-2])
-        part = streamed(net, geo, x[..., p0:p1, :])[..., skip:skip + b - a, :w]  # (B, K, b-a, w)
+        part = _forward(net, geo, x[..., p0:p1, :])[..., skip:skip + b - a, :w]  # (B, K, b-a, w)
         if out is None:
             out = part.new_empty((*part.shape[:2], h, w))
         out[:, :, a:b] = part
@@ -251,7 +262,7 @@ def _shift_and_stitch(net, x, geo: Geometry, steps, factors, tick=None) -> torch
             dy, dx = a * steps[0], b * steps[1]
             if min(geo.network_shape((H - dy, W - dx))) < 1:
                 continue
-            part = streamed(net, geo, x[..., dy:, dx:])  # (B, K, n_a, n_b)
+            part = _forward(net, geo, x[..., dy:, dx:])  # (B, K, n_a, n_b)
             if tick is not None:
                 tick()
             if out is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from .crops import map_network
 from .dense import dense_predict
-from .errors import NofcError, refuse_overwrite
+from .errors import NofcError, check_writable, refuse_overwrite
 from .images import BadRegion, IMAGENET_MEAN, IMAGENET_STD, Normalize, default_scale
 from .io import atomic_output
 from .placement import placement_of
@@ -107,7 +108,9 @@ def heatmap(
     difference between the map and the crops (whole images only).
     Returns a summary (classes drawn, map shape, geometry).
     """
-    _check_outputs(output, scores_path, force=force)
+    out_path = getattr(out, "path", out)
+    check_outputs(output, scores_path, out_path if isinstance(out_path, (str, os.PathLike))
+                  else None, force=force)
     if out is not None:
         out = output_for(out)
         out.check(force=force)
@@ -136,17 +139,28 @@ def heatmap(
                  labels_file=labels_file, scores_path=scores_path, force=force)
 
 
-def _check_outputs(output, scores_path, *, force: bool) -> None:
-    """Refuse bad or existing output paths before the long part."""
-    outputs = [Path(output)] + ([Path(scores_path)] if scores_path else [])
+def check_outputs(output, scores_path, out_path=None, *, force: bool) -> None:
+    """Refuse bad, existing, unwritable or shared output paths (``-o``, ``--scores``,
+    ``--out``) before the long part; the CLI calls it before loading the model."""
+    named = [("-o", Path(output))] + ([("--scores", Path(scores_path))] if scores_path else [])
     if scores_path and Path(scores_path).suffix.lower() == ".npy":
-        outputs.append(Path(scores_path).with_suffix(".json"))
+        named.append(("--scores (its .json)", Path(scores_path).with_suffix(".json")))
     if scores_path and Path(scores_path).suffix.lower() not in (".npz", ".npy"):
         raise NofcError(f"--scores must end in .npz or .npy, got {scores_path}")
     if Path(output).suffix.lower() != ".png":
         raise NofcError(f"the heatmap is a PNG: give an output ending in .png, got {output}")
-    for p in outputs:
+    for _, p in named:
         refuse_overwrite(p, force=force)
+    if out_path is not None:
+        named.append(("--out", Path(out_path)))
+    seen: dict = {}
+    for flag, p in named:
+        key = os.path.normcase(os.path.abspath(p))
+        if key in seen:
+            raise NofcError(f"{seen[key]} and {flag} are the same file {p}; give each output "
+                            "its own path")
+        seen[key] = flag
+        check_writable(p)
 
 
 # --------------------------------------------------------------------------- the two ways

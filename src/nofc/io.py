@@ -60,16 +60,22 @@ def _load_checkpoint(path: str) -> tuple[dict, list[str] | None]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch names the global two ways: "Unsupported global: GLOBAL os.system" and
+        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"GLOBAL ([\w.]+)", text)
         if found:  # a real pickle of Python objects; garbage also fails with "weights_only"
             raise NofcError(
-                f"{path} holds pickled Python objects ({found.group(1)}), not a plain "
-                "state_dict; nofc loads weights with weights_only=True so that a file cannot "
-                "run code. Save model.state_dict() instead (a whole pickled model you trust "
-                "can be given as MODEL with --trust-pickle)"
+                f"{path} holds pickled Python objects ({found.group(1)}), refused: a "
+                "weights file is loaded with weights_only=True so that it cannot run code. "
+                "Save model.state_dict() instead (a whole pickled model you trust can be "
+                "given as MODEL with --trust-pickle)"
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", text)
-        first = detail.group(1) if detail else first_line(exc)
+        # never torch's advice to retry with weights_only=False: that runs the file's code
+        lines = [line.strip() for line in text.splitlines() if line.strip()
+                 and "weights_only" not in line and "Weights only load failed" not in line
+                 and "documentation of torch.load" not in line]
+        first = detail.group(1) if detail else lines[0] if lines else type(exc).__name__
         raise NofcError(f"cannot read weights from {path}: not a PyTorch weights file "
                         f"({type(exc).__name__}: {first})") from None
     names = _stored_names(obj)

@@ -29,18 +29,20 @@ where they lie.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import NofcError, first_line
+from .errors import NofcError, check_memory, first_line
 from .images import BadRegion, default_scale, describe_pixels
 
 __all__ = ["ImageSource", "open_source", "load_image", "scale_of",
-           "SLIDE_SUFFIXES"]
+           "SLIDE_SUFFIXES", "MAX_PIXELS"]
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
@@ -48,6 +50,8 @@ PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 _LUMA = np.array([0.299, 0.587, 0.114])
 _GEOKEYS = 34735  # GeoKeyDirectoryTag: a TIFF that carries georeferencing
 _MPP_TOLERANCE = 0.01  # a requested pixel size within 1% of a level's is that level
+MAX_PIXELS = 10**11  # declared pixels above which a file is refused unless max_pixels= says
+_CHECKED_READ = 256 << 20  # bytes above which a read first checks that memory holds it
 
 scale_of = default_scale  # the one integer-scaling rule (see the module docstring)
 
@@ -103,7 +107,16 @@ class ImageSource:
         return f"{kind} {self.path}" if self.path else f"the {kind} image"
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
-        """Pixels ``[rows, cols]`` (steps allowed) as ``(C, h, w)``, channel rule applied."""
+        """Pixels ``[rows, cols]`` (steps allowed) as ``(C, h, w)``, channel rule applied.
+        A read larger than the memory available is refused before anything is allocated."""
+        h, w = len(range(*rows.indices(self.hw[0]))), len(range(*cols.indices(self.hw[1])))
+        nbytes = h * w * max(self.channels, self._stored + self._has_alpha) * \
+            max(self.dtype.itemsize, self._stored_dtype.itemsize)
+        if nbytes > _CHECKED_READ:
+            check_memory(nbytes, what=f"reading {self.name} at {describe_pixels(rows, cols)} "
+                         f"({h}x{w} pixels)",
+                         instead="read it in tiles: nofc heatmap --tile 2048 --out map.zarr "
+                                 "(nofc.tiled_predict)")
         try:
             region = self._read(rows, cols)
         except (NofcError, OSError, MemoryError):
@@ -217,6 +230,7 @@ class ArraySource(ImageSource):
     def __init__(self, array, layout: str = "auto", want: int | None = None,
                  path: str | None = None, kind: str = "array"):
         shape = tuple(array.shape)
+        _check_numbers(getattr(array, "dtype", np.float32))
         strict = path is None and want is not None  # an array in memory: as given
         lay = image_layout(shape, want, layout) if strict else \
             _array_layout(shape, want, layout)
@@ -244,6 +258,18 @@ class ArraySource(ImageSource):
         if self.layout == "hw":
             return region[None]
         return np.moveaxis(region, -1, 0) if self.layout == "hwc" else region
+
+
+def _check_numbers(dtype) -> None:
+    """Refuse pixels that are not numbers (object, strings, complex, dates) in one line."""
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:
+        kind = "?"
+    if kind not in "biuf":
+        raise NofcError(f"image pixels must be numbers (uint8, uint16, float32, ...), got "
+                        f"dtype {dtype}; convert them first, e.g. "
+                        "np.asarray(image, dtype=np.float32)")
 
 
 def image_layout(shape: tuple[int, ...], channels: int, layout: str = "auto") -> str:
@@ -296,62 +322,146 @@ def _array_layout(shape, want: int | None, layout: str) -> str:
 
 
 class _LazyTiff:
-    """A TIFF's first series as a lazy array, read region by region through tifffile's
-    zarr view; pickles as its path (Dask workers open their own)."""
+    """A TIFF's first image as a lazy array. A region decodes only the tiles or strips it
+    touches, with tifffile's own decoder, in the calling thread: nothing runs on in the
+    background when a tile fails (zarr's event loop, which tifffile's ``aszarr`` view
+    reads through, left hundreds of pending tasks to print "Task was destroyed" at exit).
+    A tile or strip the header declares but the file does not hold (no offset: a
+    damaged or forged header) is an error, never zeros. Pickles as its path (Dask workers
+    open their own)."""
 
     def __init__(self, path: str):
         try:
-            import tifffile
-            import zarr
+            import tifffile  # noqa: F401
         except ImportError:  # pragma: no cover - part of nofc[scale]
             raise NofcError("reading TIFF needs the scale extra: pip install 'nofc[scale]'"
                             ) from None
         self.path = str(path)
+        self._local = threading.local()
         try:
-            with tifffile.TiffFile(self.path) as tif:
-                page = tif.series[0]
-                self.shape = tuple(page.shape)
-                self.dtype = np.dtype(page.dtype)
-                self.axes = page.axes
+            with _quiet_tifffile():  # header complaints: the region read says what matters
+                tif = self._tif()
+                series = tif.series[0]
+                page = series.keyframe
+                self.shape = tuple(series.shape)
+                self.dtype = np.dtype(series.dtype)
+                self.axes = series.axes
+                self._shaped = tuple(page.shaped)  # (separate samples, depth, H, W, samples)
+                self.one_page = page.size == int(np.prod(self.shape)) and \
+                    self._shaped[1] == 1
+                self.others = [(s.keyframe.index, tuple(s.shape)) for s in tif.series[1:]
+                               if tuple(s.shape) != self.shape]
+        except NofcError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise NofcError(f"cannot read TIFF {path}: {first_line(exc)}") from None
-        self._zarr = zarr
-        self._arr = None
 
-    def _open(self):
-        if self._arr is None:
+    def _tif(self):
+        """This thread's open TiffFile (tiles decode in parallel threads)."""
+        tif = getattr(self._local, "tif", None)
+        if tif is None:
             import tifffile
 
-            store = tifffile.imread(self.path, aszarr=True)
-            arr = self._zarr.open(store, mode="r")
-            if hasattr(arr, "keys") and not hasattr(arr, "shape"):  # a multiscale group
-                arr = arr[sorted(arr.keys())[0]]
-            self._arr = arr
-        return self._arr
+            with _quiet_tifffile():
+                tif = self._local.tif = tifffile.TiffFile(self.path)
+        return tif
 
     def __getitem__(self, key):
-        return np.asarray(self._open()[key])
+        """``[rows, cols]`` (or ``[:, rows, cols]`` for separate planes), as stored."""
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (len(self.axes) - len(key))
+        at = {a: k for a, k in zip(self.axes, key)}
+        region = self._region(at["Y"], at["X"])  # (S, h, w, s)
+        if self._shaped[0] > 1:
+            region = region[..., 0]  # (S, h, w): planes stored apart
+        elif len(self.axes) == 3:
+            region = region[0]  # (h, w, s)
+        else:
+            region = region[0, :, :, 0]  # (h, w)
+        extra = tuple(k for a, k in zip(self.axes, key) if a not in "YX")
+        if any(k != slice(None) for k in extra):
+            region = region[tuple(slice(None) if a in "YX" else at[a] for a in self.axes)]
+        return region
+
+    def _region(self, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels ``[rows, cols]`` as ``(separate samples, h, w, samples)``."""
+        tif = self._tif()
+        with _quiet_tifffile():
+            page = tif.series[0].keyframe
+            offsets, counts = page.dataoffsets, page.databytecounts
+        nsep, _, H, W, nsamp = self._shaped
+        tiled = page.is_tiled
+        th, tw = (page.tilelength, page.tilewidth) if tiled else \
+            (min(page.rowsperstrip or H, H), W)
+        ny, nx = -(-H // th), -(-W // tw)
+        ys, xs = np.arange(*rows.indices(H)), np.arange(*cols.indices(W))
+        out = np.empty((nsep, len(ys), len(xs), nsamp), self.dtype)
+        fh = tif.filehandle
+        for ty in np.unique(ys // th):
+            r = np.flatnonzero(ys // th == ty)  # rows of out from this tile row
+            src_r = slice(ys[r[0]] - ty * th, ys[r[-1]] - ty * th + 1, rows.indices(H)[2])
+            for tx in np.unique(xs // tw):
+                c = np.flatnonzero(xs // tw == tx)
+                src_c = slice(xs[c[0]] - tx * tw, xs[c[-1]] - tx * tw + 1, cols.indices(W)[2])
+                for s in range(nsep):
+                    i = int(s * ny * nx + ty * nx + tx)
+                    if i >= len(offsets) or not offsets[i] or not counts[i]:
+                        what = f"tile ({ty}, {tx})" if tiled else f"strip {ty}"
+                        raise BadRegion(
+                            f"cannot read TIFF {self.path} at {describe_pixels(rows, cols)}: "
+                            f"{what} is not in the file (the header declares "
+                            f"{ny * nx * nsep} {'tiles' if tiled else 'strips'}, the file "
+                            f"holds {int(np.count_nonzero(np.asarray(counts)))}: a damaged "
+                            "or forged header)")
+                    fh.seek(offsets[i])
+                    data = fh.read(counts[i])
+                    seg = page.decode(data, i, jpegtables=page.jpegtables,
+                                      jpegheader=page.jpegheader)[0]  # (1, th, tw, s)
+                    out[s, r[0]:r[-1] + 1, c[0]:c[-1] + 1] = seg[0, src_r, src_c]
+        return out
 
     def __getstate__(self):  # ship the path, not an open file, to Dask workers
-        return {"path": self.path, "shape": self.shape, "dtype": self.dtype, "axes": self.axes}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
     def __setstate__(self, state):
-        import zarr
-
         self.__dict__.update(state)
-        self._zarr = zarr
-        self._arr = None
+        self._local = threading.local()
+
+
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """tifffile's warnings about a header (``incorrect StripOffsets count``) off while a
+    file is opened: the region that cannot be read says it in nofc's one line."""
+    import logging
+
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class TiffFileSource(ArraySource):
     """A TIFF's first series read lazily through tifffile."""
 
-    def __init__(self, path: str, want: int | None = None):
+    def __init__(self, path: str, want: int | None = None, max_pixels: int | None = MAX_PIXELS):
         tiff = _LazyTiff(path)
-        shape = tuple(n for n, a in zip(tiff.shape, tiff.axes) if a in "YXCS")
-        if shape != tuple(tiff.shape):
+        if not tiff.one_page or len(tiff.shape) not in (2, 3) or "Y" not in tiff.axes \
+                or "X" not in tiff.axes:
             raise NofcError(f"{path}: TIFF of shape {tiff.shape} ({tiff.axes}) is not a single "
-                            "2D image (several pages or a volume?)")
+                            "2D image (several pages or a volume?); save the image to read as "
+                            "a TIFF of its own")
+        _check_pixels(tiff.shape[tiff.axes.index("Y")], tiff.shape[tiff.axes.index("X")],
+                      path, max_pixels)
+        if tiff.others:
+            warnings.warn(f"{path} holds {1 + len(tiff.others)} images of different shapes ("
+                          + ", ".join(f"page {i}: {'x'.join(map(str, s))}"
+                                      for i, s in [(0, tiff.shape), *tiff.others][:4])
+                          + f"); reading the first, page 0 ({'x'.join(map(str, tiff.shape))}); "
+                          "save the one you want as a TIFF of its own", stacklevel=4)
+        shape = tiff.shape
         layout = "auto" if len(shape) == 2 else "chw" if tiff.axes[0] in "SC" else "hwc"
         super().__init__(tiff, layout, want, path=str(path), kind="tiff")
 
@@ -359,17 +469,24 @@ class TiffFileSource(ArraySource):
 class PictureSource(ArraySource):
     """PNG, JPEG, BMP, ... read whole through Pillow (they cannot be read by region)."""
 
-    def __init__(self, path: str, want: int | None = None):
-        super().__init__(_read_picture(path), "auto", want, path=str(path), kind="picture")
+    def __init__(self, path: str, want: int | None = None, max_pixels: int | None = MAX_PIXELS):
+        super().__init__(_read_picture(path, max_pixels), "auto", want, path=str(path),
+                         kind="picture")
 
 
-def _read_picture(path) -> np.ndarray:
-    """Pixels of a picture as stored: palettes expanded, 16-bit as uint16, bilevel 0/255."""
+def _read_picture(path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Pixels of a picture as stored: palettes expanded, 16-bit as uint16, bilevel 0/255;
+    its declared size checked against ``max_pixels`` and the memory before decoding."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # a large scan is the point here
+    Image.MAX_IMAGE_PIXELS = None  # a large scan is the point here: max_pixels limits it
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            _check_pixels(h, w, path, max_pixels)
+            check_memory(h * w * 4 * len(im.getbands()),
+                         what=f"decoding {path} ({h}x{w} pixels; PNG and JPEG are read whole)",
+                         instead="save it as a tiled TIFF, which nofc reads by tiles")
             im.load()
             mode = im.mode
             if mode == "P":
@@ -631,7 +748,7 @@ def _is_geotiff(path: Path) -> bool:
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             tags = tif.pages[0].tags
             return _GEOKEYS in tags or 33922 in tags or 34264 in tags
     except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: OpenSlide or GDAL may
@@ -653,7 +770,8 @@ def _slide_format(path: Path) -> str | None:
 
 
 def open_source(image, *, channels: int | None = None, layout: str = "auto", level=None,
-                mpp=None, bands=None, on_error: str = "raise") -> ImageSource:
+                mpp=None, bands=None, on_error: str = "raise",
+                max_pixels: int | None = MAX_PIXELS) -> ImageSource:
     """The :class:`ImageSource` for what the user gives; the options of reading a file
     travel with it (``tiled_predict(open_source("scan.svs", mpp=0.5), ...)``).
 
@@ -669,6 +787,10 @@ def open_source(image, *, channels: int | None = None, layout: str = "auto", lev
         bands: a raster's 1-based bands.
         on_error: ``"raise"`` or ``"skip"``: what a region that cannot be read does in a
             tiled run (``ImageSource.on_error``).
+        max_pixels: a file whose header declares more pixels (height x width read) is
+            refused before any pixel is read: a forged or corrupt header (a decompression
+            bomb) would otherwise start a run of years or an allocation of terabytes.
+            Default ``MAX_PIXELS`` (10**11); None: no limit.
 
     >>> open_source(np.zeros((2, 30, 20), np.float32), channels=2).hw
     (30, 20)
@@ -681,6 +803,7 @@ def open_source(image, *, channels: int | None = None, layout: str = "auto", lev
         raise NofcError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if layout not in ("auto", "hwc", "chw"):
         raise NofcError(f"layout must be 'auto', 'hwc' or 'chw', got {layout!r}")
+    max_pixels = _pixel_limit(max_pixels)
     if isinstance(image, ImageSource):
         if level is not None or mpp is not None or bands is not None or layout != "auto":
             raise NofcError("the image is already open: give layout=, level=, mpp= and "
@@ -690,12 +813,38 @@ def open_source(image, *, channels: int | None = None, layout: str = "auto", lev
             src = copy.copy(src) if src is image else src
             src.on_error = on_error
         return src
-    src = _open(image, channels, layout, level, mpp, bands)
+    src = _open(image, channels, layout, level, mpp, bands, max_pixels)
     src.on_error = on_error
     return src
 
 
-def _open(image, channels, layout, level, mpp, bands) -> ImageSource:
+def _pixel_limit(max_pixels) -> int | None:
+    """``max_pixels`` as a positive int (``1e12`` is fine), or None."""
+    if max_pixels is None:
+        return None
+    try:
+        limit = float(max_pixels)
+    except (TypeError, ValueError):
+        limit = float("nan")
+    if isinstance(max_pixels, bool) or not (np.isfinite(limit) and limit >= 1):
+        raise NofcError(f"max_pixels must be a positive number of pixels (or None: no "
+                        f"limit), got {max_pixels!r}")
+    return int(limit)
+
+
+def _check_pixels(h: int, w: int, path, max_pixels: int | None) -> None:
+    """Refuse a file whose header declares more than ``max_pixels`` pixels."""
+    def mpix(n: int) -> str:
+        return f"{n / 1e6:,.0f}" if n >= 1e6 else f"{n / 1e6:.3g}"
+
+    if max_pixels is not None and h * w > max_pixels:
+        raise NofcError(f"{path} declares {h}x{w} pixels ({mpix(h * w)} Mpix), more than "
+                        f"the limit of {mpix(max_pixels)} Mpix (a corrupt or forged "
+                        f"header?); if the image is that large, raise the limit: "
+                        f"--max-pixels {h * w} (open_source(max_pixels=))")
+
+
+def _open(image, channels, layout, level, mpp, bands, max_pixels) -> ImageSource:
     if not isinstance(image, (str, os.PathLike)):
         if level is not None or mpp is not None or bands is not None:
             raise NofcError("level=, mpp= and bands= apply to slide and raster files, not "
@@ -718,13 +867,14 @@ def _open(image, channels, layout, level, mpp, bands) -> ImageSource:
     if slide_args and kind != "slide":
         raise NofcError(f"level= and mpp= apply to whole-slide images; {image} is read as a "
                         f"{kind}" + (" (choose bands= instead)" if kind == "raster" else ""))
-    if kind == "slide":
-        return SlideSource(str(path), level=level, mpp=mpp, want=channels)
-    if kind == "raster":
-        return RasterSource(str(path), bands=bands, want=channels)
     if kind == "tiff":
-        return TiffFileSource(str(path), want=channels)
-    return PictureSource(str(path), want=channels)
+        return TiffFileSource(str(path), want=channels, max_pixels=max_pixels)
+    if kind == "picture":
+        return PictureSource(str(path), want=channels, max_pixels=max_pixels)
+    src = SlideSource(str(path), level=level, mpp=mpp, want=channels) if kind == "slide" \
+        else RasterSource(str(path), bands=bands, want=channels)
+    _check_pixels(*src.hw, image, max_pixels)  # from the header: no pixel read yet
+    return src
 
 
 def file_kind(path: Path, *, slide: bool = False, bands: bool = False) -> str:

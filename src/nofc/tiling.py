@@ -537,7 +537,7 @@ def _dask_client(scheduler, workers):
             raise NofcError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     else:
         cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=":0")  # a free port: none asked for
         client = Client(cluster)
     try:
         yield client

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import check_memory
 from .base import MapFacts, Output, Sink
 
 __all__ = ["MemorySink", "MemoryOutput"]
@@ -32,6 +33,10 @@ class MemorySink(Sink):
 
     def __init__(self, shape: tuple[int, int, int], dtype, blocks: int | None = None):
         super().__init__(blocks)
+        check_memory(int(np.prod(shape)) * np.dtype(dtype).itemsize,
+                     what=f"the map ({'x'.join(map(str, shape))} {np.dtype(dtype)}) in memory",
+                     instead="write it to disk as tiles finish: nofc heatmap --out map.zarr "
+                             "(tiled_predict(out='map.zarr'))")
         self.array = np.zeros(shape, dtype=dtype)
         self.shape, self.dtype = self.array.shape, self.array.dtype
 
