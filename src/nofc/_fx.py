@@ -32,9 +32,9 @@ from .errors import NofcError, first_line
 
 __all__ = [
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
-    "describe_node", "drop_dead_code", "dumps", "fake_mode", "loads", "fmt_shape", "get_attr", "global_pool", "output_node",
-    "param_like", "probe", "register_notrace_module", "spatial_size", "trace", "viewed",
-    "written",
+    "describe_node", "drop_dead_code", "dumps", "fake_mode", "fmt_shape", "get_attr",
+    "global_pool", "loads", "output_node", "param_like", "probe", "register_notrace_module",
+    "spatial_size", "trace", "viewed", "written",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen

@@ -606,7 +606,7 @@ def _run_cluster(client, runner, src, todo, blocks: _Blocks) -> None:
     # regions inside tasks are the point (they survive a worker); Dask warns above 10 MB
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4GB"}):
         try:  # registered inside: a registration that fails midway is removed too
-            _register(client, model, plugin)
+            _register(client, model, plugin, blocks)
             _Cluster(client, plugin, runner, src, blocks).drain(todo)
         finally:
             if client.status == "running":
@@ -614,15 +614,16 @@ def _run_cluster(client, runner, src, todo, blocks: _Blocks) -> None:
                     client.unregister_worker_plugin(plugin)
 
 
-def _register(client, model: "_ModelPlugin", plugin: str) -> None:
+def _register(client, model: "_ModelPlugin", plugin: str, blocks: _Blocks) -> None:
     try:
         client.register_plugin(model, name=plugin)
     except Exception as exc:  # noqa: BLE001 - the workers' own error, as one line
         if client.status != "running":
             raise NofcError(f"lost the Dask scheduler{_at(client)} while sending it the "
-                            "model; nothing was computed") from None
+                            f"model; {blocks.sink.resume_note()}") from None
         raise NofcError(f"cannot send the model to the Dask workers{_at(client)}: "
-                        f"{type(exc).__name__}: {first_line(exc)}") from None
+                        f"{type(exc).__name__}: {first_line(exc)}; "
+                        f"{blocks.sink.resume_note()}") from None
 
 
 class _Cluster:

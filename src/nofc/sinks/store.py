@@ -88,7 +88,8 @@ class ZarrSink(Sink):
         self.lock = _StoreLock(self.path / _LOCK, self.name)
         made = (zarr, chunks, fingerprint, arguments, geo, metadata)
         try:  # under the lock: whether the array exists cannot change any more
-            self._clean()
+            if self.lock.first:  # no other sink of this process is writing here
+                self._clean()
             if {p.name for p in self.path.iterdir() if not _leftover(p.name)} <= _OWN:
                 self.array = self._create(*made)
             else:
@@ -186,7 +187,8 @@ class ZarrSink(Sink):
                             f"({', '.join(diff) or 'unknown'}); refusing to mix maps: use "
                             "another --out or delete it")
         done_dir = self.path / _DONE_DIR
-        done_dir.mkdir(exist_ok=True)  # a store made by an older nofc, killed before it
+        if not done_dir.is_dir():  # a store made by an older nofc, killed before it
+            self._store_op(done_dir.mkdir, "the finished-block markers' folder")
         if done_dir.is_dir():
             for f in done_dir.iterdir():
                 by, _, bx = f.name.partition("_")
@@ -249,13 +251,13 @@ class _StoreLock:
     """
 
     def __init__(self, path: Path, store: str):
-        self.path, self.store, self.held = path, store, False
+        self.path, self.store, self.held, self.first = path, store, False, False
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         key = str(self.path.resolve())
         for _ in range(3):
             if _HELD.get(key) or self._link(json.dumps(me).encode()):
-                self.held = True
+                self.held, self.first = True, not _HELD.get(key)
                 _HELD[key] = _HELD.get(key, 0) + 1
                 return
             holder = self._holder()
