@@ -5,7 +5,9 @@ Every figure is measured in this run, side by side:
     python benchmarks/bench_tiling.py throughput   # tiled / single-pass dense rate
     python benchmarks/bench_tiling.py rss --model resnet18 --sizes 2000 5000 10000 20000
     python benchmarks/bench_tiling.py dask         # 1 vs 2 single-threaded workers
-    python benchmarks/bench_tiling.py faults       # kill 1 of 2 workers at 25/50/75%
+    python benchmarks/bench_tiling.py faults       # kill 1 of 2 workers at 25/50/75%,
+                                                   # then three runs on one cluster
+    python benchmarks/bench_tiling.py shared       # only the three runs on one cluster
     python benchmarks/bench_tiling.py mask         # mask="auto" on a 70%-glass slide
     python benchmarks/bench_tiling.py all
 
@@ -339,9 +341,105 @@ def faults(args) -> list[dict]:
     return rows
 
 
+_SHARED_CLIENT = """
+import json, pathlib, sys, time
+import numpy as np, nofc
+sys.path.insert(0, sys.argv[1])
+from bench_tiling import _model
+model, size = _model(sys.argv[2])
+fcn = nofc.convert(model, input_size=size)
+img = np.load(sys.argv[3], mmap_mode="r")
+go = pathlib.Path(sys.argv[6])
+while not go.exists():
+    time.sleep(0.01)
+time.sleep(float(sys.argv[7]))
+start = time.time()
+nofc.tiled_predict(fcn, img, input_size=size, tile=int(sys.argv[4]), out=sys.argv[5],
+                   backend=nofc.Dask(scheduler=sys.argv[8]), progress=False)
+print(json.dumps({"start": start, "end": time.time()}))
+"""
+
+
+def shared(args) -> list[dict]:
+    """Three runs (three client processes, as three users would start them) on one
+    cluster of 2 single-threaded workers, started 0.3 s apart, against the same three
+    runs one after the other; every map compared with the first (bit-equal), and with
+    the one computed here (float32 sums in another thread count: within about 1e-6).
+    Before issue 27 such runs could kill each other (NameError from the tracer of a
+    model being loaded on a worker)."""
+    import zarr
+    from distributed import LocalCluster
+
+    model, size = _model(args.faults_model)
+    fcn = nofc.convert(model, input_size=size)
+    side, tile = args.faults_side, args.faults_tile
+    img = np.random.default_rng(0).random((size[0], side, side), dtype=np.float32)
+    ref = nofc.tiled_predict(fcn, img, input_size=size, tile=tile, progress=False)
+    rows, first, off = [], [], [0.0]  # the first cluster map; the largest |map - local|
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                         host="127.0.0.1", dashboard_address=None) as cluster:
+        tmp = Path(tmp)
+        np.save(tmp / "img.npy", img)
+        (tmp / "client.py").write_text(_SHARED_CLIENT)
+
+        def clients(tag, delays, go):
+            return [subprocess.Popen(
+                [sys.executable, str(tmp / "client.py"), str(Path(__file__).parent),
+                 args.faults_model, str(tmp / "img.npy"), str(tile),
+                 str(tmp / f"{tag}{i}.zarr"), str(go), str(d), cluster.scheduler_address],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i, d in enumerate(delays)]
+
+        def finished(procs, tag):
+            times, failed = [], []
+            for i, proc in enumerate(procs):
+                out, err = proc.communicate()
+                if proc.returncode:
+                    failed.append(err.strip().splitlines()[-1] if err.strip() else "?")
+                    continue
+                times.append(json.loads(out.strip().splitlines()[-1]))
+                got = zarr.open_array(str(tmp / f"{tag}{i}.zarr"), mode="r")[:]
+                if not first:
+                    first.append(got)
+                if not np.array_equal(got, first[0]):  # bit-equal to the first run's
+                    failed.append(f"run {i}: map differs")
+                off[0] = max(off[0], float(np.abs(got - ref).max()))
+            return times, failed
+
+        go = tmp / "go"
+        go.touch()
+        seq_times, seq_failed = [], []
+        for i in range(3):  # one after the other: each waits for the one before
+            times, failed = finished(clients(f"seq{i}_", [0.0], go), f"seq{i}_")
+            seq_times += times
+            seq_failed += failed
+        seq = sum(t["end"] - t["start"] for t in seq_times)
+        go2 = tmp / "go2"
+        procs = clients("par", [0.0, 0.3, 0.6], go2)
+        time.sleep(5)  # imported and converted: they start 0.3 s apart from here
+        go2.touch()
+        par_times, par_failed = finished(procs, "par")
+        par = (max(t["end"] for t in par_times) - min(t["start"] for t in par_times)
+               if par_times else float("nan"))
+    n = len(nofc.tiling.plan_tiles(nofc.geometry(fcn, size), (side, side), tile=tile)[0])
+    row = {"model": args.faults_model, "image": f"{side}x{side}", "blocks": n,
+           "one_after_another_s": round(seq, 2), "three_at_once_s": round(par, 2),
+           "ratio": round(par / seq, 3), "failed": seq_failed + par_failed,
+           "max_abs_vs_local": off[0]}
+    rows.append(row)
+    print(f"three runs on one cluster ({args.faults_model} {side}x{side} tile {tile}, {n} "
+          f"blocks each, 2 single-threaded workers): one after another {seq:.1f}s, at once "
+          f"(0.3 s apart) {par:.1f}s (x{row['ratio']:.2f}); failed runs or maps: "
+          f"{row['failed'] or 'none'}; largest difference from the map computed here "
+          f"{off[0]:.1e}", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["throughput", "rss", "dask", "faults", "mask", "all"])
+    p.add_argument("what", choices=["throughput", "rss", "dask", "faults", "shared", "mask",
+                                    "all"])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
     p.add_argument("--tile", type=int, default=1024)
@@ -368,6 +466,8 @@ def main(argv=None):
         rows += dask_scaling(args)
     if args.what in ("faults", "all"):
         rows += faults(args)
+    if args.what in ("faults", "shared", "all"):
+        rows += shared(args)
     if args.what in ("mask", "all"):
         rows += mask(args)
     if args.json:

@@ -18,6 +18,7 @@ import inspect
 import io
 import logging
 import operator
+import pickle
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,9 @@ from .errors import NofcError, first_line
 
 __all__ = [
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
-    "describe_node", "drop_dead_code", "fake_mode", "fmt_shape", "get_attr", "global_pool", "output_node",
-    "param_like", "probe", "register_notrace_module", "spatial_size", "trace", "viewed",
-    "written",
+    "describe_node", "drop_dead_code", "dumps", "fake_mode", "fmt_shape", "get_attr",
+    "global_pool", "loads", "output_node", "param_like", "probe", "register_notrace_module",
+    "spatial_size", "trace", "viewed", "written",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
@@ -704,3 +705,99 @@ def global_pool(gm: fx.GraphModule, n: fx.Node) -> tuple[str, Any] | None:
             return kind, n.kwargs.get("output_size", n.args[1] if len(n.args) > 1 else None)
     reduce = _spatial_reduce(n)
     return None if reduce is None else (reduce[0], 1)
+
+
+# --------------------------------------------------------------------------- shipping
+
+
+def dumps(obj) -> bytes:
+    """Pickle ``obj`` (a tile runner, a model) so that :func:`loads` never traces.
+
+    torch pickles a GraphModule as its generated code and traces that code again when
+    loading it; the tracer replaces ``nn.Module.__call__`` for the whole process while it
+    runs, so a model that another thread of the process runs meanwhile (a Dask worker
+    computing a tile of another run) fails with ``NameError: module is not installed as a
+    submodule``. Here every GraphModule inside ``obj``, nested ones included, travels as
+    its graph's nodes and its module dict, and is rebuilt node by node. Objects defined in
+    ``__main__`` travel by value where cloudpickle is installed (as Dask ships them).
+
+    >>> gm = trace(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+    >>> x = torch.rand(1, 1, 5, 5)
+    >>> torch.equal(loads(dumps(gm))(x), gm(x))
+    True
+    """
+    buf = io.BytesIO()
+    _pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def loads(data: bytes):
+    """The object :func:`dumps` pickled; tracing nothing (see there)."""
+    return pickle.loads(data)
+
+
+def _pickler() -> type:
+    try:
+        from cloudpickle import Pickler as base
+    except ImportError:  # pragma: no cover - cloudpickle comes with the scale extra
+        base = pickle.Pickler
+
+    class _GraphPickler(base):
+        def reducer_override(self, obj):
+            if isinstance(obj, fx.GraphModule):
+                return _graph_module_reduced(obj)
+            parent = getattr(super(), "reducer_override", None)
+            return NotImplemented if parent is None else parent(obj)
+
+    return _GraphPickler
+
+
+class _Ref:
+    """A node named in another node's arguments, while the graph travels."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __reduce__(self):
+        return (_Ref, (self.name,))
+
+
+_KEPT_META = ("nn_module_stack", "stack_trace")  # read by describe_node / error messages
+
+
+def _graph_module_reduced(gm: fx.GraphModule) -> tuple:
+    body = {k: v for k, v in gm.__dict__.items()
+            if k not in ("_graph", "_code", "_lineno_map", "_prologue_start")}
+    nodes = [(n.op, n.name, n.target, fx.node.map_arg(n.args, lambda a: _Ref(a.name)),
+              fx.node.map_arg(n.kwargs, lambda a: _Ref(a.name)), n.type,
+              {k: n.meta[k] for k in _KEPT_META if k in n.meta})
+             for n in gm.graph.nodes]
+    codegen = gm.graph._codegen
+    return (_graph_module_rebuilt, (type(gm).__name__, body, nodes,
+                                    None if type(codegen) is fx.graph.CodeGen else codegen))
+
+
+def _graph_module_rebuilt(class_name: str, body: dict, nodes: list, codegen) -> fx.GraphModule:
+    """The GraphModule :func:`_graph_module_reduced` took apart: its graph made node by
+    node (no tracing), its module dict (submodules, parameters, buffers, attributes) as
+    it was."""
+    graph = fx.Graph()
+    if codegen is not None:
+        graph._codegen = codegen
+    env: dict[str, fx.Node] = {}
+
+    def node_of(a):
+        return env[a.name] if isinstance(a, _Ref) else a
+
+    for op, name, target, args, kwargs, type_expr, meta in nodes:
+        n = graph.create_node(op, target, fx.node.map_aggregate(args, node_of),
+                              fx.node.map_aggregate(kwargs, node_of), name=name,
+                              type_expr=type_expr)
+        n.meta.update(meta)
+        env[name] = n
+    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=class_name)
+    gm.__dict__.update(body)
+    gm.graph = graph  # recompiles the forward from the nodes
+    return gm

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._fx import param_like, probe
+from ._fx import dumps, loads, param_like, probe
 from .crops import CropNet, map_network
 from .dense import dense_predict
 from .dilation import fine_pass
@@ -611,16 +611,29 @@ def _run_cluster(client, runner, src, todo, blocks: _Blocks) -> None:
 
     with contextlib.suppress(Exception):  # best effort: a scheduler may refuse run_on_
         client.run_on_scheduler(_drop_orphans)
-    plugin = f"nofc-model|{client.id}|{uuid.uuid4().hex[:12]}"
-    client.register_plugin(_ModelPlugin(runner), name=plugin)
+    model = _ModelPlugin(runner)  # pickled here: a model that cannot be is one line
+    plugin = f"nofc-model|{client.id}|{uuid.uuid4().hex[:12]}"  # one per run
     # regions inside tasks are the point (they survive a worker); Dask warns above 10 MB
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4GB"}):
-        try:
+        try:  # registered inside: a registration that fails midway is removed too
+            _register(client, model, plugin, blocks)
             _Cluster(client, plugin, runner, src, blocks).drain(todo)
         finally:
             if client.status == "running":
                 with contextlib.suppress(Exception):
                     client.unregister_worker_plugin(plugin)
+
+
+def _register(client, model: "_ModelPlugin", plugin: str, blocks: _Blocks) -> None:
+    try:
+        client.register_plugin(model, name=plugin)
+    except Exception as exc:  # noqa: BLE001 - the workers' own error, as one line
+        if client.status != "running":
+            raise NofcError(f"lost the Dask scheduler{_at(client)} while sending it the "
+                            f"model; {blocks.sink.resume_note()}") from None
+        raise NofcError(f"cannot send the model to the Dask workers{_at(client)}: "
+                        f"{type(exc).__name__}: {first_line(exc)}; "
+                        f"{blocks.sink.resume_note()}") from None
 
 
 class _Cluster:
@@ -725,7 +738,13 @@ def _worker_runner(runner):
     if isinstance(runner, str):
         from distributed import get_worker
 
-        return get_worker().plugins[runner].runner
+        worker = get_worker()
+        plugin = worker.plugins[runner]
+        if plugin.runner is None:
+            raise NofcError(f"the Dask worker at {worker.address} cannot load the model "
+                            f"({plugin.error}); every worker must be able to import the "
+                            f"modules that define {plugin.model}")
+        return plugin.runner
     return runner
 
 
@@ -744,7 +763,33 @@ except ImportError:  # pragma: no cover - dask is the optional scale extra
 
 
 class _ModelPlugin(_WorkerPlugin):
-    """Holds the tile runner (and so the model) on each Dask worker."""
+    """Holds the tile runner (and so the model) on each Dask worker.
 
-    def __init__(self, runner):
-        self.runner = runner
+    The runner travels pickled by ``_fx.dumps``, which never traces on loading (torch's
+    own pickle of a GraphModule traces its code again, and the tracer patches
+    ``nn.Module.__call__`` for the whole worker process: a tile of another run on that
+    worker would fail meanwhile). A worker that cannot load it (a module it cannot
+    import) keeps the error for the run's tasks to report in one line, rather than
+    failing to start: a plugin left behind never stops a worker.
+    """
+
+    def __init__(self, runner: _TileRunner):
+        self.model = type(runner.fcn).__name__
+        try:
+            self.payload = dumps(runner)
+        except Exception as exc:  # noqa: BLE001 - whatever the model holds
+            raise NofcError(f"cannot send {self.model} to the Dask workers: it cannot be "
+                            f"pickled ({type(exc).__name__}: {first_line(exc)})") from None
+        self.runner, self.error = None, None
+
+    def __getstate__(self):
+        return {"model": self.model, "payload": self.payload}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, runner=None, error=None)
+
+    def setup(self, worker=None):
+        try:
+            self.runner = loads(self.payload)
+        except Exception as exc:  # noqa: BLE001 - reported by the run's tasks
+            self.error = f"{type(exc).__name__}: {first_line(exc)}"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -22,7 +24,20 @@ __all__ = ["ZarrSink", "ZarrOutput"]
 _DONE_DIR = ".nofc_done"  # one empty file per finished chunk, written after the chunk
 _LOCK = ".nofc_lock"  # {"pid", "host", "started"} of the run writing the store
 _OWN = {_DONE_DIR, _LOCK}  # what a store folder holds before its array is made
+_NEW = ".nofc_new."  # + a random name: the array's metadata, made before it goes in place
 _HELD: dict[str, int] = {}  # locks this process holds, and how many of its sinks share each
+_STALE_AFTER = 60.0  # seconds: a lock's temporary file older than this is a killed run's
+
+
+def _reached(step: str) -> None:
+    """Each step of a store's creation calls this; tests kill the process here."""
+
+
+def _leftover(name: str) -> bool:
+    """What a run killed while it made or wrote the store may leave in its folder: the
+    temporary files of a lock, a half-made array's metadata, a chunk's ``.partial``."""
+    return (name.startswith(f"{_LOCK}.") and name.endswith((".tmp", ".stale"))
+            or name.startswith(_NEW) or name.endswith(".partial"))
 
 
 
@@ -71,14 +86,35 @@ class ZarrSink(Sink):
         fingerprint = _fingerprint(arguments)
         self._folder()
         self.lock = _StoreLock(self.path / _LOCK, self.name)
+        made = (zarr, chunks, fingerprint, arguments, geo, metadata)
         try:  # under the lock: whether the array exists cannot change any more
-            if {p.name for p in self.path.iterdir()} <= _OWN:
-                self.array = self._create(zarr, chunks, fingerprint, arguments, geo, metadata)
+            if self.lock.first:  # no other sink of this process is writing here
+                self._clean()
+            if {p.name for p in self.path.iterdir() if not _leftover(p.name)} <= _OWN:
+                self.array = self._create(*made)
             else:
-                self.array = self._reopen(zarr, fingerprint, arguments)
+                self.array = self._reopen(zarr, fingerprint, arguments, made)
         except BaseException:
             self.lock.release()
             raise
+
+    def _clean(self) -> None:
+        """Remove what killed runs left (see ``_leftover``): the lock is held, so nothing
+        else writes here, except a run trying to lock just now (its lock's temporary file:
+        removed only when its process is gone)."""
+        try:
+            for p in self.path.iterdir():
+                if not _leftover(p.name):
+                    continue
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif not p.name.startswith(_LOCK) or _killed(p):
+                    p.unlink(missing_ok=True)
+            if (self.path / "c").is_dir():
+                for p in (self.path / "c").rglob("*.partial"):  # a chunk killed mid-write
+                    p.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover - a store that cannot be cleaned still resumes
+            pass
 
     def _folder(self) -> None:
         """Check the path and make the store's folder (the array is made under the lock)."""
@@ -92,33 +128,44 @@ class ZarrSink(Sink):
             raise NofcError(f"cannot write {out}: folder {self.path.parent} does not exist")
         try:
             self.path.mkdir()
+            _reached("folder")
         except FileExistsError:  # another run made it just now: the lock decides
             pass
         except OSError as exc:
             raise NofcError(f"cannot write {out}: {exc.strerror or first_line(exc)}") from None
 
     def _create(self, zarr, chunks, fingerprint: str, arguments: dict, geo, metadata):
+        """Make the array atomically: its complete metadata (``zarr.json`` with the
+        ``nofc`` attributes) is written under a temporary name and renamed into place
+        last, so a run killed at any instant leaves either no array (made again) or one
+        that resumes; the markers' folder is made first."""
         if any((self.path / _DONE_DIR).glob("*")):
             raise NofcError(f"{self.name} has finished-block markers but no array; remove it")
+        new = self.path / f"{_NEW}{uuid.uuid4().hex[:8]}"
         try:
-            arr = zarr.create_array(str(self.path), shape=self.shape,
-                                    chunks=(self.shape[0], *chunks), dtype=self.dtype,
-                                    fill_value=np.nan)
-            arr.attrs["nofc"] = {
-                "fingerprint": fingerprint,
-                "arguments": arguments,
-                "geometry": geo.as_dict() if geo is not None else None,
-                "nofc_version": _version(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **({"metadata": metadata} if metadata else {}),
-            }
             (self.path / _DONE_DIR).mkdir(exist_ok=True)
+            _reached("markers")
+            zarr.create_array(str(new), shape=self.shape, chunks=(self.shape[0], *chunks),
+                              dtype=self.dtype, fill_value=np.nan, attributes={"nofc": {
+                                  "fingerprint": fingerprint,
+                                  "arguments": arguments,
+                                  "geometry": geo.as_dict() if geo is not None else None,
+                                  "nofc_version": _version(),
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                           time.gmtime()),
+                                  **({"metadata": metadata} if metadata else {}),
+                              }})
+            _reached("metadata")
+            os.replace(new / "zarr.json", self.path / "zarr.json")  # the array exists now
+            _reached("array")
+            shutil.rmtree(new, ignore_errors=True)
+            return zarr.open_array(str(self.path), mode="r+")
         except OSError as exc:
+            shutil.rmtree(new, ignore_errors=True)
             raise NofcError(f"cannot create {self.name}: {exc.strerror or first_line(exc)}"
                             ) from None
-        return arr
 
-    def _reopen(self, zarr, fingerprint: str, arguments: dict):
+    def _reopen(self, zarr, fingerprint: str, arguments: dict, made: tuple):
         """The existing store, when it was made with the same arguments; its done blocks."""
         out = self.name
         try:
@@ -126,7 +173,13 @@ class ZarrSink(Sink):
         except Exception:  # noqa: BLE001
             raise NofcError(f"{out} exists and is not a nofc zarr map; choose another --out "
                             "or remove it") from None
-        old = dict(arr.attrs).get("nofc", {})
+        old = dict(arr.attrs).get("nofc")
+        if old is None and not self._written():
+            # an array whose attributes never came (an older nofc wrote them after the
+            # array and was killed in between): nothing was written to it, so made again
+            (self.path / "zarr.json").unlink()
+            return self._create(*made)
+        old = old or {}
         if old.get("fingerprint") != fingerprint:
             diff = [key for key in arguments
                     if old.get("arguments", {}).get(key) != arguments[key]]
@@ -134,12 +187,20 @@ class ZarrSink(Sink):
                             f"({', '.join(diff) or 'unknown'}); refusing to mix maps: use "
                             "another --out or delete it")
         done_dir = self.path / _DONE_DIR
+        if not done_dir.is_dir():  # a store made by an older nofc, killed before it
+            self._store_op(done_dir.mkdir, "the finished-block markers' folder")
         if done_dir.is_dir():
             for f in done_dir.iterdir():
                 by, _, bx = f.name.partition("_")
                 self.done.add((int(by), int(bx)))
         self.bad = {tuple(e["block"]): e["error"] for e in old.get("bad_blocks", [])}
         return arr
+
+    def _written(self) -> bool:
+        """Whether any block of the map was written (a chunk, or a marker)."""
+        chunks = self.path / "c"
+        return (chunks.is_dir() and any(p.is_file() for p in chunks.rglob("*"))
+                or any((self.path / _DONE_DIR).glob("*")))
 
     def _write(self, tile, block):
         self._cells(tile, block)
@@ -190,13 +251,13 @@ class _StoreLock:
     """
 
     def __init__(self, path: Path, store: str):
-        self.path, self.store, self.held = path, store, False
+        self.path, self.store, self.held, self.first = path, store, False, False
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         key = str(self.path.resolve())
         for _ in range(3):
             if _HELD.get(key) or self._link(json.dumps(me).encode()):
-                self.held = True
+                self.held, self.first = True, not _HELD.get(key)
                 _HELD[key] = _HELD.get(key, 0) + 1
                 return
             holder = self._holder()
@@ -210,7 +271,9 @@ class _StoreLock:
         tmp = self.path.with_name(f"{_LOCK}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             tmp.write_bytes(content)
+            _reached("lock")
             os.link(tmp, self.path)
+            _reached("locked")
             return True
         except FileExistsError:
             return False
@@ -218,7 +281,8 @@ class _StoreLock:
             raise NofcError(f"cannot lock {self.store}: {exc.strerror or first_line(exc)}"
                             ) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a store gone read-only: a stale file
+                tmp.unlink(missing_ok=True)
 
     def _holder(self) -> dict | None:
         try:
@@ -234,16 +298,9 @@ class _StoreLock:
             return True
         if not holder or holder.get("host") != socket.gethostname():
             return False
-        pid = holder.get("pid")
-        if pid == os.getpid():
+        if holder.get("pid") == os.getpid():
             return True  # not held here (see _HELD): a dead process's reused pid
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, TypeError, ValueError, OverflowError):
-            return False
-        return False
+        return _gone(holder)
 
     def _take_over(self, holder) -> bool:
         """Move the stale lock aside; True when what was moved is the lock judged stale
@@ -272,7 +329,38 @@ class _StoreLock:
             _HELD[key] -= 1
             if not _HELD[key]:
                 del _HELD[key]
-                self.path.unlink(missing_ok=True)
+                # a store gone read-only (or away) keeps the lock: a stale one, since this
+                # process ends or lets go, taken over by the next run
+                with contextlib.suppress(OSError):
+                    self.path.unlink(missing_ok=True)
+
+
+def _gone(holder: dict) -> bool:
+    """Whether the process a lock names is known to be gone (same host, no such pid)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder.get("pid")), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return False
+    return False
+
+
+def _killed(tmp: Path) -> bool:
+    """Whether a lock's temporary file is a killed run's: its process gone, or (another
+    host's, or unreadable) older than ``_STALE_AFTER``."""
+    try:
+        holder = json.loads(tmp.read_bytes())
+        if isinstance(holder, dict) and holder.get("pid") != os.getpid() and _gone(holder):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        return time.time() - tmp.lstat().st_mtime > _STALE_AFTER
+    except OSError:
+        return False
 
 
 def _describe(holder) -> str:
