@@ -184,6 +184,18 @@ def test_output_is_written_next_to_target_then_renamed(tmp_path, monkeypatch):
     torch.jit.load(str(target))
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Written through a temporary file (mkstemp makes it 0600), an output still gets the
+    mode any program's new file gets, so colleagues on a shared server can read it."""
+    old = os.umask(umask)
+    try:
+        assert main(["convert", *LENET, "-o", str(tmp_path / "fcn.pt")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "fcn.pt").stat().st_mode & 0o777 == mode
+
+
 def test_force_overwrites_only_when_asked(tmp_path, capsys):
     target = tmp_path / "fcn.pt"
     target.write_bytes(b"old")

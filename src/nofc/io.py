@@ -436,12 +436,20 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int] | None:
     return tuple(int(s) for s in size) if size is not None and len(size) == 3 else None
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under the usual 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, force: bool = False):
     """Yield a temporary path next to ``path``; rename it into place on success.
 
     An existing ``path`` is refused unless ``force``; on any error (or Ctrl-C) the
-    temporary file is removed and ``path`` is left as it was.
+    temporary file is removed and ``path`` is left as it was. The file gets the mode the
+    umask gives new files, as any other program's output would.
     """
     target = Path(path)
     refuse_overwrite(target, force=force)
@@ -458,6 +466,7 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False):
     except OSError as exc:
         raise NofcError(f"cannot write {target}: {exc.strerror or exc} in {folder}") from None
     os.close(fd)
+    os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide the output from colleagues
     try:
         yield tmp
         os.replace(tmp, target)
