@@ -99,7 +99,7 @@ def test_cli_heatmap_of_a_vit_says_it_runs_crops_and_gives_their_map(tmp_path, c
                  "-o", str(out), "--scores", str(scores), "--step", "32",
                  "--out", str(tmp_path / "map.zarr"), "--mean", "0.5", "--std", "0.25"]) == 0
     err = capsys.readouterr().err
-    assert "warning: nofc: the map is made crop by crop" in err
+    assert "nofc: warning: the map is made crop by crop" in err
     got = np.load(scores)["scores"]
     x = (torch.from_numpy(np.moveaxis(img, -1, 0).astype(np.float32)) / 255 - 0.5) / 0.25
     want = _by_hand(vit, x, (224, 224), (32, 32)).numpy()

@@ -369,8 +369,9 @@ def _print_chain(exc: BaseException) -> None:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (NaN pixels, ...) as one line like errors, without Python's source line."""
-    print(f"nofc: warning: {message}", file=file or sys.stderr)
+    """Warnings (NaN pixels, ...) as one line like errors, without Python's source line
+    (and without the ``nofc:`` the library's own warnings start with)."""
+    print(f"nofc: warning: {str(message).removeprefix('nofc: ')}", file=file or sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
