@@ -104,9 +104,12 @@ def map_network(model: nn.Module, size, *, method: str, step=None, check: bool =
 
     def crops_instead(refusal: NofcError) -> CropNet:
         net = _crops(model, size, step)
+        (wh, ww), (sy, sx) = net.input_size[1:], net.step
+        overlap = (wh / sy) * (ww / sx)  # windows that read each pixel, away from the edges
         warnings.warn(f"nofc: the map is made crop by crop, one forward of the classifier per "
-                      f"window every {net.step[0]}x{net.step[1]} pixels (a converted network "
-                      f"shares the work of overlapping windows): {refusal}", stacklevel=4)
+                      f"window every {sy}x{sx} pixels: each pixel is read by about "
+                      f"{overlap:.3g} windows, so about {overlap:.3g}x the work of one pass "
+                      f"over the image (a larger step costs less): {refusal}", stacklevel=4)
         return net
 
     return as_fcn(model, size, check=check, refused=crops_instead if method == "auto" else None)
