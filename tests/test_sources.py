@@ -164,6 +164,11 @@ def test_bands_nodata_and_auto_mask_of_a_raster(fcn, tmp_path):
     got = _run(fcn, open_source(str(path), bands=[1, 2, 3]), mask="auto", stats=stats)
     assert np.isnan(got[:, :, -5:]).all() and np.isfinite(got[:, :, :5]).all()
     assert stats["computed"] < stats["windows"]
+    svs = tmp_path / "scan.svs"
+    svs.write_bytes(path.read_bytes())
+    with pytest.raises(NofcError, match=r"bands= applies to rasters; .*scan.svs is read as a "
+                                        r"slide \(choose level= or mpp= instead\)"):
+        open_source(str(svs), bands=[1, 2, 3])
     with pytest.raises(NofcError, match="has bands 1..4, not"):
         open_source(str(path), bands=[5])
 

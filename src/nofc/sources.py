@@ -867,6 +867,9 @@ def _open(image, channels, layout, level, mpp, bands, max_pixels) -> ImageSource
     if slide_args and kind != "slide":
         raise NofcError(f"level= and mpp= apply to whole-slide images; {image} is read as a "
                         f"{kind}" + (" (choose bands= instead)" if kind == "raster" else ""))
+    if bands is not None and kind != "raster":
+        raise NofcError(f"bands= applies to rasters; {image} is read as a {kind}"
+                        + (" (choose level= or mpp= instead)" if kind == "slide" else ""))
     if kind == "tiff":
         return TiffFileSource(str(path), want=channels, max_pixels=max_pixels)
     if kind == "picture":
