@@ -107,3 +107,20 @@ def test_cli_heatmap_of_a_vit_says_it_runs_crops_and_gives_their_map(tmp_path, c
     want = _by_hand(vit, x, (224, 224), (32, 32)).numpy()
     assert got.shape == want.shape == (3, 2, 3)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_cli_method_crops_gives_the_converted_map_of_an_exact_net(tmp_path, capsys):
+    img = np.random.default_rng(4).integers(0, 256, (70, 90), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "page.png")
+    torch.save(nofc.zoo.LeNet5().state_dict(), tmp_path / "lenet.pt")
+    maps = {}
+    for method in ("auto", "crops"):
+        scores = tmp_path / f"{method}.npz"
+        assert main(["heatmap", "nofc:lenet5", str(tmp_path / "page.png"), "--input-size",
+                     "1x32x32", "--weights", str(tmp_path / "lenet.pt"),
+                     "--step", "4", "--method", method, "-o",
+                     str(tmp_path / f"{method}.png"), "--scores", str(scores)]) == 0
+        maps[method] = np.load(scores)["scores"]
+    assert maps["crops"].shape == maps["auto"].shape == (10, 10, 15)
+    np.testing.assert_allclose(maps["crops"], maps["auto"], rtol=1e-5, atol=1e-5)
+    assert "crop by crop" not in capsys.readouterr().err  # asked for: no warning

@@ -213,7 +213,12 @@ def _add_heatmap(sub) -> None:
                        help="draw the N classes with the highest peak probability (default 1)")
     p.add_argument("--step", type=int, metavar="S",
                    help="pixels between windows; must divide the network stride (default: "
-                        "the stride; smaller steps use shift-and-stitch)")
+                        "the stride; crop by crop: any step, default the window)")
+    p.add_argument("--method", choices=["auto", "dilate", "shift", "crops"], default="auto",
+                   help="how the map is made: auto (the converted network; a step below its "
+                        "stride by the dilated network where it equals shift-and-stitch; a "
+                        "classifier convert refuses, crop by crop), dilate, shift, or crops "
+                        "(the classifier on every window at --step)")
     p.add_argument("-o", "--output", required=True, help="output PNG")
     p.add_argument("--scores", metavar="FILE",
                    help="also save the raw map and its geometry: .npz, or .npy plus .json")
@@ -281,7 +286,8 @@ def _cmd_heatmap(args) -> int:
     model, size = _load(args)  # every check above comes before the model is built
     image = open_source(image, channels=size[0])
     info = heatmap(model, image, size, args.output, spec=args.model, cls=args.cls,
-                   top=args.top, step=args.step, scores_path=args.scores,
+                   top=args.top, step=args.step, method=args.method,
+                   scores_path=args.scores,
                    normalize=normalize, labels_file=args.labels, device=args.device,
                    force=args.force, tile=args.tile, out=out, backend=backend,
                    verify=args.verify, mask=args.mask, edges=args.edges, check=args.check)

@@ -67,6 +67,7 @@ def heatmap(
     cls: int | None = None,
     top: int | None = None,
     step=None,
+    method: str = "auto",
     scores_path=None,
     normalize=None,
     labels_file=None,
@@ -89,7 +90,8 @@ def heatmap(
     ``nofc.Normalize``; by default the model's own (a timm model's pretrained config,
     ImageNet's for torchvision RGB models), else none. The conversion is checked against
     the classifier at ``input_size`` before the map is computed (``check=False`` skips
-    that); ``edges`` is ``dense_predict``'s.
+    that); ``method`` and ``edges`` are ``dense_predict``'s (``"crops"``: the classifier
+    on every window, which ``"auto"`` also does where ``convert`` refuses it).
 
     Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, a Dask ``backend`` or
     a ``mask`` given, or opened with options) go through :func:`nofc.tiled_predict`: TIFF
@@ -127,12 +129,12 @@ def heatmap(
     if tile is not None or out is not None or isinstance(backend, Dask) or backend == "dask" \
             or src.on_error == "skip" or mask is not None or src.reading() \
             or src.kind in ("slide", "raster") or src.hw[0] * src.hw[1] > TILE_ABOVE:
-        computed = _tiled_map(model, src, size, normalize=normalize, step=step,
+        computed = _tiled_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, tile=tile, out=out,
                               backend=backend, mask=mask, labels_file=labels_file,
                               edges=edges, check=check)
     else:
-        computed = _whole_map(model, src, size, normalize=normalize, step=step,
+        computed = _whole_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, verify=verify,
                               edges=edges, check=check)
     return _draw(computed, model, src.path or "image", output, cls=cls, top=top,
@@ -166,15 +168,15 @@ def check_outputs(output, scores_path, out_path=None, *, force: bool) -> None:
 # --------------------------------------------------------------------------- the two ways
 
 
-def _whole_map(model, src, size, *, normalize, step, device, progress, verify,
+def _whole_map(model, src, size, *, normalize, step, method, device, progress, verify,
                edges="inside", check=True) -> _Map:
     """The image read whole, one dense pass."""
     region = src.read(slice(None), slice(None))  # (C, H, W) as stored
     raw = region.astype(np.float32) * np.float32(default_scale(region.dtype))  # to draw on
     x = torch.from_numpy(normalize(region))
-    fcn, geo, steps = _network(model, size, step, check=check)
-    logits = dense_predict(fcn, x, size, steps, device=device, progress=progress,
-                           edges=edges)[0]
+    fcn, geo, steps = _network(model, size, step, method, check=check)
+    logits = dense_predict(fcn, x, size, steps, method=method, device=device,
+                           progress=progress, edges=edges)[0]
     geo = geo.with_edges(raw.shape[1:], edges, step=steps)  # the windows of this map
     scores = logits.float().cpu().numpy()  # (K, h, w)
     extra = {}
@@ -185,12 +187,12 @@ def _whole_map(model, src, size, *, normalize, step, device, progress, verify,
     return _Map(scores, geo, steps, raw, raw.shape, info)
 
 
-def _tiled_map(model, src, size, *, normalize, step, device, progress, tile, out, backend,
-               mask=None, labels_file=None, edges="inside", check=True) -> _Map:
+def _tiled_map(model, src, size, *, normalize, step, method, device, progress, tile, out,
+               backend, mask=None, labels_file=None, edges="inside", check=True) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     H, W = src.hw
-    fcn, geo, steps = _network(model, size, step, check=check)
+    fcn, geo, steps = _network(model, size, step, method, check=check)
     tile = default_tile(geo) if tile is None else tile
     check_tileable(fcn, geo, tile)  # a refusal before the status line, not after it
     print(f"image {H}x{W} ({H * W / 1e6:.1f} Mpix, {src.kind}"
@@ -203,7 +205,7 @@ def _tiled_map(model, src, size, *, normalize, step, device, progress, tile, out
     if out is not None and out.path is not None and not out.metadata:
         out = dataclasses.replace(out, metadata={"classes": names})
     scores = tiled_predict(fcn, src, size, tile=tile, out=output_for(out), backend=backend,
-                           step=None if steps == geo.stride else steps,
+                           step=None if steps == geo.stride else steps, method=method,
                            normalize=normalize, device=device, progress=progress, mask=mask,
                            stats=stats, edges=edges, check=False)
     h, w = scores.shape[1:]
@@ -225,10 +227,10 @@ def _backend_name(backend) -> str:
         if backend != "local" else "local"
 
 
-def _network(model, size, step, *, check=True):
+def _network(model, size, step, method="auto", *, check=True):
     """The converted network (checked against the classifier unless ``check`` is False),
     its geometry and the map step ``(sy, sx)``."""
-    fcn = map_network(model, size, method="auto", step=step, check=check)
+    fcn = map_network(model, size, method=method, step=step, check=check)
     geo = cached_geometry(fcn, size)
     return fcn, geo, geo.check_step(step)
 
