@@ -31,6 +31,7 @@ from .windows import Geometry, parse_step
 __all__ = ["CropNet", "crop_scores", "map_network"]
 
 CROPS_PER_BATCH = 64  # windows per forward of the classifier
+METHODS = ("auto", "dilate", "shift", "crops")  # how a map is made (dense_predict's method)
 
 
 class CropNet(nn.Module):
@@ -48,6 +49,7 @@ class CropNet(nn.Module):
         self.input_size = check_input_size(input_size)
         self.step = parse_step(step)
         self.batch = int(batch)
+        self.train(classifier.training)  # an eval-mode classifier needs no copy to run
 
     def geometry_for(self, size) -> Geometry:
         """The map's geometry: one window of ``input_size`` every ``step`` pixels."""
@@ -99,6 +101,9 @@ def map_network(model: nn.Module, size, *, method: str, step=None, check: bool =
     """The network whose output is the map: the conversion of ``model`` (``as_fcn``), or a
     :class:`CropNet` for ``method="crops"``, or for ``"auto"`` where ``convert`` refuses
     ``model`` (with one warning saying why and what it costs)."""
+    if method not in METHODS:
+        raise NofcError(f"method must be one of {', '.join(map(repr, METHODS))}, got "
+                        f"{method!r}")
     if method == "crops" or isinstance(model, CropNet):
         return model if isinstance(model, CropNet) else _crops(model, size, step)
 
