@@ -43,8 +43,9 @@ def test_convert_refuses_the_vit_and_auto_makes_its_map_crop_by_crop():
     x = torch.randn(3, 70, 57, dtype=F64)
     with pytest.warns(UserWarning, match=r"the map is made crop by crop, one forward of the "
                                          r"classifier per window every 8x8 pixels: each "
-                                         r"pixel is read by about 16 windows, so about 16x "
-                                         r"the work of one pass over the image"):
+                                         r"pixel away from the edges is read by about 16 "
+                                         r"windows, so up to about 16x the work of one pass "
+                                         r"over the image"):
         got = nofc.dense_predict(vit, x, (3, 32, 32), 8)
     want = _by_hand(vit, x, (32, 32), (8, 8))
     assert got.shape == (1, 3, 5, 4)

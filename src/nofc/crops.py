@@ -112,9 +112,10 @@ def map_network(model: nn.Module, size, *, method: str, step=None, check: bool =
         (wh, ww), (sy, sx) = net.input_size[1:], net.step
         overlap = (wh / sy) * (ww / sx)  # windows that read each pixel, away from the edges
         warnings.warn(f"nofc: the map is made crop by crop, one forward of the classifier per "
-                      f"window every {sy}x{sx} pixels: each pixel is read by about "
-                      f"{overlap:.3g} windows, so about {overlap:.3g}x the work of one pass "
-                      f"over the image (a larger step costs less): {refusal}", stacklevel=4)
+                      f"window every {sy}x{sx} pixels: each pixel away from the edges is read "
+                      f"by about {overlap:.3g} windows, so up to about {overlap:.3g}x the work "
+                      f"of one pass over the image (less on small images; a larger step costs "
+                      f"less): {refusal}", stacklevel=4)
         return net
 
     return as_fcn(model, size, check=check, refused=crops_instead if method == "auto" else None)
