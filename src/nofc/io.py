@@ -357,7 +357,7 @@ def _torchvision_pretrained(model: nn.Module, name: str, tag: str, num_classes) 
     if num_classes is not None and num_classes != len(categories):
         raise NofcError(f"torchvision:{name}.{w.name} has {len(categories)} classes; "
                         f"--num-classes {num_classes} needs a fine-tuned --weights file")
-    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    file = _hub_file(w.url)
     if not file.is_file():
         raise NofcError(f"torchvision:{name}.{w.name} weights are not in torch hub's cache: "
                         f"put {w.url} at {file} (nofc never downloads; or give "
@@ -387,7 +387,7 @@ def _timm_pretrained(name: str, num_classes) -> nn.Module:
     file = _timm_cached_file(cfg)
     if file is None:
         where = (f"huggingface-cli download {cfg.hf_hub_id}" if cfg.hf_hub_id
-                 else f"put {cfg.url} in {Path(torch.hub.get_dir()) / 'checkpoints'}")
+                 else f"put {cfg.url} at {_hub_file(cfg.url)}")
         raise NofcError(f"timm:{name} pretrained weights are not in the local cache; nofc "
                         f"never downloads: fetch them ({where}) or give --weights FILE")
     try:
@@ -405,6 +405,11 @@ def _timm_pretrained(name: str, num_classes) -> nn.Module:
     return model
 
 
+def _hub_file(url: str) -> Path:
+    """Where torch hub keeps the file of ``url`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def _timm_cached_file(cfg) -> Path | None:
     """The cached weights of a timm pretrained config: in the Hugging Face cache (its
     safetensors or bin file) or in torch hub's checkpoints folder."""
@@ -418,7 +423,7 @@ def _timm_cached_file(cfg) -> Path | None:
             if isinstance(found, str) and Path(found).is_file():
                 return Path(found)
     if cfg.url:
-        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        file = _hub_file(cfg.url)
         if file.is_file():
             return file
     return None
