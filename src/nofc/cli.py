@@ -21,6 +21,7 @@ from .heatmap import check_outputs, heatmap
 from .images import Normalize
 from .io import default_input_size, load_model, parse_size
 from .onnx_import import convert_onnx, verify_onnx
+from .onnx_net import OnnxNet, is_onnx
 from .sinks import output_for
 from .sources import MAX_PIXELS, open_source
 from .tiling import Dask
@@ -58,15 +59,24 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="hwc for weights trained after a channels-last flatten (Keras)")
 
 
-def _load(args):
+def _load(args, *, onnx: bool = False):
+    """The model and its input size; ``onnx``: a ``.onnx`` MODEL runs in onnxruntime."""
     size = parse_size(args.input_size) if args.input_size is not None else None
-    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
-                       pretrained=args.pretrained, trust_pickle=args.trust_pickle)
-    size = size or default_input_size(model)
+    if onnx and is_onnx(args.model):
+        if args.weights or args.num_classes or args.pretrained:
+            raise NofcError(f"{args.model} is an ONNX model with its own weights and head: "
+                            "--weights, --num-classes and --pretrained apply to PyTorch models")
+        model = OnnxNet(args.model)
+        size = size or model.input_size()
+    else:
+        model = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                           pretrained=args.pretrained, trust_pickle=args.trust_pickle)
+        size = size or default_input_size(model)
     if size is None:
         raise NofcError(f"--input-size is needed for {args.model}: the CxHxW the classifier "
-                        "was trained on, e.g. --input-size 3x224x224 (timm:NAME models and "
-                        "pretrained torchvision weights name their own)")
+                        "was trained on, e.g. --input-size 3x224x224 (timm:NAME models, "
+                        "pretrained torchvision weights and ONNX graphs with a static input "
+                        "shape name their own)")
     return model, size
 
 
@@ -283,7 +293,7 @@ def _cmd_heatmap(args) -> int:
     image = open_source(args.image, level=args.level, mpp=args.mpp, bands=args.bands,
                         on_error="skip" if args.skip_bad_tiles else "raise",
                         max_pixels=MAX_PIXELS if args.max_pixels is None else args.max_pixels)
-    model, size = _load(args)  # every check above comes before the model is built
+    model, size = _load(args, onnx=True)  # every check above comes before the model is built
     image = open_source(image, channels=size[0])
     info = heatmap(model, image, size, args.output, spec=args.model, cls=args.cls,
                    top=args.top, step=args.step, method=args.method,

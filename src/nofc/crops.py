@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .conversion import as_fcn
 from .errors import NofcError, call_model, check_input_size
+from .onnx_net import OnnxNet, is_onnx
 from .windows import Geometry, parse_step
 
 __all__ = ["CropNet", "crop_scores", "map_network"]
@@ -98,12 +99,16 @@ def crop_scores(model: nn.Module, x: torch.Tensor, window, step, *, batch: int,
 
 def map_network(model: nn.Module, size, *, method: str, step=None, check: bool = True
                 ) -> nn.Module:
-    """The network whose output is the map: the conversion of ``model`` (``as_fcn``), or a
-    :class:`CropNet` for ``method="crops"``, or for ``"auto"`` where ``convert`` refuses
-    ``model`` (with one warning saying why and what it costs)."""
+    """The network whose output is the map: the conversion of ``model`` (``as_fcn``; for
+    an ONNX model, ``.onnx`` path or ``onnx.ModelProto``, ``convert_onnx`` run in
+    onnxruntime: ``nofc.onnx_net``), or a :class:`CropNet` for ``method="crops"``, or for
+    ``"auto"`` where the conversion is refused (with one warning saying why and what it
+    costs)."""
     if method not in METHODS:
         raise NofcError(f"method must be one of {', '.join(map(repr, METHODS))}, got "
                         f"{method!r}")
+    if is_onnx(model) and not isinstance(model, OnnxNet):
+        model = OnnxNet(model)
     if method == "crops" or isinstance(model, CropNet):
         return model if isinstance(model, CropNet) else _crops(model, size, step)
 
@@ -118,6 +123,13 @@ def map_network(model: nn.Module, size, *, method: str, step=None, check: bool =
                       f"less): {refusal}", stacklevel=4)
         return net
 
+    if isinstance(model, OnnxNet):
+        try:
+            return model.converted(size, check=check)
+        except NofcError as refusal:
+            if method != "auto" or model.output_rank == 4:
+                raise
+            return crops_instead(refusal)
     return as_fcn(model, size, check=check, refused=crops_instead if method == "auto" else None)
 
 

@@ -488,6 +488,14 @@ def fine_pass(fcn: nn.Module, size, steps, method: str = "auto") -> _Entry | Non
                       "(branches that meet only there), which a dilated pass does not keep",
                       stacklevel=3)
         return None
+    if callable(getattr(fcn, "geometry_for", None)):  # its own geometry: no layers to dilate
+        warned = fcn.__dict__.setdefault("_nofc_shift_warned", set())
+        if steps not in warned:
+            warned.add(steps)
+            warnings.warn(f"nofc: step {steps[0]}x{steps[1]} runs shift-and-stitch: "
+                          f"{getattr(fcn, 'name', type(fcn).__name__)} runs as it is in "
+                          "onnxruntime, with no dilated pass", stacklevel=3)
+        return None
     entry = _cached(fcn, size, steps)
     why = entry.plan.refusal or (entry.plan.differs[0] if method == "auto" and entry.plan.differs
                                  else "")

@@ -305,9 +305,9 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
     elif ":" in spec and spec.rpartition(":")[0].endswith(".py"):
         model = _import_factory(spec)
     elif spec.lower().endswith(".onnx"):
-        raise NofcError(f"{spec} is an ONNX model: only `nofc convert {spec} --input-size CxHxW "
-                        "-o out.onnx` reads ONNX (nofc.convert_onnx); the other commands need "
-                        "a PyTorch model")
+        raise NofcError(f"{spec} is an ONNX model: `nofc heatmap` and `nofc convert` read ONNX "
+                        "(nofc.onnx_net, nofc.convert_onnx); the other commands need a PyTorch "
+                        "model")
     else:
         raise NofcError(f"cannot tell what model {spec!r} is: use torchvision:NAME, timm:NAME, "
                         "path/to/file.py:factory or a pickled model .pt with --trust-pickle")

@@ -42,9 +42,9 @@ import numpy as np
 
 from .errors import NofcError, check_input_size, first_line, refuse_overwrite
 from .export import save_onnx
-from .verification import VerifyReport
+from .tolerance import VerifyReport
 
-__all__ = ["convert_onnx", "verify_onnx"]
+__all__ = ["convert_onnx", "verify_onnx", "load_onnx", "graph_input", "input_layout"]
 
 _DENSE = {"Gemm", "MatMul"}
 # Ops that act on every element alone (constant inputs, if any, are scalars or per-feature).
@@ -77,7 +77,8 @@ def _onnx():
     return onnx
 
 
-def _load(model):
+def load_onnx(model):
+    """An ``onnx.ModelProto`` from a path or a ModelProto (copied: the caller's is kept)."""
     onnx = _onnx()
     if isinstance(model, onnx.ModelProto):
         return copy.deepcopy(model)
@@ -118,7 +119,8 @@ def _set_attr(node, name, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-def _graph_input(g):
+def graph_input(g):
+    """The graph's one image input (initializers listed as inputs do not count)."""
     inits = {t.name for t in g.initializer}
     real = [i for i in g.input if i.name not in inits]
     if len(real) != 1:
@@ -139,7 +141,7 @@ def _set_input_dims(vi, dims) -> None:
             new.dim_value = int(d)
 
 
-def _input_layout(vi, size) -> str:
+def input_layout(vi, size) -> str:
     """"nhwc" when the input's last axis holds the channels (Keras/TensorFlow), else "nchw"."""
     dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     if len(dims) == 4 and dims[3] == size[0] and dims[1] != size[0]:
@@ -194,7 +196,7 @@ def _inferred(model, input_dims, *, strict: bool = False):
     onnx = _onnx()
     probe = copy.deepcopy(model)
     del probe.graph.value_info[:]
-    _set_input_dims(_graph_input(probe.graph), input_dims)
+    _set_input_dims(graph_input(probe.graph), input_dims)
     return onnx.shape_inference.infer_shapes(probe, strict_mode=strict, data_prop=True)
 
 
@@ -294,7 +296,7 @@ class _GraphIndex:
     def build(cls, model, size, layout) -> _GraphIndex:
         g = model.graph
         opsets = {o.domain: o.version for o in model.opset_import}
-        dims = _graph_input(g).type.tensor_type.shape.dim
+        dims = graph_input(g).type.tensor_type.shape.dim
         batch = dims[0].dim_value if len(dims) and dims[0].dim_value else 1
         consumers: dict[str, list[int]] = {}
         for at, n in enumerate(g.node):
@@ -887,7 +889,7 @@ def _apply(model, plan: _Plan, size, layout) -> None:
     g.initializer.extend(plan.inits)
     _clean(g)
     del g.value_info[:]
-    inp = _graph_input(g)  # after _clean, which may rebuild the input list
+    inp = graph_input(g)  # after _clean, which may rebuild the input list
     dims = inp.type.tensor_type.shape.dim
     batch = dims[0].dim_param if len(dims) and dims[0].dim_param else "batch"
     _set_input_dims(inp, _image_dims(layout, batch, size[0], "height", "width"))
@@ -995,9 +997,9 @@ def convert_onnx(model, input_size, *, output=None, pooling: str = "window",
         raise NofcError(f"pooling must be 'window' or 'global', got {pooling!r}")
     if output is not None:
         refuse_overwrite(output, force=force)
-    m = _load(model)
-    inp = _graph_input(m.graph)
-    layout = _input_layout(inp, size)
+    m = load_onnx(model)
+    inp = graph_input(m.graph)
+    layout = input_layout(inp, size)
     _check_input(inp, size, layout)
     plan = _Planner(_GraphIndex.build(m, size, layout), pooling).run()
     _apply(m, plan, size, layout)
@@ -1030,8 +1032,8 @@ def verify_onnx(model, fcn, input_size, *, batch: int = 1, seed: int = 0,
         raise NofcError("checking ONNX models needs onnxruntime: pip install "
                         "'nofc[onnx]'") from None
     size = check_input_size(input_size)
-    a_model, b_model = _load(model), _load(fcn)
-    layout = _input_layout(_graph_input(a_model.graph), size)
+    a_model, b_model = load_onnx(model), load_onnx(fcn)
+    layout = input_layout(graph_input(a_model.graph), size)
     x = np.random.default_rng(seed).standard_normal(_image_dims(layout, batch, *size))
     x = x.astype(np.float32)
     outs = []

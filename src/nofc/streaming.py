@@ -66,6 +66,8 @@ def stages(fcn: nn.Module, geo: Geometry, channels: int) -> list[Stage] | None:
     Remembered on ``fcn`` for ``geo`` and the device and dtype of its parameters (a
     stage holds the network's own layers, but a constant it fetches is its own).
     """
+    if callable(getattr(fcn, "geometry_for", None)):
+        return None  # a network that states its own geometry runs as it is (nofc.crops)
     cache = fcn.__dict__.setdefault("_nofc_stages_cache", {})
     key = (geo.window, geo.stride, geo._output, param_like(fcn))
     if key not in cache:

@@ -1,4 +1,5 @@
-"""The one numeric rule for "equal": used by ``verify``, by the check that every
+"""The one numeric rule for "equal", and the report of a check against it
+(:class:`VerifyReport`): used by ``verify``, by ``verify_onnx``, by the check that every
 conversion made for the user passes before its map is trusted, and by measured geometry.
 
 In float64 the rule is absolute for outputs up to 1 and relative beyond (random-weight
@@ -7,9 +8,11 @@ logits can reach 1e12: inception_v3, hrnet_w18); in float32 it is relative.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["DEFAULT_TOL", "passes", "tolerance_text", "tolerance_for"]
+__all__ = ["DEFAULT_TOL", "passes", "tolerance_text", "tolerance_for", "VerifyReport"]
 
 DEFAULT_TOL = {torch.float64: ("abs", 1e-10), torch.float32: ("rel", 1e-4)}
 
@@ -45,3 +48,41 @@ def tolerance_text(kind: str, tol: float) -> str:
     ('abs 1e-10 x max(1, max|ref|)', 'rel 0.0001')
     """
     return f"abs {tol:g} x max(1, max|ref|)" if kind == "abs" else f"rel {tol:g}"
+
+
+@dataclass
+class VerifyReport:
+    """What verify() measured.
+
+    ``max_rel_error`` is normwise: ``max |a - b| / max |a|`` over the batch, which stays
+    meaningful when single logits are close to zero.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    dtype: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    tolerance: str
+    ok: bool
+    # verify(..., image=...): map cells compared with crops; exact is what geometry claims
+    cells: int = 0
+    exact: bool | None = None
+    reasons: tuple[str, ...] = ()
+    note: str = ""  # why a mismatch may not be the conversion's (a float32 op in float64)
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "MISMATCH"
+        if self.cells and self.exact is False:
+            verdict = "NOT EXACT (measured)"
+        text = (f"{verdict}: {self.dtype} input {tuple(self.input_shape)}, output "
+                f"{tuple(self.output_shape)}: max abs error {self.max_abs_error:.3g}, "
+                f"max rel error {self.max_rel_error:.3g} (tolerance {self.tolerance})")
+        if self.cells:
+            text += f"; {self.cells} map cells vs the classifier on their crops"
+            if self.exact is False and self.reasons:
+                more = f" and {len(self.reasons) - 1} more" if len(self.reasons) > 1 else ""
+                text += f"; cells near borders differ because {self.reasons[0]}{more}"
+        if self.note:
+            text += f"; {self.note}"
+        return text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -13,48 +12,10 @@ from ._fx import param_like
 from .conversion import as_fcn
 from .dense import as_batch, dense_predict, sliding_window_predict
 from .errors import NofcError, check_input_size
-from .tolerance import DEFAULT_TOL, passes, tolerance_text
+from .tolerance import DEFAULT_TOL, VerifyReport, passes, tolerance_text
 from .receptive import cached_geometry
 
-__all__ = ["verify", "VerifyReport"]
-
-@dataclass
-class VerifyReport:
-    """What verify() measured.
-
-    ``max_rel_error`` is normwise: ``max |a - b| / max |a|`` over the batch, which stays
-    meaningful when single logits are close to zero.
-    """
-
-    max_abs_error: float
-    max_rel_error: float
-    dtype: str
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    tolerance: str
-    ok: bool
-    # verify(..., image=...): map cells compared with crops; exact is what geometry claims
-    cells: int = 0
-    exact: bool | None = None
-    reasons: tuple[str, ...] = ()
-    note: str = ""  # why a mismatch may not be the conversion's (a float32 op in float64)
-
-    def __str__(self) -> str:
-        verdict = "OK" if self.ok else "MISMATCH"
-        if self.cells and self.exact is False:
-            verdict = "NOT EXACT (measured)"
-        text = (f"{verdict}: {self.dtype} input {tuple(self.input_shape)}, output "
-                f"{tuple(self.output_shape)}: max abs error {self.max_abs_error:.3g}, "
-                f"max rel error {self.max_rel_error:.3g} (tolerance {self.tolerance})")
-        if self.cells:
-            text += f"; {self.cells} map cells vs the classifier on their crops"
-            if self.exact is False and self.reasons:
-                more = f" and {len(self.reasons) - 1} more" if len(self.reasons) > 1 else ""
-                text += f"; cells near borders differ because {self.reasons[0]}{more}"
-        if self.note:
-            text += f"; {self.note}"
-        return text
-
+__all__ = ["verify", "VerifyReport"]  # the report lives with the rule: nofc.tolerance
 
 def _run(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     m = copy.deepcopy(model).to(device=x.device, dtype=dtype).eval()
