@@ -6,6 +6,7 @@ GeoPackage / FlatGeobuf read back by pyogrio; the CLI once, end to end."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from types import SimpleNamespace as Block
 
 import numpy as np
@@ -175,6 +176,11 @@ def test_scene_regions_are_rfc_7946_and_gis_layers_keep_the_crs(tmp_path):
             assert mine.symmetric_difference(squares[k]).area == pytest.approx(0, abs=1e-3)
         assert set(meta["fields"]) == {"class", "class_index", "area_m2", "mean_probability",
                                        "max_probability", "cells"}
+    with sqlite3.connect(tmp_path / "scene.gpkg") as db:  # the GeoPackage's own tables
+        srs = db.execute("SELECT organization, organization_coordsys_id FROM "
+                         "gpkg_geometry_columns JOIN gpkg_spatial_ref_sys USING (srs_id) "
+                         "WHERE table_name = 'regions'").fetchall()
+    assert srs == [("EPSG", 32633)]
 
 
 def test_scene_cells_geojson_is_rfc_7946(tmp_path):
