@@ -20,8 +20,6 @@ from nofc.sinks import GeoJsonOutput, MapFacts, RegionsOutput, merge_regions, ou
 shapely = pytest.importorskip("shapely")
 pytest.importorskip("rasterio")
 pyogrio = pytest.importorskip("pyogrio")
-gv = pytest.importorskip("geojson_validator")
-gv.configure_logging(enabled=False)
 
 CLASSES = ["tumour", "stroma", "glass"]
 GEO = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))  # stride 4
@@ -137,6 +135,8 @@ def test_slide_regions_are_qupath_annotations_and_equal_the_per_cell_detections(
 
 def rfc7946_errors(doc) -> dict:
     """What geojson-validator finds wrong by RFC 7946, and coordinates off WGS84 bounds."""
+    gv = pytest.importorskip("geojson_validator")
+    gv.configure_logging(enabled=False)
     errors = dict(gv.validate_structure(doc, check_crs=True))
     found = gv.validate_geometries(doc, criteria_problematic=["outside_lat_lon_boundaries",
                                                               "self_intersection"])
