@@ -287,7 +287,8 @@ def test_cli_slide_and_scene_to_geotiff_and_geojson(spec, files, tmp_path, capsy
     args = ["heatmap", spec, files["geotiff"], "--input-size", "3x16x16", "-o",
             str(tmp_path / "scene.png"), "--out", str(gj), "--threshold", "0.2"]
     assert main(args) == 0, capsys.readouterr().err
-    assert json.loads(gj.read_text())["crs"]["properties"]["name"].endswith("32633")
+    doc = json.loads(gj.read_text())  # RFC 7946: WGS84, no crs member; the CRS beside it
+    assert "crs" not in doc and doc["nofc"]["crs"] == "EPSG:32633"
 
 
 def _cli_error(capsys, args, needle):

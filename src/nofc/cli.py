@@ -22,7 +22,7 @@ from .images import Normalize
 from .io import default_input_size, load_model, parse_size
 from .onnx_import import convert_onnx, verify_onnx
 from .onnx_net import OnnxNet, is_onnx
-from .sinks import output_for
+from .sinks import RegionsOutput, output_for
 from .sources import MAX_PIXELS, open_source
 from .tiling import Dask
 
@@ -252,10 +252,14 @@ def _add_heatmap(sub) -> None:
     big.add_argument("--tile", type=int, metavar="PX",
                      help="tile side in pixels (default 2048, more for a network whose "
                           "receptive field reaches far past its window)")
-    big.add_argument("--out", metavar="STORE.zarr|MAP.tif|CELLS.geojson",
+    big.add_argument("--out", metavar="STORE.zarr|MAP.tif|CELLS.geojson|R.regions.geojson"
+                                      "|R.gpkg|R.fgb",
                      help="write the raw map as tiles finish: a zarr store (rerun to resume), "
-                          "a GeoTIFF (georeferenced; level-0 pixels for a slide: QGIS), or "
-                          "QuPath detections of the cells above --threshold (GeoJSON)")
+                          "a GeoTIFF (georeferenced; level-0 pixels for a slide: QGIS), "
+                          "QuPath detections of the cells above --threshold (GeoJSON), or "
+                          "those cells merged into one polygon per region and class "
+                          "(.regions.geojson: QuPath annotations for a slide, RFC 7946 for a "
+                          "scene; .gpkg, .fgb: GeoPackage, FlatGeobuf in the scene's CRS)")
     big.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the tiles on a Dask cluster, e.g. tcp://host:8786")
     big.add_argument("--workers", type=int, metavar="N",
@@ -278,13 +282,24 @@ def _add_heatmap(sub) -> None:
                             "saturation for slides, the nodata/alpha mask for rasters) or a "
                             "mask image of the same aspect; background cells are NaN")
     field.add_argument("--threshold", type=float,
-                       help="top-class probability for a cell to be a GeoJSON detection "
-                            "(default 0.5)")
+                       help="top-class probability for a cell to be a GeoJSON detection or "
+                            "in a region (default 0.5)")
+    field.add_argument("--regions", action="store_true",
+                       help="--out CELLS.geojson holds merged regions, as .regions.geojson")
+    field.add_argument("--background", metavar="CLASS[,CLASS]",
+                       help="classes (names or numbers) left out of the regions")
 
 
 def _cmd_heatmap(args) -> int:
-    out = None if args.out is None and args.threshold is None else output_for(
-        args.out, **({} if args.threshold is None else {"threshold": args.threshold}))
+    options = {} if args.threshold is None else {"threshold": args.threshold}
+    if args.background is not None:
+        options["exclude"] = tuple(c.strip() for c in args.background.split(",") if c.strip())
+    if args.regions and args.out is None:
+        raise NofcError("--regions needs --out CELLS.geojson (or .regions.geojson, .gpkg, .fgb)")
+    if args.regions:
+        out = RegionsOutput(args.out, **options)
+    else:
+        out = None if args.out is None and not options else output_for(args.out, **options)
     normalize = None if args.mean is None and args.std is None else \
         Normalize(mean=args.mean, std=args.std)
     backend = "local" if args.scheduler is None and args.workers is None else \

@@ -98,8 +98,9 @@ def heatmap(
     is read lazily, the map can be written to a zarr store ``out``, and the PNG is drawn
     on a downsampled image. Slides and rasters are always tiled; their boxes are in
     level-0 slide pixels. With a mask ``info["windows_computed"]`` says how many windows
-    were computed. ``out`` may also be a GeoTIFF ``.tif``, a QuPath ``.geojson`` or an
-    output object with its options (``nofc.sinks.output_for``).
+    were computed. ``out`` may also be a GeoTIFF ``.tif``, a QuPath ``.geojson``, merged
+    regions (``.regions.geojson``, ``.gpkg``, ``.fgb``) or an output object with its
+    options (``nofc.sinks.output_for``).
 
     Writes ``output`` (PNG) and, when given, ``scores_path``: ``.npz`` with ``scores``
     (K, h, w) raw logits, ``boxes`` (h, w, 4) window of every cell, ``step``, ``stride``,

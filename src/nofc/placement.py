@@ -33,6 +33,7 @@ class Placement:
     downsample: tuple[float, float] = (1.0, 1.0)
     transform: tuple | None = None  # GDAL-order affine of the pixels read, or None
     crs: str | None = None
+    mpp: tuple[float, float] | None = None  # (y, x) microns per level-0 pixel, if known
 
     def boxes(self, image_hw) -> np.ndarray:
         """``(h, w, 4)`` float windows ``(y0, x0, y1, x1)`` in level-0 pixels."""
@@ -58,11 +59,39 @@ class Placement:
             return (a, b, c, d, e, f)
         return _compose(self.transform, (a, b, c, d, e, f))
 
+    def cell_area(self) -> tuple[float, str]:
+        """``(area, unit)`` of one cell: in µm² for a slide whose pixel size is known,
+        else in level-0 pixels² or, for a scene, its map units².
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> Placement(geo, (4, 4), mpp=(0.25, 0.25)).cell_area()
+        (1.0, 'µm²')
+        """
+        a, b, _, d, e, _ = self.cell_transform()
+        area = abs(a * e - b * d)
+        if self.transform is not None:
+            return area, _units(self.crs)
+        if self.mpp is None:
+            return area, "px²"
+        return area * self.mpp[0] * self.mpp[1], "µm²"
+
     def as_dict(self) -> dict:
         """Plain Python, for a store's metadata."""
         return {"step": list(self.step), "downsample": list(self.downsample),
                 "cell_transform": list(self.cell_transform()), "crs": self.crs,
                 "coordinates": "world" if self.transform is not None else "level-0 pixels"}
+
+
+def _units(crs: str | None) -> str:
+    """The unit of areas in a scene's CRS: ``m²``, ``degree²``, ``US survey foot²``..."""
+    if not crs:
+        return "map units²"
+    from rasterio.crs import CRS  # a scene was read by rasterio: it is there
+
+    crs = CRS.from_user_input(crs)
+    unit = "degree" if crs.is_geographic else crs.linear_units
+    return {"metre": "m", "meter": "m"}.get(unit, unit) + "²"
 
 
 def _compose(outer, inner) -> tuple:
@@ -80,5 +109,8 @@ def _compose(outer, inner) -> tuple:
 def placement_of(source, geo, step) -> Placement:
     """The placement of a map of ``source`` (an ImageSource, or anything without
     ``downsample``/``transform``: level-0 = the pixels read)."""
-    return Placement(geo, tuple(step), tuple(getattr(source, "downsample", (1.0, 1.0))),
-                     getattr(source, "transform", None), getattr(source, "crs", None))
+    down = tuple(getattr(source, "downsample", (1.0, 1.0)))
+    mpp = getattr(source, "mpp", None)  # microns per pixel read
+    return Placement(geo, tuple(step), down, getattr(source, "transform", None),
+                     getattr(source, "crs", None),
+                     None if mpp is None else (mpp[0] / down[0], mpp[1] / down[1]))

@@ -236,7 +236,9 @@ def tiled_predict(
             with other arguments is refused. A ``.tif`` is a GeoTIFF with the map's
             georeferencing (level-0 pixels for slides), a ``.geojson`` QuPath detections
             (``nofc.sinks.GeoJsonOutput(path, threshold=0.8)`` for another threshold
-            than 0.5; ``metadata={"classes": [...]}`` on any output names the classes).
+            than 0.5; ``metadata={"classes": [...]}`` on any output names the classes),
+            a ``.regions.geojson``, ``.gpkg`` or ``.fgb`` the cells merged into polygons
+            per class (``nofc.sinks.RegionsOutput(path, exclude=("glass",))``).
             Another suffix is refused. ``None`` returns a numpy array.
         backend: ``"local"`` (this process), ``"dask"`` (a dask graph over the tiles on
             Dask's threaded scheduler) or ``nofc.Dask(scheduler="tcp://host:8786")`` /

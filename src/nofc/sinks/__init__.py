@@ -1,4 +1,5 @@
-"""Where the blocks of a tiled map go: memory, a zarr store, a GeoTIFF, QuPath GeoJSON.
+"""Where the blocks of a tiled map go: memory, a zarr store, a GeoTIFF, QuPath GeoJSON,
+merged regions (QuPath / RFC 7946 GeoJSON, GeoPackage, FlatGeobuf).
 
 Each kind of output is an :class:`Output` that carries its own options (a GeoJSON's
 ``threshold``) and opens its :class:`Sink` once tiling knows the map (:class:`MapFacts`);
@@ -7,10 +8,12 @@ an output's suffix.
 
 >>> output_for("cells.geojson", threshold=0.8)
 GeoJsonOutput(path='cells.geojson', threshold=0.8, metadata=None)
+>>> output_for("tissue.regions.geojson", exclude="glass")
+RegionsOutput(path='tissue.regions.geojson', threshold=0.5, exclude=('glass',), metadata=None)
 >>> output_for("map.shp")
 Traceback (most recent call last):
 ...
-nofc.errors.NofcError: cannot write map.shp: unknown output suffix '.shp'; use .zarr (a resumable store), .tif (a GeoTIFF) or .geojson (QuPath detections)
+nofc.errors.NofcError: cannot write map.shp: unknown output suffix '.shp'; use .zarr (a resumable store), .tif (a GeoTIFF), .geojson (QuPath detections), .regions.geojson, .gpkg or .fgb (merged regions)
 """
 
 from __future__ import annotations
@@ -24,20 +27,25 @@ from .geojson import GeoJsonOutput, GeoJsonSink
 from .geotiff import GeoTiffOutput, GeoTiffSink, RasterMap
 from .masked import MaskedSink
 from .memory import MemoryOutput, MemorySink
+from .regions import Region, RegionsOutput, RegionsSink, merge_regions
 from .store import ZarrOutput, ZarrSink
 
 __all__ = ["Sink", "FileSink", "MapFacts", "Output", "output_for", "open_sink",
            "MemoryOutput", "MemorySink", "ZarrOutput", "ZarrSink", "GeoTiffOutput",
-           "GeoTiffSink", "RasterMap", "GeoJsonOutput", "GeoJsonSink", "MaskedSink"]
+           "GeoTiffSink", "RasterMap", "GeoJsonOutput", "GeoJsonSink", "MaskedSink",
+           "RegionsOutput", "RegionsSink", "Region", "merge_regions"]
 
 _KINDS = {".zarr": ZarrOutput, ".tif": GeoTiffOutput, ".tiff": GeoTiffOutput,
-          ".geojson": GeoJsonOutput}
-_SAYS = ".zarr (a resumable store), .tif (a GeoTIFF) or .geojson (QuPath detections)"
+          ".geojson": GeoJsonOutput, ".regions.geojson": RegionsOutput,
+          ".gpkg": RegionsOutput, ".fgb": RegionsOutput}
+_SAYS = (".zarr (a resumable store), .tif (a GeoTIFF), .geojson (QuPath detections), "
+         ".regions.geojson, .gpkg or .fgb (merged regions)")
 
 
 def output_for(out, **options) -> Output:
     """The :class:`Output` for ``out``: itself when it is one, memory for ``None``, else
-    by the path's suffix, with ``options`` that kind takes (a GeoJSON's ``threshold``);
+    by the path's suffix (``.regions.geojson``: merged regions), with ``options`` that
+    kind takes (a GeoJSON's ``threshold``, the regions' ``exclude``);
     an unknown suffix, or an option the kind does not take, is one NofcError."""
     if isinstance(out, Output):
         if options:
@@ -49,6 +57,8 @@ def output_for(out, **options) -> Output:
     elif isinstance(out, (str, os.PathLike)):
         path = out if isinstance(out, str) else os.fspath(out)
         suffix = Path(path).suffix.lower()
+        if "".join(Path(path).suffixes[-2:]).lower() == ".regions.geojson":
+            suffix = ".regions.geojson"
         if suffix not in _KINDS:
             raise NofcError(f"cannot write {path}: unknown output suffix {suffix!r}; use {_SAYS}"
                             if suffix else f"cannot write {path}: the output needs a suffix; "
