@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -120,7 +121,8 @@ def test_info_lists_top_class_first_and_places_the_overlay(served):
     assert [c["name"] for c in info["classes"]] == ["background", "bright"]  # peaks 1.0, 1.0
     assert (info["map"]["height"], info["map"]["width"]) == (253, 381)
     assert info["overlay"] == {"x": 6.0, "y": 6.0, "cell": 4}  # centre 8, minus step / 2
-    assert info["image"] == {"width": 1536, "height": 1024}
+    assert (info["image"]["width"], info["image"]["height"]) == (1536, 1024)
+    assert info["image"]["format"] == "jpeg" and info["image"]["stretch"] is None  # 8-bit
 
 
 def test_overlay_tiles_hold_the_softmax_of_the_scores(made, served):
@@ -431,6 +433,8 @@ def test_hover_shows_cell_window_and_classes(driver, live):
     assert f"cell ({i}, {j})" in text
     assert f"window (y0, x0, y1, x1) = ({4 * i}, {4 * j}, {4 * i + 16}, {4 * j + 16})" in text
     assert text.splitlines()[2].endswith("bright") and text.splitlines()[2].startswith("1.000")
+    at = re.fullmatch(r"at \(y, x\) = \((\d+), (\d+)\) level-0 px", text.splitlines()[-1])
+    assert at and abs(int(at[1]) - 512) <= 3 and abs(int(at[2]) - 896) <= 3  # a screen pixel
 
 
 @browser_test
