@@ -104,10 +104,16 @@ def open_result(result, image=None, *, level: int | None = None) -> Result:
         map_ds = read.downsample
     else:
         read, map_ds = None, tuple(m.image_record.get("downsample") or (1.0, 1.0))
+    shown = None
     if level is not None or slide:
-        shown = open_source(path, level=0 if level is None else level)
-    else:
-        shown = read or open_source(path, **m.reading)
+        try:
+            shown = open_source(path, level=0 if level is None else level)
+        except NofcError:
+            if level is not None:
+                raise
+            # not a slide OpenSlide opens (a picture of level 0): shown as it is, checked
+    if shown is None:
+        shown = read or open_source(path, bands=m.reading.get("bands"))
     ds = shown.downsample
     if read is None and m.image_shape:  # a GeoTIFF: its image's level-0 size, checked
         want = [n * d for n, d in zip(m.image_shape, map_ds)]

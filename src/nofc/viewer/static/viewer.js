@@ -138,6 +138,7 @@
     state.lut = buildLut();
     $("colorbar").hidden = k === "class";
     $("legend").hidden = k !== "class";
+    $("threshold").disabled = $("palette").disabled = k === "class"; // probabilities only
     state.pending += 1;
     settle();
     const old = state.overlay;
