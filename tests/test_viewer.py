@@ -649,6 +649,10 @@ def test_maps_that_do_not_fit_their_image_are_refused(maps, tmp_path, capsys):
     assert "is 1024x1536 (level 0) but" in err and "600x800" in err
     err = _error(["view", str(maps["l1.zarr"]), "--level", "5"], capsys)
     assert "has levels 0..2" in err and "not level 5" in err
+    err = _error(["view", str(maps["scene.tif"]), "--level", "1"], capsys)
+    assert "--level 1 picks a level of a slide" in err and "scene.tif is not one" in err
+    err = _error(["view", str(maps["slide"])], capsys)  # the image, not a map
+    assert "is not a nofc map (3 bands of uint8, not one float band" in err
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((100, 100, 3), np.uint8))
     err = _error(["view", str(maps["l1.tif"]), str(tmp_path / "small.tif")], capsys)
     assert "is 100x100 (level 0) but" in err and "1024x1536" in err

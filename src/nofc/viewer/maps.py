@@ -1,8 +1,9 @@
 """The maps ``nofc view`` opens: a zarr store or a GeoTIFF, and where their cells lie.
 
 Either file becomes a :class:`MapFile`: the ``(K, h, w)`` class values read by block (raw
-scores, shown as their softmax, unless the file says they are probabilities), the class
-band when a GeoTIFF has one (a band described ``class``), the class names, and the affine
+scores, shown as their softmax, unless a GeoTIFF's ``nofc`` tag says ``"values":
+"probabilities"``), the class band when a GeoTIFF has one (a band described ``class``: not
+a class), the class names (band descriptions, else the tag's ``classes``), and the affine
 of the cells (``cells``) in the coordinates ``coordinates`` names:
 
 * ``"read pixels"``: the pixels the map was computed on (a zarr store: its geometry and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,11 +138,9 @@ class RasterBands:
         self.chunks = (len(self.bands), *(max(256, b) for b in block))
 
     def _ds(self):
-        import rasterio
-
         ds = getattr(self._local, "ds", None)
         if ds is None:
-            ds = self._local.ds = rasterio.open(self.path)
+            ds = self._local.ds = _open_raster(self.path)
         return ds
 
     def __getitem__(self, key) -> np.ndarray:
@@ -153,17 +153,27 @@ class RasterBands:
         return out[:, ::sy, ::sx]
 
 
-def _open_geotiff(name: str) -> MapFile:
+def _open_raster(path: str):
+    """``rasterio.open(path)``, quiet about a file without georeferencing (a map of a slide
+    has level-0 pixels, not a CRS; a file that is no map is refused by what it holds)."""
     try:
         import rasterio
     except ImportError:  # pragma: no cover - part of nofc[geo]
         raise NofcError("nofc view of a GeoTIFF map needs rasterio: pip install 'nofc[geo]'"
                         ) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def _open_geotiff(name: str) -> MapFile:
     try:
-        with rasterio.open(name) as ds:
+        with _open_raster(name) as ds:
             count, descriptions = ds.count, list(ds.descriptions)
             dtypes, t, crs = ds.dtypes, ds.transform, ds.crs
             tags, block = ds.tags(), ds.block_shapes[0]
+    except NofcError:
+        raise
     except Exception:  # noqa: BLE001 - RasterioIOError and the like: the same mistake
         _fail_not_map(name, "not a raster rasterio can open")
     try:

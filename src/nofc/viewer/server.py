@@ -4,8 +4,8 @@
 (``static/``), ``info.json`` (sizes, geometry, classes, palettes), ``image.dzi`` and
 ``image_files/L/C_R.jpeg`` (``.png`` for an image with nodata), ``overlay/K.dzi`` and
 ``overlay/K_files/L/C_R.png`` for class ``K``, ``overlay/class.dzi`` and its tiles (the
-most probable class), and ``cells/R_C.bin`` (the readout). Tiles are made when first asked for and kept
-in a cache of bounded size. A name that is none of these is not found: nothing else on
+most probable class), and ``cells/R_C.bin`` (the readout). Tiles are made when first asked
+for and kept in a cache of bounded size. A name that is none of these is not found: nothing else on
 the disk can be reached (``..%2f`` included). The same names, written to a folder, are
 the static export.
 """
@@ -109,8 +109,11 @@ def open_result(result, image=None, *, level: int | None = None) -> Result:
         try:
             shown = open_source(path, level=0 if level is None else level)
         except NofcError:
-            if level is not None:
+            if level is not None and slide:
                 raise
+            if level is not None:
+                raise NofcError(f"--level {level} picks a level of a slide; {path} is not "
+                                "one: leave --level out") from None
             # not a slide OpenSlide opens (a picture of level 0): shown as it is, checked
     if shown is None:
         shown = read or open_source(path, bands=m.reading.get("bands"))
