@@ -5,9 +5,9 @@
 ``image_files/L/C_R.jpeg`` (``.png`` for an image with nodata), ``overlay/K.dzi`` and
 ``overlay/K_files/L/C_R.png`` for class ``K``, ``overlay/class.dzi`` and its tiles (the
 most probable class), and ``cells/R_C.bin`` (the readout). Tiles are made when first asked
-for and kept in a cache of bounded size. A name that is none of these is not found: nothing else on
-the disk can be reached (``..%2f`` included). The same names, written to a folder, are
-the static export.
+for and kept in a cache of bounded size. A name that is none of these is not found:
+nothing else on the disk can be reached (``..%2f`` included). The same names, written to a
+folder, are the static export.
 """
 
 from __future__ import annotations
