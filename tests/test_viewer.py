@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -120,7 +121,8 @@ def test_info_lists_top_class_first_and_places_the_overlay(served):
     assert [c["name"] for c in info["classes"]] == ["background", "bright"]  # peaks 1.0, 1.0
     assert (info["map"]["height"], info["map"]["width"]) == (253, 381)
     assert info["overlay"] == {"x": 6.0, "y": 6.0, "cell": 4}  # centre 8, minus step / 2
-    assert info["image"] == {"width": 1536, "height": 1024}
+    assert (info["image"]["width"], info["image"]["height"]) == (1536, 1024)
+    assert info["image"]["format"] == "jpeg" and info["image"]["stretch"] is None  # 8-bit
 
 
 def test_overlay_tiles_hold_the_softmax_of_the_scores(made, served):
@@ -431,6 +433,8 @@ def test_hover_shows_cell_window_and_classes(driver, live):
     assert f"cell ({i}, {j})" in text
     assert f"window (y0, x0, y1, x1) = ({4 * i}, {4 * j}, {4 * i + 16}, {4 * j + 16})" in text
     assert text.splitlines()[2].endswith("bright") and text.splitlines()[2].startswith("1.000")
+    at = re.fullmatch(r"at \(y, x\) = \((\d+), (\d+)\) level-0 px", text.splitlines()[-1])
+    assert at and abs(int(at[1]) - 512) <= 3 and abs(int(at[2]) - 896) <= 3  # a screen pixel
 
 
 @browser_test
@@ -481,4 +485,268 @@ def test_static_export_shows_the_same(driver, live, exported):
         shots.append(_shot(driver))
     assert shots[0].shape == shots[1].shape
     assert np.abs(shots[0] - shots[1]).mean() < 0.5
+    assert not _console_errors(driver)
+
+
+# --------------------------------------------------------------------------- every map
+# A 3-level pyramidal TIFF slide (0.25 um per pixel at level 0) of the same picture, maps
+# computed at level 1 (a zarr store and a GeoTIFF), and a uint16 UTM scene with a nodata
+# strip and its maps: the viewer shows each over its image at full resolution.
+
+MPP = 0.25
+SCENE_T = (10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)  # 10 m pixels, UTM 33N
+SCENE_SQUARE = (200, 328, 400, 528)
+
+
+def _picture() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = (40 + 30 * rng.random((1024, 1536))).astype(np.uint8)
+    img[::64, :] = 90
+    img[:, ::64] = 90
+    y0, y1, x0, x1 = SQUARE
+    img[y0:y1, x0:x1] = 250
+    return img
+
+
+@pytest.fixture(scope="module")
+def maps(tmp_path_factory):
+    """``{name: path}``: the slide, its level-1 maps, the scene and its maps."""
+    pytest.importorskip("openslide")
+    rasterio = pytest.importorskip("rasterio")
+    import tifffile
+    from affine import Affine
+
+    from nofc.sinks import GeoTiffOutput
+    from nofc.sources import open_source
+
+    d = tmp_path_factory.mktemp("maps")
+    rgb = np.repeat(_picture()[..., None], 3, axis=-1)
+    with tifffile.TiffWriter(d / "slide.tif") as tw:
+        for k in range(3):
+            res = 1e4 / (MPP * 2 ** k)
+            tw.write(rgb[:: 2 ** k, :: 2 ** k], tile=(64, 64), photometric="rgb",
+                     compression="zlib", resolution=(res, res), resolutionunit="CENTIMETER",
+                     subfiletype=0 if k == 0 else 1)
+    rng = np.random.default_rng(1)
+    scene = (20000 + 3000 * rng.random((600, 800))).astype(np.uint16)
+    y0, y1, x0, x1 = SCENE_SQUARE
+    scene[y0:y1, x0:x1] = 40000
+    scene[:, :100] = 0  # nodata
+    with rasterio.open(d / "scene.tif", "w", driver="GTiff", height=600, width=800, count=1,
+                       dtype="uint16", crs="EPSG:32633", transform=Affine(*SCENE_T),
+                       tiled=True, blockxsize=256, blockysize=256, nodata=0) as dst:
+        dst.write(scene[None])
+    fcn = nofc.convert(Bright().eval(), (1, 16, 16))
+    meta = {"classes": ["background", "bright"]}
+    out = {"slide": d / "slide.tif", "scene": d / "scene.tif", "scene_array": scene}
+    for name, image in (("l1", lambda: open_source(str(d / "slide.tif"), level=1,
+                                                   channels=1)),
+                        ("mpp", lambda: open_source(str(d / "slide.tif"), mpp=0.6,
+                                                    channels=1)),
+                        ("scene", lambda: str(d / "scene.tif"))):
+        for suffix, output in ((".zarr", ZarrOutput), (".tif", GeoTiffOutput)):
+            path = d / f"{name}_map{suffix}"
+            nofc.tiled_predict(fcn, image(), (1, 16, 16), tile=256, progress=False,
+                               out=output(str(path), metadata=meta))
+            out[f"{name}{suffix}"] = path
+    return out
+
+
+def test_level_1_map_is_drawn_over_level_0_in_level_0_pixels(maps):
+    import rasterio
+
+    from nofc.viewer.server import Viewer, open_result
+
+    zarr_info = Viewer(open_result(maps["l1.zarr"])).info
+    # the GeoTIFF sink's affine, read back by rasterio: the reference for where cells lie
+    with rasterio.open(maps["l1.tif"]) as ds:
+        t = ds.transform
+    assert (zarr_info["image"]["width"], zarr_info["image"]["height"]) == (1536, 1024)
+    assert zarr_info["overlay"] == {"x": t.c, "y": t.f, "cell": t.a} == \
+        {"x": 12.0, "y": 12.0, "cell": 8.0}  # level-1 centre 8 -> 16, minus 8 / 2
+    assert zarr_info["coords"] == {"kind": "slide", "unit": "µm", "per_pixel": MPP}
+    assert zarr_info["map"]["downsample"] == 2.0 and zarr_info["image"]["level"] == 0
+    tif_info = Viewer(open_result(maps["l1.tif"])).info
+    assert tif_info["overlay"] == zarr_info["overlay"] and tif_info["coords"] == \
+        zarr_info["coords"]
+    # a map at 0.6 um per pixel: 2.4 level-0 pixels per pixel read, resampled from level 1
+    mpp = [Viewer(open_result(maps[k])).info["overlay"] for k in ("mpp.zarr", "mpp.tif")]
+    with rasterio.open(maps["mpp.tif"]) as ds:
+        t = ds.transform
+    for overlay in mpp:
+        assert overlay == pytest.approx({"x": t.c, "y": t.f, "cell": t.a}, rel=1e-12)
+    assert mpp[0]["cell"] == pytest.approx(4 * 2.4)
+    shown = Viewer(open_result(maps["l1.zarr"], level=1)).info  # nofc view --level 1
+    assert (shown["image"]["width"], shown["overlay"]) == (768, {"x": 6.0, "y": 6.0,
+                                                                 "cell": 4.0})
+    assert shown["coords"]["per_pixel"] == 2 * MPP
+
+
+def test_geotiff_map_tiles_equal_the_store_and_the_class_view_is_the_argmax(maps, tmp_path):
+    import rasterio
+    import zarr
+    from PIL import Image
+
+    from nofc.viewer.server import Viewer, open_result
+
+    scores = np.asarray(zarr.open_array(str(maps["l1.zarr"]), mode="r")[:])
+    store, tif = (Viewer(open_result(maps[k])) for k in ("l1.zarr", "l1.tif"))
+    top = store.map.pyramid.top  # a pixel per cell
+    for name in (f"overlay/1_files/{top}/0_0.png", f"overlay/class_files/{top}/0_0.png"):
+        a, b = (np.asarray(Image.open(io.BytesIO(v.get(name)[1]))) for v in (store, tif))
+        np.testing.assert_array_equal(a, b)
+    codes = np.asarray(Image.open(io.BytesIO(store.get(f"overlay/class_files/{top}/0_0.png")[1])))
+    np.testing.assert_array_equal(codes, 1 + np.argmax(scores, axis=0)[:, :256])
+    # a band described "class" is the class view, not one more class
+    with rasterio.open(maps["l1.tif"]) as ds:
+        profile, bands = ds.profile, ds.read()
+    profile.update(count=3)
+    with rasterio.open(tmp_path / "with_class.tif", "w", **profile) as dst:
+        dst.write(np.concatenate([bands, np.zeros_like(bands[:1])]))  # class 0 everywhere
+        dst.descriptions = ("background", "bright", "class")
+        dst.update_tags(nofc=json.dumps({"image": {"path": str(maps["slide"]), "kind": "slide",
+                                                   "shape": [512, 768],
+                                                   "downsample": [2.0, 2.0]}}))
+    banded = Viewer(open_result(tmp_path / "with_class.tif"))
+    assert [c["name"] for c in banded.info["legend"]] == ["background", "bright"]
+    assert banded.info["map"]["class_band"] is True
+    codes = np.asarray(Image.open(io.BytesIO(banded.get(f"overlay/class_files/{top}/0_0.png")[1])))
+    assert (codes == 1).all()  # the band's class 0, not the argmax
+
+
+def test_scene_is_stretched_with_nodata_transparent_and_in_map_coordinates(maps):
+    from PIL import Image
+
+    from nofc.viewer.server import Viewer, open_result
+
+    v = Viewer(open_result(maps["scene.tif"]))
+    scene = maps["scene_array"]
+    lo, hi = np.percentile(scene[scene != 0], [2, 98])  # the pixels with data
+    assert v.info["image"]["format"] == "png"
+    np.testing.assert_allclose([v.info["image"]["stretch"]["low"][0],
+                                v.info["image"]["stretch"]["high"][0]], [lo, hi])
+    gray, alpha = np.moveaxis(np.asarray(Image.open(io.BytesIO(
+        v.get(f"image_files/{v.image.pyramid.top}/0_0.png")[1]))), -1, 0)
+    raw = scene[:256, :256].astype(np.float64)
+    want = np.clip((raw - lo) / (hi - lo), 0, 1) * 255
+    valid = raw != 0
+    np.testing.assert_array_equal(alpha, np.where(valid, 255, 0))
+    assert np.abs(gray[valid] - want[valid]).max() <= 1
+    coords = v.info["coords"]
+    assert coords["crs"] == "EPSG:32633" and coords["unit"] == "m" and coords["per_pixel"] == 10
+    assert coords["transform"] == list(SCENE_T)
+    # the GeoTIFF's world affine and the store's pixel geometry put the cells in one place
+    assert v.info["overlay"] == Viewer(open_result(maps["scene.zarr"])).info["overlay"]
+
+
+def test_maps_that_do_not_fit_their_image_are_refused(maps, tmp_path, capsys):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "plain.tif", maps["scene_array"])  # no georeferencing
+    err = _error(["view", str(maps["scene.tif"]), str(tmp_path / "plain.tif")], capsys)
+    assert "in map coordinates but" in err and "not georeferenced" in err
+    err = _error(["view", str(maps["scene.tif"]), str(maps["slide"])], capsys)
+    assert "is 1024x1536 (level 0) but" in err and "600x800" in err
+    err = _error(["view", str(maps["l1.zarr"]), "--level", "5"], capsys)
+    assert "has levels 0..2" in err and "not level 5" in err
+    err = _error(["view", str(maps["scene.tif"]), "--level", "1"], capsys)
+    assert "--level 1 picks a level of a slide" in err and "scene.tif is not one" in err
+    err = _error(["view", str(maps["slide"])], capsys)  # the image, not a map
+    assert "is not a nofc map (3 bands of uint8, not one float band" in err
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((100, 100, 3), np.uint8))
+    err = _error(["view", str(maps["l1.tif"]), str(tmp_path / "small.tif")], capsys)
+    assert "is 100x100 (level 0) but" in err and "1024x1536" in err
+    (tmp_path / "notes.tif").write_text("not a raster")
+    assert "is not a nofc map" in _error(["view", str(tmp_path / "notes.tif")], capsys)
+
+
+@pytest.fixture(scope="module")
+def served_maps(maps):
+    """The viewers of the level-1 store, the level-1 GeoTIFF and the scene's GeoTIFF."""
+    with contextlib.ExitStack() as stack:
+        yield {k: stack.enter_context(_running(serve(maps[k])))
+               for k in ("l1.zarr", "l1.tif", "scene.tif")}
+
+
+def _aligned(driver, square, cell: float) -> None:
+    """At threshold 0.5 the overlay's coloured pixels end within one cell (``cell`` image
+    pixels) of ``square`` (y0, y1, x0, x1 in the image's pixels)."""
+    _show_class(driver, 1)
+    _set_range(driver, "threshold", 0.5)
+    rows, cols = np.nonzero(_coloured(driver, _shot(driver)))
+    assert rows.size, "no overlay pixels above the threshold"
+    y0, y1, x0, x1 = square
+    (top, left), (bottom, right) = _to_screen(driver, y0, x0), _to_screen(driver, y1, x1)
+    on_screen = _to_screen(driver, cell, cell)[0] - _to_screen(driver, 0, 0)[0]
+    for seen, expected in ((rows.min(), top), (rows.max() + 1, bottom), (cols.min(), left),
+                           (cols.max() + 1, right)):
+        assert abs(seen - expected) <= on_screen + 1, (seen, expected, on_screen)
+
+
+def _hover(driver, y: float, x: float) -> str:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    osd = driver.find_element(By.ID, "osd")
+    cy, cx = _to_screen(driver, y, x)
+    ActionChains(driver).move_to_element_with_offset(
+        osd, int(cx - osd.size["width"] / 2), int(cy - osd.size["height"] / 2)).perform()
+    WebDriverWait(driver, TIMEOUT).until(
+        lambda d: "cell (" in d.find_element(By.ID, "readout").text)
+    return driver.find_element(By.ID, "readout").text
+
+
+def _scale_bar(driver, per_pixel: float) -> dict:
+    """The scale bar's state, checked against the view: its length in screen pixels times
+    the units per screen pixel (from two image points on screen) is its label's value."""
+    from selenium.webdriver.common.by import By
+
+    scale = json.loads(driver.execute_script("return JSON.stringify(window.nofc.scale)"))
+    bar = driver.find_element(By.CSS_SELECTOR, "#scalebar .bar")
+    assert bar.is_displayed() and abs(bar.size["width"] - scale["px"]) <= 1
+    per_screen = per_pixel * 1000 / (_to_screen(driver, 0, 1000)[1] - _to_screen(driver, 0, 0)[1])
+    assert scale["px"] * per_screen == pytest.approx(scale["value"], rel=0.01)
+    assert 40 <= scale["px"] <= 130
+    return scale
+
+
+@browser_test
+def test_level_1_store_over_its_slide_with_scale_bar_and_microns(driver, served_maps):
+    _open(driver, served_maps["l1.zarr"])
+    assert driver.execute_script("return window.nofc.info.image.width") == 1536  # level 0
+    _aligned(driver, SQUARE, cell=8)  # a level-1 cell: 8 level-0 pixels
+    scale = _scale_bar(driver, MPP)
+    assert re.fullmatch(r"[125]0* (µm|mm)", driver.find_element("id", "scalebar").text), scale
+    text = _hover(driver, 512.5, 896.5)
+    # cell (62, 110): (512 - 12) // 8, (896 - 12) // 8; its level-1 window (248, 440, 264,
+    # 456) in level-0 pixels
+    assert "cell (62, 110)\nwindow (y0, x0, y1, x1) = (496, 880, 528, 912)" in text
+    at = re.search(r"level-0 px = \(([\d.]+), ([\d.]+)\) µm", text)
+    assert at and abs(float(at[1]) - 512 * MPP) <= 1 and abs(float(at[2]) - 896 * MPP) <= 1
+    driver.save_screenshot("/tmp/viewer_level1.png")
+    assert not _console_errors(driver)
+
+
+@browser_test
+def test_geotiff_maps_open_aligned_with_a_legend(driver, served_maps):
+    from selenium.webdriver.support.ui import Select
+
+    _open(driver, served_maps["l1.tif"])
+    _aligned(driver, SQUARE, cell=8)
+    driver.save_screenshot("/tmp/viewer_geotiff.png")
+    _open(driver, served_maps["scene.tif"])
+    _aligned(driver, SCENE_SQUARE[:2] + SCENE_SQUARE[2:], cell=4)
+    assert _scale_bar(driver, 10.0)["unit"] == "m"
+    text = _hover(driver, 264.5, 464.5)
+    at = re.fullmatch(r"at x = ([\d.]+), y = ([\d.]+) m \(EPSG:32633\)", text.splitlines()[-1])
+    from affine import Affine
+
+    x, y = Affine(*SCENE_T) @ (464.5, 264.5)  # the scene's own transform
+    assert at and abs(float(at[1]) - x) <= 25 and abs(float(at[2]) - y) <= 25  # 2 screen px
+    Select(driver.find_element("id", "class")).select_by_value("class")
+    _wait_ready(driver)
+    legend = driver.find_element("id", "legend")
+    assert legend.is_displayed() and legend.text.splitlines()[1:] == ["background", "bright"]
+    driver.save_screenshot("/tmp/viewer_scene.png")
     assert not _console_errors(driver)

@@ -336,11 +336,14 @@ def _cmd_heatmap(args) -> int:
 
 def _add_view(sub) -> None:
     p = sub.add_parser("view", help="pan and zoom over an image and its map in the browser")
-    p.add_argument("result", help="the zarr store written by nofc heatmap --out or "
-                                  "nofc.tiled_predict(out=...)")
+    p.add_argument("result", help="the map: the zarr store or GeoTIFF written by nofc "
+                                  "heatmap --out or nofc.tiled_predict(out=...)")
     p.add_argument("image", nargs="?",
-                   help="the image (default: the path the store records; give it when the "
+                   help="the image (default: the path the map records; give it when the "
                         "image moved)")
+    p.add_argument("--level", type=int,
+                   help="the slide level shown beneath the map (default 0: full "
+                        "resolution, whatever level or --mpp the map was computed at)")
     p.add_argument("--port", type=int, help="port to listen on (default: a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
@@ -353,11 +356,12 @@ def _cmd_view(args) -> int:
     from .viewer import export_viewer, view
 
     if args.export:
-        out = export_viewer(args.result, args.export, image=args.image, force=args.force)
+        out = export_viewer(args.result, args.export, image=args.image, force=args.force,
+                            level=args.level)
         print(f"wrote {out}: serve it with any static HTTP server, e.g. "
               f"python -m http.server --directory {out}")
         return 0
-    view(args.result, args.image, port=args.port, host=args.host)
+    view(args.result, args.image, port=args.port, host=args.host, level=args.level)
     return 0
 
 

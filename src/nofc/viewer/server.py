@@ -2,11 +2,12 @@
 
 ``Viewer`` knows every file the page can ask for, by name: the page and its scripts
 (``static/``), ``info.json`` (sizes, geometry, classes, palettes), ``image.dzi`` and
-``image_files/L/C_R.jpeg``, ``overlay/K.dzi`` and ``overlay/K_files/L/C_R.png`` for class
-``K``, and ``cells/R_C.bin`` (the readout). Tiles are made when first asked for and kept
-in a cache of bounded size. A name that is none of these is not found: nothing else on
-the disk can be reached (``..%2f`` included). The same names, written to a folder, are
-the static export.
+``image_files/L/C_R.jpeg`` (``.png`` for an image with nodata), ``overlay/K.dzi`` and
+``overlay/K_files/L/C_R.png`` for class ``K``, ``overlay/class.dzi`` and its tiles (the
+most probable class), and ``cells/R_C.bin`` (the readout). Tiles are made when first asked
+for and kept in a cache of bounded size. A name that is none of these is not found:
+nothing else on the disk can be reached (``..%2f`` included). The same names, written to a
+folder, are the static export.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import numpy as np
 
 from ..errors import NofcError, first_line, refuse_overwrite
 from ..sources import open_source
-from ..windows import parse_step
-from .tiles import CELL_TILE, TOP, ImageTiles, MapTiles, check_square_step
+from .maps import MapFile, open_map
+from .tiles import CELL_TILE, TOP, ImageTiles, MapTiles
 
 __all__ = ["Viewer", "ViewerServer", "open_result", "serve", "view", "export_viewer"]
 
@@ -46,37 +47,27 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 
 @dataclass
 class Result:
-    """A nofc map and the image it was computed on, as the viewer needs them."""
+    """A nofc map and the image it was computed on, as the viewer shows them."""
 
-    name: str  # the store as given
-    scores: object  # (K, h, w) zarr array of raw scores
-    attrs: dict  # the store's attrs["nofc"]
+    map: MapFile
     image: str  # the image's path
-    source: object  # the image: a nofc.sources.ImageSource, read by region
-    step: int
-    class_names: list[str]
+    source: object  # the image as shown (a slide at its level 0 unless told), by region
+    overlay: dict  # cell (0, 0)'s top-left "x", "y" and the cells' side "cell", shown pixels
+    map_downsample: float  # level-0 pixels per pixel the map read (its windows' unit)
+    coords: dict  # what a shown pixel is in microns or map coordinates (readout, scale bar)
+
+    @property
+    def name(self) -> str:
+        return self.map.name
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.map.class_names
 
 
-def _fail_not_map(result, why: str):
-    raise NofcError(f"{result} is not a nofc map ({why}); pass the zarr store written by "
-                    "nofc heatmap --out or nofc.tiled_predict(out=...)")
-
-
-def _recorded_image(attrs: dict) -> str | None:
-    """The image path a store records (``attrs["image"]`` or ``metadata["image"]``)."""
-    for where in (attrs, attrs.get("metadata") or {}):
-        value = where.get("image")
-        if isinstance(value, dict):
-            value = value.get("path")
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
-def _find_image(result: str, attrs: dict, image) -> str:
+def _find_image(result: str, recorded: str | None, image) -> str:
     if image is not None:
         return str(image)
-    recorded = _recorded_image(attrs)
     if recorded is None:
         raise NofcError(f"{result} does not record which image it was computed on; pass it: "
                         f"nofc view {result} IMAGE")
@@ -87,45 +78,105 @@ def _find_image(result: str, attrs: dict, image) -> str:
                     f"image's new path: nofc view {result} IMAGE")
 
 
-def open_result(result, image=None) -> Result:
-    """Open a nofc map and its image, or say in one line why not.
+def _hw(hw) -> str:
+    return f"{round(hw[0])}x{round(hw[1])}"
+
+
+def open_result(result, image=None, *, level: int | None = None) -> Result:
+    """Open a nofc map (a zarr store or a GeoTIFF) and its image, or say in one line why
+    not. A slide is shown at ``level`` (default 0: full resolution, whatever level or pixel
+    size the map was computed at), the map drawn over it in level-0 coordinates.
 
     >>> open_result("no/such.zarr")
     Traceback (most recent call last):
     ...
-    nofc.errors.NofcError: no/such.zarr not found: pass the zarr store written by nofc heatmap --out or nofc.tiled_predict(out=...)
+    nofc.errors.NofcError: no/such.zarr not found: pass the zarr store or the GeoTIFF written by nofc heatmap --out
     """
-    name = str(result)
-    if not Path(name).exists():
-        raise NofcError(f"{name} not found: pass the zarr store written by nofc heatmap --out "
-                        "or nofc.tiled_predict(out=...)")
-    try:
-        import zarr
-    except ImportError:  # pragma: no cover - part of nofc[view]
-        raise NofcError("nofc view needs zarr: pip install 'nofc[view]'") from None
-    try:
-        scores = zarr.open_array(name, mode="r")
-    except Exception:  # noqa: BLE001 - any unreadable store is the same mistake
-        _fail_not_map(name, "not a zarr array")
-    attrs = dict(scores.attrs).get("nofc")
-    if not isinstance(attrs, dict) or not {"arguments", "geometry"} <= set(attrs):
-        _fail_not_map(name, "a zarr array without nofc's attributes")
-    if scores.ndim != 3:
-        _fail_not_map(name, f"an array of shape {scores.shape}, not (classes, h, w)")
-    args, geo = attrs["arguments"], attrs["geometry"]
-    step = check_square_step(parse_step(args.get("step") or geo["stride"]))
-    path = _find_image(name, attrs, image)
-    reading = {k: args[k] for k in ("level", "mpp", "bands") if args.get(k) is not None}
-    source = open_source(path, **reading)  # as the map read it: a slide's level, bands
-    hw = list(source.hw)
-    expected = list(args.get("image_shape") or hw)
-    if hw != expected:
-        raise NofcError(f"{path} is {hw[0]}x{hw[1]} but {name} was computed on a "
-                        f"{expected[0]}x{expected[1]} image; pass that image")
-    names = (attrs.get("metadata") or {}).get("classes") or []
-    k = int(scores.shape[0])
-    class_names = [str(names[i]) if i < len(names) else f"class {i}" for i in range(k)]
-    return Result(name, scores, attrs, path, source, step, class_names)
+    m = open_map(result)
+    path = _find_image(m.name, m.image, image)
+    slide = bool({"level", "mpp"} & set(m.reading)) or m.image_record.get("kind") == "slide"
+    if m.coordinates == "read pixels":  # a store: the image as the map read it, checked
+        read = open_source(path, **m.reading)
+        hw, expected = list(read.hw), list(m.image_shape or read.hw)
+        if hw != expected:
+            raise NofcError(f"{path} is {_hw(hw)} but {m.name} was computed on a "
+                            f"{_hw(expected)} image; pass that image")
+        map_ds = read.downsample
+    else:
+        read, map_ds = None, tuple(m.image_record.get("downsample") or (1.0, 1.0))
+    shown = None
+    if level is not None or slide:
+        try:
+            shown = open_source(path, level=0 if level is None else level)
+        except NofcError:
+            if level is not None and slide:
+                raise
+            if level is not None:
+                raise NofcError(f"--level {level} picks a level of a slide; {path} is not "
+                                "one: leave --level out") from None
+            # not a slide OpenSlide opens (a picture of level 0): shown as it is, checked
+    if shown is None:
+        shown = read or open_source(path, bands=m.reading.get("bands"))
+    ds = shown.downsample
+    if read is None and m.image_shape:  # a GeoTIFF: its image's level-0 size, checked
+        want = [n * d for n, d in zip(m.image_shape, map_ds)]
+        have = [n * d for n, d in zip(shown.hw, ds)]
+        if any(abs(a - b) > d + 1 for a, b, d in zip(have, want, map_ds)):
+            raise NofcError(f"{path} is {_hw(have)} (level 0) but {m.name} was computed on a "
+                            f"{_hw(want)} image; pass that image")
+    overlay = _overlay(m, shown, map_ds)
+    return Result(m, path, shown, overlay, float(map_ds[0]), _coords(shown))
+
+
+def _overlay(m: MapFile, shown, map_ds) -> dict:
+    """Where the cells lie in the pixels shown: the map's affine, brought there."""
+    a, _, c, _, e, f = m.cells
+    if m.coordinates == "world":
+        if shown.transform is None:
+            raise NofcError(f"{m.name} is in map coordinates but {shown.path} is not "
+                            "georeferenced; pass the raster it was computed on")
+        ia, _, ic, _, ie, i_f = shown.transform
+        a, c, e, f = a / ia, (c - ic) / ia, e / ie, (f - i_f) / ie
+        _check_crs(m, shown)
+    else:
+        sy, sx = map_ds if m.coordinates == "read pixels" else (1.0, 1.0)
+        dy, dx = shown.downsample
+        a, c, e, f = a * sx / dx, c * sx / dx, e * sy / dy, f * sy / dy
+    if a <= 0 or e <= 0 or abs(a - e) > 1e-3 * a:
+        raise NofcError(f"nofc view draws square cells, north up; {m.name}'s cells are "
+                        f"{a:g}x{e:g} pixels of {shown.path} (x by y)")
+    return {"x": c, "y": f, "cell": a}
+
+
+def _check_crs(m: MapFile, shown) -> None:
+    if not (m.crs and shown.crs):
+        return
+    from rasterio.crs import CRS
+
+    if CRS.from_wkt(m.crs) != CRS.from_wkt(shown.crs):
+        raise NofcError(f"{m.name} is in {CRS.from_wkt(m.crs).to_string()} but {shown.path} "
+                        f"is in {CRS.from_wkt(shown.crs).to_string()}; pass the raster the map "
+                        "was computed on")
+
+
+def _coords(shown) -> dict:
+    """What a shown pixel is: ``per_pixel`` ``unit`` (the scale bar, the readout: microns
+    of a slide, level-0 pixels of a picture), and a raster's ``transform`` and ``crs``."""
+    if shown.transform is not None:
+        t, unit, crs = shown.transform, "px", None
+        if shown.crs:
+            from rasterio.crs import CRS
+
+            c = CRS.from_wkt(shown.crs)
+            crs = c.to_string() or "CRS"
+            unit = "°" if c.is_geographic else {"metre": "m", "meter": "m", "foot": "ft",
+                                                 "US survey foot": "ft"}.get(
+                                                     c.linear_units, c.linear_units or "")
+        return {"kind": "world", "unit": unit, "per_pixel": abs(t[0]), "transform": list(t),
+                "crs": crs}
+    if shown.mpp is not None:
+        return {"kind": "slide", "unit": "µm", "per_pixel": (shown.mpp[0] + shown.mpp[1]) / 2}
+    return {"kind": "pixels", "unit": "px", "per_pixel": sum(shown.downsample) / 2}
 
 
 class _Cache:
@@ -176,14 +227,18 @@ class Viewer:
     def __init__(self, result: Result):
         self.result = result
         self.image = ImageTiles(result.source)
-        self.map = MapTiles(result.scores)
+        m = result.map
+        self.map = MapTiles(m.scores, values=m.values, class_band=m.class_band)
         self._cache = _Cache(CACHE_BYTES)
+        fmt = self.image.format
         self._routes = [
             (re.compile(r"info\.json"), self.info_json),
-            (re.compile(r"image\.dzi"), lambda: self.image.pyramid.dzi("jpeg").encode()),
-            (re.compile(rf"image_files/{_N}/{_N}_{_N}\.jpeg"), self.image.tile),
+            (re.compile(r"image\.dzi"), lambda: self.image.pyramid.dzi(fmt).encode()),
+            (re.compile(rf"image_files/{_N}/{_N}_{_N}\.{fmt}"), self.image.tile),
             (re.compile(rf"overlay/{_N}\.dzi"), self._overlay_dzi),
             (re.compile(rf"overlay/{_N}_files/{_N}/{_N}_{_N}\.png"), self.map.tile),
+            (re.compile(r"overlay/class\.dzi"), lambda: self.map.pyramid.dzi("png").encode()),
+            (re.compile(rf"overlay/class_files/{_N}/{_N}_{_N}\.png"), self.map.class_tile),
             (re.compile(rf"cells/{_N}_{_N}\.bin"), self.map.cells),
         ]
         self.info = self._info()
@@ -194,23 +249,32 @@ class Viewer:
         return self.map.pyramid.dzi("png").encode()
 
     def _info(self) -> dict:
-        r, geo = self.result, self.result.attrs["geometry"]
-        (oy, ox), (wh, ww), s = geo["offset"], geo["window"], r.step
+        r, m = self.result, self.result.map
         order = sorted(range(self.map.classes), key=lambda k: (-float(self.map.peaks[k]), k))
-        key = hashlib.sha256(json.dumps([str(Path(r.name).resolve()), r.attrs.get("created"),
+        key = hashlib.sha256(json.dumps([str(Path(r.name).resolve()), m.created,
                                          r.image]).encode()).hexdigest()[:12]
+        level = getattr(r.source, "level", None)
         return {
             "key": key,
-            "title": f"{Path(r.name).name} over {Path(r.image).name}",
-            "image": {"width": self.image.pyramid.width, "height": self.image.pyramid.height},
+            "title": f"{Path(r.name).name} over {Path(r.image).name}"
+                     + (f" (level {level})" if level else ""),
+            "image": {"width": self.image.pyramid.width, "height": self.image.pyramid.height,
+                      "format": self.image.format, "level": level,
+                      "downsample": list(r.source.downsample),  # level-0 px per pixel
+                      "stretch": self.image.stretch_note()},
             "map": {"height": self.map.pyramid.height, "width": self.map.pyramid.width,
-                    "classes": self.map.classes, "step": s, "stride": geo["stride"],
-                    "offset": [oy, ox], "window": [wh, ww], "exact": geo.get("exact")},
-            # the overlay's top-left in image pixels: cell (0, 0)'s square of side `step`
-            # centred on its window's centre
-            "overlay": {"x": ox + ww / 2 - s / 2, "y": oy + wh / 2 - s / 2, "cell": s},
+                    "classes": self.map.classes, "values": m.values,
+                    "class_band": m.class_band is not None,
+                    # a window (y0, x0, y1, x1) in level-0 pixels: (oy + i*s, ...) * this
+                    "downsample": r.map_downsample, **(m.geometry or {})},
+            # the overlay in shown pixels: cell (i, j) is the square of side `cell` at
+            # (x + j*cell, y + i*cell), centred on its window's centre
+            "overlay": r.overlay,
+            "coords": r.coords,
             "classes": [{"index": k, "name": r.class_names[k],
                          "peak": round(float(self.map.peaks[k]), 4)} for k in order],
+            "legend": [{"index": k, "name": r.class_names[k], "color": c}
+                       for k, c in enumerate(class_colours(self.map.classes))],
             "cells": {"tile": CELL_TILE, "top": min(TOP, self.map.classes)},
             "palettes": _palettes(),
         }
@@ -237,8 +301,9 @@ class Viewer:
         yield from _static_files()
         yield "info.json"
         yield "image.dzi"
-        yield from (f"image_files/{lv}/{c}_{r}.jpeg" for lv, c, r in self.image.pyramid.tiles())
-        for k in range(self.map.classes):
+        fmt = self.image.format
+        yield from (f"image_files/{lv}/{c}_{r}.{fmt}" for lv, c, r in self.image.pyramid.tiles())
+        for k in [*range(self.map.classes), "class"]:
             yield f"overlay/{k}.dzi"
             yield from (f"overlay/{k}_files/{lv}/{c}_{r}.png"
                         for lv, c, r in self.map.pyramid.tiles())
@@ -251,6 +316,23 @@ def _static_files() -> dict[str, bytes]:
     """The page, its scripts and the vendored OpenSeadragon, by name."""
     return {p.relative_to(STATIC).as_posix(): p.read_bytes()
             for p in sorted(STATIC.rglob("*")) if p.is_file()}
+
+
+def class_colours(k: int) -> list[list[int]]:
+    """``k`` distinct RGB colours for the class view and its legend (matplotlib's tab10,
+    then tab20, then evenly spaced hues).
+
+    >>> class_colours(2)
+    [[31, 119, 180], [255, 127, 14]]
+    """
+    import matplotlib
+
+    if k <= 20:
+        cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+        rgb = np.asarray([cmap(i)[:3] for i in range(k)])
+    else:
+        rgb = np.asarray(matplotlib.colormaps["hsv"](np.arange(k) / k))[:, :3]
+    return (rgb * 255 + 0.5).astype(int).tolist()
 
 
 def _palettes() -> dict[str, list[int]]:
@@ -324,21 +406,24 @@ class ViewerServer(ThreadingHTTPServer):
         self.url = f"http://{h if ':' not in h else f'[{h}]'}:{p}/"
 
 
-def serve(result, image=None, *, port: int | None = None,
-          host: str = "127.0.0.1") -> ViewerServer:
+def serve(result, image=None, *, port: int | None = None, host: str = "127.0.0.1",
+          level: int | None = None) -> ViewerServer:
     """A server for the map ``result``, listening but not yet serving (call
-    ``serve_forever``); ``port=None`` picks a free port."""
-    viewer = Viewer(open_result(result, image))
+    ``serve_forever``); ``port=None`` picks a free port; ``level``: the slide level shown
+    beneath the map (default 0)."""
+    viewer = Viewer(open_result(result, image, level=level))
     return ViewerServer(viewer, host, 0 if port is None else int(port))
 
 
-def view(result, image=None, port: int | None = None, *, host: str = "127.0.0.1") -> None:
+def view(result, image=None, port: int | None = None, *, host: str = "127.0.0.1",
+         level: int | None = None) -> None:
     """Serve the viewer of ``result`` until interrupted (Ctrl-C), printing its address.
 
-    ``image`` overrides the image the store records (a moved file); ``port=None`` picks
-    a free port; the server listens on ``host`` only (loopback by default).
+    ``image`` overrides the image the map records (a moved file); ``port=None`` picks
+    a free port; the server listens on ``host`` only (loopback by default); ``level`` is
+    the slide level shown beneath the map (default 0, full resolution).
     """
-    server = serve(result, image, port=port, host=host)
+    server = serve(result, image, port=port, host=host, level=level)
     print(f"nofc view: {server.viewer.info['title']} at {server.url} (Ctrl-C to stop)",
           flush=True)
     try:
@@ -350,7 +435,7 @@ def view(result, image=None, port: int | None = None, *, host: str = "127.0.0.1"
 
 
 def export_viewer(result, out_dir, image=None, *, force: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, level: int | None = None) -> Path:
     """Write the viewer of ``result`` as a static folder: the page, its scripts, and every
     tile of the image and of each class's overlay, for any static HTTP server.
 
@@ -360,7 +445,7 @@ def export_viewer(result, out_dir, image=None, *, force: bool = False,
     refuse_overwrite(out, force=force)
     if not out.parent.is_dir():
         raise NofcError(f"cannot write {out}: folder {out.parent} does not exist")
-    viewer = Viewer(open_result(result, image))
+    viewer = Viewer(open_result(result, image, level=level))
     names = list(viewer.names())
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     from tqdm.auto import tqdm
