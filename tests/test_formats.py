@@ -151,8 +151,10 @@ def test_options_that_do_not_apply_and_unknown_outputs_are_one_line(tiny_spec, f
                                                                       capsys):
     d, png = files["dir"], tmp_path / "heat.png"
     base = ["heatmap", tiny_spec, "--input-size", "3x16x16", "-o", str(png)]
-    empty = tmp_path / "empty"
+    empty, mirax = tmp_path / "empty", tmp_path / "scan"
     empty.mkdir()
+    mirax.mkdir()  # a MIRAX slide's data folder, beside its file
+    (tmp_path / "scan.mrxs").write_text("[GENERAL]\n")
     cases = [
         ([str(files["dicom"]), "--bands", "1,2,3"],
          "is read as a slide (choose level= or mpp= instead)"),
@@ -161,7 +163,8 @@ def test_options_that_do_not_apply_and_unknown_outputs_are_one_line(tiny_spec, f
         ([str(d / "png.tif"), "--mpp", "0.5"], "png.tif is read as a picture"),
         ([str(d / "img.png"), "--bands", "1"], "bands= applies to rasters; "),
         ([str(d / "gray16.tif"), "--level", "0"], "gray16.tif is read as a TIFF"),
-        ([str(empty)], "is a folder without a DICOM whole-slide image"),
+        ([str(empty)], "is a folder without a DICOM whole-slide image; give an image file"),
+        ([str(mirax)], f"give the slide's file, {mirax}.mrxs"),
         ([str(d / "img.png"), "--out", str(tmp_path / "x.shp")],
          "unknown output suffix '.shp'; use .zarr (a resumable store), .tif (a GeoTIFF) or "
          ".geojson"),
@@ -169,7 +172,7 @@ def test_options_that_do_not_apply_and_unknown_outputs_are_one_line(tiny_spec, f
     ]
     for where, needle in cases:
         _cli_error(capsys, base[:2] + where + base[2:], needle)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "scan", "scan.mrxs"]
 
 
 def _modes(root):

@@ -830,11 +830,13 @@ def _dicom_in(folder: Path) -> Path:
     for p in names[:_FOLDER_FILES]:
         if p.is_file() and _slide_format(p) == "dicom":
             return p
+    mrxs = folder.parent / f"{folder.name}.mrxs"  # MIRAX: a file beside its data folder
     raise NofcError(f"{folder} is a folder without a DICOM whole-slide image"
                     + ("" if len(names) <= _FOLDER_FILES else
                        f" among its first {_FOLDER_FILES} files")
-                    + "; give an image file (a folder is read only when it holds a DICOM "
-                    "WSI series)")
+                    + (f"; give the slide's file, {mrxs}" if mrxs.is_file() else
+                       "; give an image file (a folder is read only when it holds a DICOM "
+                       "WSI series)"))
 
 
 # --------------------------------------------------------------------------- one way in
