@@ -42,3 +42,17 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory) -> str:
+    """``FILE:build`` of a tiny classifier for the CLI: window 16 (every pixel of it
+    seen), stride 4, no padding, 3 classes, so map cells equal crops."""
+    d = tmp_path_factory.mktemp("model")
+    (d / "tiny.py").write_text(
+        "import torch.nn as nn\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 4, stride=2), nn.ReLU(),\n"
+        "                         nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(54, 3))\n")
+    return f"{d / 'tiny.py'}:build"

@@ -107,8 +107,9 @@ def test_same_map_from_numpy_png_tiff_slide_geotiff_whole_tiled_dask(fcn, files)
         got = _run(fcn, open_source(files[kind], level=0) if kind == "slide" else files[kind])
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10, err_msg=kind)
     kinds = {k: open_source(files[k]).kind for k in ("png", "tiff", "slide", "geotiff")}
-    assert kinds == {"png": "picture", "tiff": "tiff", "slide": "tiff", "geotiff": "raster"}
-    assert open_source(files["slide"], level=0).kind == "slide"
+    # by content: a pyramid of 8-bit RGB levels is a slide, one tiled level a TIFF
+    assert kinds == {"png": "picture", "tiff": "tiff", "slide": "slide", "geotiff": "raster"}
+    assert open_source(files["tiff"], level=0).kind == "slide"
     # the source travels by path, with its options
     dask = _run(fcn, open_source(files["slide"], level=0), backend="dask")
     np.testing.assert_allclose(dask, ref, rtol=0, atol=1e-10)
@@ -164,10 +165,12 @@ def test_bands_nodata_and_auto_mask_of_a_raster(fcn, tmp_path):
     got = _run(fcn, open_source(str(path), bands=[1, 2, 3]), mask="auto", stats=stats)
     assert np.isnan(got[:, :, -5:]).all() and np.isfinite(got[:, :, :5]).all()
     assert stats["computed"] < stats["windows"]
-    svs = tmp_path / "scan.svs"
-    svs.write_bytes(path.read_bytes())
-    with pytest.raises(NofcError, match=r"bands= applies to rasters; .*scan.svs is read as a "
-                                        r"slide \(choose level= or mpp= instead\)"):
+    named = tmp_path / "scan.svs"  # the content decides, not the suffix
+    named.write_bytes(path.read_bytes())
+    assert open_source(str(named), bands=[3, 2, 1]).kind == "raster"
+    svs = write_slide(tmp_path / "pyramid.tif", IMG)
+    with pytest.raises(NofcError, match=r"bands= applies to rasters; .*pyramid.tif is read "
+                                        r"as a slide \(choose level= or mpp= instead\)"):
         open_source(str(svs), bands=[1, 2, 3])
     with pytest.raises(NofcError, match="has bands 1..4, not"):
         open_source(str(path), bands=[5])
@@ -266,15 +269,8 @@ def test_regressions_of_the_three_image_paths(fcn, tmp_path):
     with pytest.raises(NofcError, match="--std values must be positive"):
         _run(fcn, str(tmp_path / "rgba.tif"), normalize=nofc.Normalize(std=(0, 0, 0)))
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    (d / "tiny.py").write_text(
-        "import torch.nn as nn\n\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 4, stride=2), nn.ReLU(),\n"
-        "                         nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),\n"
-        "                         nn.Linear(54, 3))\n")
-    return f"{d / 'tiny.py'}:build"
+def spec(tiny_spec):
+    return tiny_spec
 
 
 def test_cli_slide_and_scene_to_geotiff_and_geojson(spec, files, tmp_path, capsys):
@@ -311,7 +307,7 @@ def test_cli_bad_inputs_one_line_exit_2_no_output(spec, files, tmp_path, capsys)
 
     Image.fromarray(np.ones((40, 40), np.uint8)).save(tmp_path / "square.png")
     cases = [
-        ([str(corrupt)], "cannot read slide"),
+        ([str(corrupt)], "cannot read TIFF"),  # its content: a TIFF header, nothing else
         ([files["geotiff"], "--bands", "4"], "has bands 1..3, not [4]"),
         ([files["slide"], "--mpp", "0.1"], "finer than level 0"),
         ([files["slide"], "--level", "1", "--mask", str(tmp_path / "square.png")], "not the same aspect"),

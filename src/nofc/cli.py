@@ -215,8 +215,9 @@ def _add_heatmap(sub) -> None:
                                        "prediction in one pass)")
     _common_model_args(p)
     p.add_argument("image", help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette), a "
-                                 "whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF, ...) or "
-                                 "a raster (GeoTIFF, COG, JPEG 2000, ...)")
+                                 "whole-slide image (SVS, NDPI, MRXS, SCN, DICOM file or folder, "
+                                 "pyramidal TIFF, ...) or a raster (GeoTIFF, COG, JPEG 2000, "
+                                 "...), told apart by content, not by suffix")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--class", dest="cls", type=int, metavar="K", help="draw class K")
     which.add_argument("--top", type=int, metavar="N",

@@ -15,12 +15,12 @@ hold for every source, so every path sees the same pixels:
 * **errors**: a region that cannot be decoded is a :class:`nofc.images.BadRegion` naming
   the file and the pixels; a file that cannot be opened is one NofcError line.
 
-Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...) are read through OpenSlide at a
-``level`` or a pixel size ``mpp`` (resampled when it falls between levels); their
-``downsample`` says how many level-0 pixels one pixel read spans, so that maps can be put
-back in level-0 slide coordinates. Rasters (GeoTIFF, COG, JPEG 2000, anything GDAL opens)
-are read through rasterio by window, with band selection; ``transform`` and ``crs`` say
-where they lie.
+Whole-slide images (SVS, NDPI, MRXS, SCN, DICOM, pyramidal TIFF: what OpenSlide opens,
+known by content, not by suffix) are read through OpenSlide at a ``level`` or a pixel
+size ``mpp`` (resampled when it falls between levels); their ``downsample`` says how many
+level-0 pixels one pixel read spans, so that maps can be put back in level-0 slide
+coordinates. Rasters (GeoTIFF, COG, JPEG 2000, anything GDAL opens) are read through
+rasterio by window, with band selection; ``transform`` and ``crs`` say where they lie.
 
 >>> src = open_source(np.zeros((40, 50, 3), np.uint8))
 >>> src.hw, src.channels, src.dtype, src.read(slice(0, 10), slice(0, 20)).shape
@@ -47,6 +47,10 @@ __all__ = ["ImageSource", "open_source", "load_image", "scale_of",
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+_TIFF_MAGIC = {b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"}  # classic and BigTIFF
+_PICTURE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+_FOLDER_FILES = 1000  # files of a folder tried as DICOM (one header each) before giving up
+_SAID = {"tiff": "TIFF"}  # kinds as users call the format
 _LUMA = np.array([0.299, 0.587, 0.114])
 _GEOKEYS = 34735  # GeoKeyDirectoryTag: a TIFF that carries georeferencing
 _MPP_TOLERANCE = 0.01  # a requested pixel size within 1% of a level's is that level
@@ -103,7 +107,7 @@ class ImageSource:
 
     @property
     def name(self) -> str:
-        kind = "TIFF" if self.kind == "tiff" else self.kind  # as users call the format
+        kind = _SAID.get(self.kind, self.kind)
         return f"{kind} {self.path}" if self.path else f"the {kind} image"
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
@@ -756,6 +760,8 @@ def _is_geotiff(path: Path) -> bool:
 
 
 def _slide_format(path: Path) -> str | None:
+    """OpenSlide's name for the format of ``path`` (``"aperio"``, ``"dicom"``,
+    ``"generic-tiff"``, ...) from its content, or None (not a slide, or no OpenSlide)."""
     try:
         import openslide
     except ImportError:
@@ -764,6 +770,73 @@ def _slide_format(path: Path) -> str | None:
         return openslide.OpenSlide.detect_format(str(path))
     except Exception:  # noqa: BLE001
         return None
+
+
+def _content(path: Path) -> str | None:
+    """``"tiff"`` or ``"picture"`` from a file's first bytes, None for anything else.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "looks.tif")
+    >>> _ = open(p, "wb").write(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(8))
+    >>> _content(Path(p))
+    'picture'
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    if any(head.startswith(m) for m in _PICTURE_MAGIC) or \
+            (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "picture"
+    return None
+
+
+def _pyramid_levels(path: Path) -> int:
+    """Levels OpenSlide reads from a generic tiled TIFF whose pixels it gives as stored
+    (8-bit RGB or RGBA), else 0: OpenSlide turns 16-bit, float and other channel counts
+    into 8-bit RGB, which would change the numbers."""
+    try:
+        import openslide
+        import tifffile
+
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
+                return 0
+        with contextlib.closing(openslide.OpenSlide(str(path))) as slide:
+            return slide.level_count
+    except Exception:  # noqa: BLE001 - unreadable: the reader chosen says why
+        return 0
+
+
+def _dicom_in(folder: Path) -> Path:
+    """The first file of ``folder`` that OpenSlide opens as a DICOM whole-slide image
+    (OpenSlide finds the series' other files, its levels, beside it); one NofcError line
+    when there is none.
+
+    >>> import tempfile
+    >>> _dicom_in(Path(tempfile.mkdtemp()))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nofc.errors.NofcError: ... is a folder without a DICOM whole-slide image; give an ...
+    """
+    try:
+        names = sorted(folder.iterdir())
+    except OSError as exc:
+        raise NofcError(f"cannot read folder {folder}: {exc.strerror or exc}") from None
+    for p in names[:_FOLDER_FILES]:
+        if p.is_file() and _slide_format(p) == "dicom":
+            return p
+    mrxs = folder.parent / f"{folder.name}.mrxs"  # MIRAX: a file beside its data folder
+    raise NofcError(f"{folder} is a folder without a DICOM whole-slide image"
+                    + ("" if len(names) <= _FOLDER_FILES else
+                       f" among its first {_FOLDER_FILES} files")
+                    + (f"; give the slide's file, {mrxs}" if mrxs.is_file() else
+                       "; give an image file (a folder is read only when it holds a DICOM "
+                       "WSI series)"))
 
 
 # --------------------------------------------------------------------------- one way in
@@ -777,10 +850,11 @@ def open_source(image, *, channels: int | None = None, layout: str = "auto", lev
 
     Args:
         image: an array (numpy, memmap, zarr, dask, torch), an :class:`ImageSource`, or a
-            path: slides (``.svs``, ``.ndpi``, ``.mrxs``, ... and a TIFF when ``level`` or
-            ``mpp`` is given or OpenSlide knows its vendor) through OpenSlide; a TIFF with
-            georeferencing, or any other file GDAL opens, through rasterio; other TIFFs
-            through tifffile (lazily); PNG/JPEG whole.
+            path, read by its content whatever its suffix (:func:`file_kind`): slides
+            (SVS, NDPI, MRXS, SCN, DICOM: a file of the series or its folder, a pyramidal
+            8-bit RGB TIFF, one level of a tiled one when ``level`` or ``mpp`` is given)
+            through OpenSlide; a TIFF with georeferencing, or any other file GDAL opens,
+            through rasterio; other TIFFs through tifffile (lazily); PNG/JPEG whole.
         channels: the channels the network wants (gray <-> RGB matched), or None.
         layout: where an array's channels are: ``"auto"``, ``"hwc"`` or ``"chw"``.
         level, mpp: a slide's level, or microns per pixel (pick the level, resample).
@@ -856,7 +930,9 @@ def _open(image, channels, layout, level, mpp, bands, max_pixels) -> ImageSource
                             f"{type(image).__name__}")
         return ArraySource(image, layout, channels)
     path = Path(image)
-    if not path.is_file():
+    if path.is_dir():
+        path = _dicom_in(path)  # a DICOM series' folder: OpenSlide opens it by one file
+    elif not path.is_file():
         raise NofcError(f"image file not found: {image}")
     if path.stat().st_size == 0:
         raise NofcError(f"cannot read image {image}: the file is empty")
@@ -864,12 +940,12 @@ def _open(image, channels, layout, level, mpp, bands, max_pixels) -> ImageSource
     if bands is not None and slide_args:
         raise NofcError("bands= applies to rasters, level=/mpp= to slides: not both")
     kind = file_kind(path, slide=slide_args, bands=bands is not None)
+    read_as = f"{image} is read as a {_SAID.get(kind, kind)} ({_READS[kind]})"
     if slide_args and kind != "slide":
-        raise NofcError(f"level= and mpp= apply to whole-slide images; {image} is read as a "
-                        f"{kind}" + (" (choose bands= instead)" if kind == "raster" else ""))
+        raise NofcError("level= and mpp= apply to whole-slide images (files OpenSlide reads: "
+                        f"SVS, NDPI, MRXS, SCN, DICOM, pyramidal RGB TIFF); {read_as}")
     if bands is not None and kind != "raster":
-        raise NofcError(f"bands= applies to rasters; {image} is read as a {kind}"
-                        + (" (choose level= or mpp= instead)" if kind == "slide" else ""))
+        raise NofcError(f"bands= applies to rasters; {read_as}")
     if kind == "tiff":
         return TiffFileSource(str(path), want=channels, max_pixels=max_pixels)
     if kind == "picture":
@@ -881,23 +957,40 @@ def _open(image, channels, layout, level, mpp, bands, max_pixels) -> ImageSource
 
 
 def file_kind(path: Path, *, slide: bool = False, bands: bool = False) -> str:
-    """How a file is read: ``"slide"`` (OpenSlide), ``"raster"`` (rasterio), ``"tiff"``
-    (tifffile) or ``"picture"`` (Pillow); ``slide``/``bands``: level/mpp or bands asked.
+    """How a file is read, decided by its content, whatever its suffix: ``"slide"``
+    (OpenSlide: SVS, NDPI, MRXS, SCN, DICOM, ... and a pyramidal 8-bit RGB tiled TIFF, or
+    one level of it when ``slide``: level/mpp asked), ``"raster"`` (rasterio: a GeoTIFF, a
+    TIFF whose ``bands`` are asked for, anything else GDAL opens), ``"tiff"`` (tifffile:
+    other TIFFs) or ``"picture"`` (Pillow: PNG, JPEG, BMP, GIF, WebP). A file whose
+    content says nothing (or without OpenSlide installed) goes by its suffix.
 
     >>> file_kind(Path("scan.svs")), file_kind(Path("scene.jp2")), file_kind(Path("a.png"))
     ('slide', 'raster', 'picture')
     """
+    fmt = _slide_format(path)
+    if fmt not in (None, "generic-tiff"):
+        return "slide"  # a vendor's format, DICOM included
+    content = _content(path)
+    if content == "tiff":
+        if _is_geotiff(path):
+            return "raster"
+        if fmt == "generic-tiff" and _pyramid_levels(path) > (0 if slide else 1):
+            return "slide"
+        return "raster" if bands else "tiff"
+    if content == "picture":
+        return "picture"
     suffix = path.suffix.lower()
     if suffix in SLIDE_SUFFIXES:
-        return "slide"
+        return "slide"  # unreadable, or no OpenSlide: opening it says which
     if suffix in TIFF_SUFFIXES:
-        if bands or _is_geotiff(path):
-            return "raster"
-        fmt = _slide_format(path) if slide or suffix in (".tif", ".tiff") else None
-        return "slide" if slide or fmt not in (None, "generic-tiff") else "tiff"
-    if suffix in PICTURE_SUFFIXES and not bands:
-        return "picture"
-    return "raster"
+        return "tiff"
+    return "picture" if suffix in PICTURE_SUFFIXES else "raster"
+
+
+_READS = {"slide": "choose level= or mpp= instead",
+          "raster": "choose bands= instead",
+          "tiff": "one image, read as stored; bands= reads a multi-band TIFF as a raster",
+          "picture": "read whole, as stored; nothing to choose"}
 
 
 def load_image(path, *, channels: int = 3, background=(1.0, 1.0, 1.0)) -> np.ndarray:
