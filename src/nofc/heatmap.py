@@ -27,6 +27,7 @@ from .io import atomic_output
 from .placement import placement_of
 from .receptive import cached_geometry
 from .render import render_heatmap
+from .scores import probabilities
 from .sinks import output_for
 from .sources import open_source
 from .tiling import Dask, check_tileable, default_tile, num_outputs, tiled_predict
@@ -51,6 +52,7 @@ class _Map:
     info: dict  # geometry and run facts: printed, and saved with the scores
     every: int = 1  # draw every f-th cell (a map larger than the picture can show)
     placement: object = None  # nofc.placement.Placement: boxes in level-0 / world coords
+    names: list | None = None  # the name of each band of scores (default: the model's)
 
     @property
     def tiled(self) -> bool:
@@ -87,11 +89,12 @@ def heatmap(
     ``image`` is a file path or an image opened with its options
     (``nofc.open_source(path, level=1, on_error="skip")``: a slide's level or pixel size,
     a raster's bands, unreadable regions left NaN). ``normalize`` is a
-    ``nofc.Normalize``; by default the model's own (a timm model's pretrained config,
-    ImageNet's for torchvision RGB models), else none. The conversion is checked against
-    the classifier at ``input_size`` before the map is computed (``check=False`` skips
-    that); ``method`` and ``edges`` are ``dense_predict``'s (``"crops"``: the classifier
-    on every window, which ``"auto"`` also does where ``convert`` refuses it).
+    ``nofc.Normalize``; its mean and std, when it gives neither, are the model's own (a
+    timm model's pretrained config, ImageNet's for torchvision RGB models), else none.
+    The conversion is checked against the classifier at ``input_size`` before the map
+    is computed (``check=False`` skips that); ``method`` and ``edges`` are
+    ``dense_predict``'s (``"crops"``: the classifier on every window, which ``"auto"``
+    also does where ``convert`` refuses it).
 
     Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, a Dask ``backend`` or
     a ``mask`` given, or opened with options) go through :func:`nofc.tiled_predict`: TIFF
@@ -116,6 +119,11 @@ def heatmap(
     if out is not None:
         out = output_for(out)
         out.check(force=force)
+        if scores_path and (getattr(out, "values", "logits") != "logits"
+                            or getattr(out, "classes", None) is not None):
+            raise NofcError("--scores keeps the logits of every class, which this GeoTIFF "
+                            "does not hold: add --values logits (without --classes), or "
+                            "write the map to a .zarr store")
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
     if normalize is not None and not isinstance(normalize, Normalize):
@@ -123,8 +131,10 @@ def heatmap(
                         f"{type(normalize).__name__}")
     size = tuple(input_size)
     src = open_source(image, channels=size[0])
-    if normalize is None:
-        normalize = Normalize(*_default_norm(model, spec, size[0]))
+    if normalize is None or (normalize.mean is None and normalize.std is None):
+        # only scale= / offset= given (--scale, --offset): the model's mean and std stay
+        given = normalize or Normalize()
+        normalize = Normalize(*_default_norm(model, spec, size[0]), given.scale, given.offset)
     normalize.check(size[0])
     if tile is not None or out is not None or isinstance(backend, Dask) or backend == "dask" \
             or src.on_error == "skip" or mask is not None or src.reading() \
@@ -216,8 +226,10 @@ def _tiled_map(model, src, size, *, normalize, step, method, device, progress, t
         extra["windows_computed"] = [stats["computed"], stats["windows"]]
     info = _info(geo, steps, (size[0], H, W), (h, w), normalize, tile=tile, **extra)
     picture = _thumbnail(src, (H, W), skip_bad=src.on_error == "skip")
+    kept = getattr(scores, "classes", None)  # a GeoTIFF of some classes (RasterMap)
     return _Map(scores, geo, steps, picture, (size[0], H, W), info,
-                every=_every((h, w)), placement=place)
+                every=_every((h, w)), placement=place,
+                names=None if kept is None else [names[i] for i in kept])
 
 
 def _backend_name(backend) -> str:
@@ -241,6 +253,10 @@ def _info(geo, steps, image_shape, map_shape, normalize, **extra) -> dict:
     info.update(step=list(steps), image_shape=list(image_shape), map_shape=list(map_shape),
                 mean=None if normalize.mean is None else list(normalize.mean),
                 std=None if normalize.std is None else list(normalize.std), **extra)
+    if normalize.scale is not None:
+        info["scale"] = normalize.scale
+    if normalize.offset is not None:
+        info["offset"] = list(normalize.offset)
     return info
 
 
@@ -252,7 +268,8 @@ def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_p
     """Choose the classes, draw the PNG, save the scores; the summary."""
     k, h, w = m.scores.shape
     peaks = _peaks(m.scores)
-    chosen, labels = _choose_classes(cls, top, peaks, _class_names(model, k, labels_file))
+    chosen, labels = _choose_classes(cls, top, peaks,
+                                     m.names or _class_names(model, k, labels_file))
     probs = _drawn(m.scores, chosen, m.every)
     f = m.every
     with atomic_output(output, force=force) as tmp:
@@ -282,14 +299,16 @@ def _ordinal(k: int) -> str:
 
 
 def _probabilities(scores, chosen=slice(None)):
-    """Softmax of a ``(K, h, w)`` logit map in blocks of rows, so that a map on disk is
-    never in memory whole: ``(first row, (N, rows, w) probabilities)`` for the ``chosen``
-    classes of each block."""
+    """Probabilities (``nofc.scores.probabilities``) of a ``(K, h, w)`` logit map in
+    blocks of rows, so that a map on disk is never in memory whole: ``(first row, (N,
+    rows, w) probabilities)`` for the ``chosen`` classes of each block. A GeoTIFF of
+    probabilities (``values == "probs"``) is read as it is."""
     k, h, w = scores.shape
     rows = max(1, _BLOCK_BYTES // max(1, 4 * k * w))
+    given = getattr(scores, "values", "logits") == "probs"
     for r in range(0, h, rows):
-        block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
-        yield r, torch.softmax(block, 0)[chosen]
+        block = np.asarray(scores[:, r:r + rows], dtype=np.float32)
+        yield r, torch.from_numpy(block if given else probabilities(block))[chosen]
 
 
 def _peaks(scores) -> np.ndarray:
