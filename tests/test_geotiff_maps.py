@@ -7,6 +7,8 @@ argmax, the TIFF tags read back with tifffile, OpenSlide's reading of them."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,34 @@ def test_cli_scale_values_classes_and_one_line_errors(tmp_path, capsys):
                if not line.startswith("image ")]
         assert len(err) == 1 and needle in err[0], err
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(("bad", ".bad"))]
+
+
+def test_a_checkpoints_mean_and_std_are_the_default(tmp_path, capsys):
+    """Per-band statistics kept in the checkpoint normalise like --mean/--std given."""
+    model = _model_file(tmp_path)
+    stats = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.25, 2.0]}
+    torch.save({"state_dict": _tiny().state_dict(), **stats}, tmp_path / "w.pt")
+    tifffile.imwrite(tmp_path / "img.tif", IMG, photometric="rgb", planarconfig="separate")
+    runs = []
+    for extra in ([], ["--mean", "0.1,0.2,0.3", "--std", "0.5,0.25,2"], ["--scale", "1"]):
+        npz = tmp_path / f"s{len(runs)}.npz"
+        args = ["heatmap", *model, str(tmp_path / "img.tif"), "-o", str(tmp_path / "s.png"),
+                "--scores", str(npz), "--no-check", "--force", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        runs.append(np.load(npz))
+    np.testing.assert_array_equal(runs[0]["scores"], runs[1]["scores"])
+    assert not np.allclose(runs[2]["scores"], runs[0]["scores"])  # x255: the mean stays
+    info = [json.loads(str(r["geometry"])) for r in runs]
+    assert info[0]["mean"] == info[2]["mean"] == stats["mean"] and info[2]["scale"] == 1.0
+
+
+def test_the_heatmap_drawn_from_a_geotiff_of_probabilities_is_the_stores(tmp_path):
+    """heatmap reads a probability GeoTIFF as probabilities (not a softmax of them)."""
+    from nofc.heatmap import heatmap
+
+    peaks = {}
+    for out in ("map.zarr", "map.tif"):
+        info = heatmap(_tiny(), IMG, SIZE, str(tmp_path / f"{out}.png"), top=3,
+                       out=str(tmp_path / out), progress=False, check=False)
+        peaks[out] = dict(zip(info["classes"], info["max_prob"]))
+    assert peaks["map.tif"] == pytest.approx(peaks["map.zarr"], abs=1e-6)
