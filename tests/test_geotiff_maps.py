@@ -206,12 +206,20 @@ def test_cli_scale_values_classes_and_one_line_errors(tmp_path, capsys):
     np.testing.assert_allclose(runs["dn"], runs["refl"], rtol=0, atol=1e-5)
     tif = tmp_path / "m.tif"
     args = ["heatmap", *model, str(tmp_path / "dn.tif"), "-o", str(tmp_path / "m.png"),
-            "--scale", "1e-4", "--out", str(tif), "--values", "logits", "--classes", "2,0",
-            "--no-class-band", "--no-check"]
+            "--scale", "1e-4", "--out", str(tif), "--values", "logits", "--no-class-band",
+            "--no-check"]
     assert main(args) == 0, capsys.readouterr().err
     with rasterio.open(tif) as ds:
-        np.testing.assert_allclose(ds.read(), runs["dn"][[2, 0]], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(ds.read(), runs["dn"], rtol=0, atol=1e-5)
     assert not (tmp_path / "m.classes.tif").exists()
+    probs = torch.softmax(torch.from_numpy(runs["dn"]), 0).numpy()
+    args = ["heatmap", *model, str(tmp_path / "dn.tif"), "-o", str(tmp_path / "m.png"),
+            "--scale", "1e-4", "--out", str(tif), "--classes", "2,0", "--force",
+            "--no-check", "--class", "0"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"  class 0: peak probability {probs[0].max():.3f}" in capsys.readouterr().out
+    with rasterio.open(tif) as ds:
+        np.testing.assert_allclose(ds.read(), probs[[2, 0]], rtol=0, atol=1e-5)
     capsys.readouterr()
     bad = tmp_path / "bad.tif"
     base = ["heatmap", *model, str(tmp_path / "dn.tif"), "-o", str(tmp_path / "bad.png")]
@@ -222,7 +230,11 @@ def test_cli_scale_values_classes_and_one_line_errors(tmp_path, capsys):
              "values does not apply to .zarr output"),
             (["--out", str(bad), "--scores", str(tmp_path / "bad.npz")],
              "--scores keeps the logits of every class"),
-            (["--scale", "-1"], "scale must be a positive finite number")):
+            (["--scale", "-1"], "scale must be a positive finite number"),
+            (["--out", str(bad), "--classes", "2,0", "--class", "1"],
+             "--class 1 is not among the classes the GeoTIFF keeps (2, 0)"),
+            (["--out", str(bad), "--classes", "2", "--values", "logits"],
+             "--classes with --values logits: the heatmap's probabilities need")):
         assert main(base + extra) == 2
         err = [line for line in capsys.readouterr().err.splitlines()
                if not line.startswith("image ")]

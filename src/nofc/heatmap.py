@@ -53,6 +53,7 @@ class _Map:
     every: int = 1  # draw every f-th cell (a map larger than the picture can show)
     placement: object = None  # nofc.placement.Placement: boxes in level-0 / world coords
     names: list | None = None  # the name of each band of scores (default: the model's)
+    ids: list | None = None  # the class of each band of scores (default: band k is class k)
 
     @property
     def tiled(self) -> bool:
@@ -124,6 +125,10 @@ def heatmap(
             raise NofcError("--scores keeps the logits of every class, which this GeoTIFF "
                             "does not hold: add --values logits (without --classes), or "
                             "write the map to a .zarr store")
+        if getattr(out, "values", None) == "logits" and getattr(out, "classes", None):
+            raise NofcError("--classes with --values logits: the heatmap's probabilities "
+                            "need the logits of every class; keep --values probs, or drop "
+                            "--classes")
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
     if normalize is not None and not isinstance(normalize, Normalize):
@@ -142,7 +147,7 @@ def heatmap(
         computed = _tiled_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, tile=tile, out=out,
                               backend=backend, mask=mask, labels_file=labels_file,
-                              edges=edges, check=check)
+                              edges=edges, check=check, cls=cls)
     else:
         computed = _whole_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, verify=verify,
@@ -198,7 +203,8 @@ def _whole_map(model, src, size, *, normalize, step, method, device, progress, v
 
 
 def _tiled_map(model, src, size, *, normalize, step, method, device, progress, tile, out,
-               backend, mask=None, labels_file=None, edges="inside", check=True) -> _Map:
+               backend, mask=None, labels_file=None, edges="inside", check=True,
+               cls=None) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     H, W = src.hw
@@ -214,6 +220,10 @@ def _tiled_map(model, src, size, *, normalize, step, method, device, progress, t
     names = _class_names(model, num_outputs(fcn, size), labels_file)
     if out is not None and out.path is not None and not out.metadata:
         out = dataclasses.replace(out, metadata={"classes": names})
+    bands = out.bands(len(names)) if hasattr(out, "bands") else None  # a GeoTIFF's classes
+    if cls is not None and bands is not None and cls not in bands:  # before the long part
+        raise NofcError(f"--class {cls} is not among the classes the GeoTIFF keeps "
+                        f"({', '.join(map(str, bands))})")
     scores = tiled_predict(fcn, src, size, tile=tile, out=output_for(out), backend=backend,
                            step=None if steps == geo.stride else steps, method=method,
                            normalize=normalize, device=device, progress=progress, mask=mask,
@@ -229,7 +239,7 @@ def _tiled_map(model, src, size, *, normalize, step, method, device, progress, t
     kept = getattr(scores, "classes", None)  # a GeoTIFF of some classes (RasterMap)
     return _Map(scores, geo, steps, picture, (size[0], H, W), info,
                 every=_every((h, w)), placement=place,
-                names=None if kept is None else [names[i] for i in kept])
+                names=None if kept is None else [names[i] for i in kept], ids=kept)
 
 
 def _backend_name(backend) -> str:
@@ -268,8 +278,11 @@ def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_p
     """Choose the classes, draw the PNG, save the scores; the summary."""
     k, h, w = m.scores.shape
     peaks = _peaks(m.scores)
+    ids = m.ids or list(range(k))
+    if cls is not None and m.ids is not None:  # a GeoTIFF of some classes: --class K's band
+        cls = ids.index(cls)  # (_tiled_map checked that it is there)
     chosen, labels = _choose_classes(cls, top, peaks,
-                                     m.names or _class_names(model, k, labels_file))
+                                     m.names or _class_names(model, k, labels_file), ids)
     probs = _drawn(m.scores, chosen, m.every)
     f = m.every
     with atomic_output(output, force=force) as tmp:
@@ -279,7 +292,7 @@ def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_p
             boxes = m.geo.boxes(m.image_shape[1:], step=m.steps) if m.placement is None \
                 else m.placement.boxes(m.image_shape[1:])  # level-0 slide pixels
             _save_scores(scores_path, np.asarray(m.scores[:]), boxes, m.info, force=force)
-    return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
+    return {"classes": [ids[c] for c in chosen], "labels": labels, "map_shape": (h, w),
             "geometry": m.info, "max_prob": [float(peaks[c]) for c in chosen]}
 
 
@@ -370,16 +383,19 @@ def _readable_parts(src, hw, f: int, part: int = 128) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def _choose_classes(cls, top, peaks, names):
-    """The classes to draw (``--class`` or the ``--top`` peaks) and their panel titles."""
+def _choose_classes(cls, top, peaks, names, ids=None):
+    """The bands to draw (``--class`` or the ``--top`` peaks) and their panel titles;
+    ``ids`` is the class of each band (default: band k is class k)."""
     k = len(names)
+    ids = list(range(k)) if ids is None else ids
     if cls is not None:
         if not 0 <= cls < k:
             raise NofcError(f"--class {cls} is out of range: the model has classes 0..{k - 1}")
         chosen = [cls]
     else:
         chosen = list(np.argsort(-np.nan_to_num(peaks, nan=-1.0), kind="stable")[: top or 1])
-    labels = [f"{names[c]} ({c})" if names[c] != str(c) else f"class {c}" for c in chosen]
+    labels = [f"{names[c]} ({ids[c]})" if names[c] != str(ids[c]) else f"class {ids[c]}"
+              for c in chosen]
     return chosen, labels
 
 

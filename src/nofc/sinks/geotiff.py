@@ -97,6 +97,16 @@ class GeoTiffOutput(Output):
         if self.class_band:
             refuse_overwrite(self.class_path, force=force)
 
+    def bands(self, k: int) -> list[int]:
+        """The class of each value band of a map of ``k`` classes (``classes`` by name
+        are looked up in ``metadata["classes"]``); a class it lacks is one NofcError.
+
+        >>> GeoTiffOutput("m.tif", metadata={"classes": ["a", "b", "c"]},
+        ...               classes=("c", 0)).bands(3)
+        [2, 0]
+        """
+        return _kept_classes(self.classes, _names(self.metadata, k)) or list(range(k))
+
     def open(self, facts: MapFacts) -> "GeoTiffSink":
         metadata = self.kept(facts)
         keep = _kept_classes(self.classes, _names(metadata, facts.shape[0]))
