@@ -271,3 +271,20 @@ def test_the_heatmap_drawn_from_a_geotiff_of_probabilities_is_the_stores(tmp_pat
                        out=str(tmp_path / out), progress=False, check=False)
         peaks[out] = dict(zip(info["classes"], info["max_prob"]))
     assert peaks["map.tif"] == pytest.approx(peaks["map.zarr"], abs=1e-6)
+
+
+def test_a_failed_cog_copy_leaves_nothing(tmp_path, monkeypatch):
+    import rasterio.shutil
+
+    def broken(*args, **kwargs):
+        raise rasterio.errors.RasterioError("disk gone")
+
+    geo = nofc.geometry(nofc.convert(_tiny(), SIZE), SIZE)
+    monkeypatch.setattr(rasterio.shutil, "copy", broken)
+    sink = GeoTiffOutput(str(tmp_path / "map.tif")).open(
+        MapFacts((3, 20, 20), np.float32, placement=Placement(geo, (4, 4))))
+    with sink:
+        sink.aggregate(_Tile((0, 0), (0, 20, 0, 20)), np.zeros((3, 20, 20), np.float32))
+    with pytest.raises(rasterio.errors.RasterioError, match="disk gone"):
+        sink.finalize()
+    assert list(tmp_path.iterdir()) == []

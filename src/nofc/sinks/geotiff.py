@@ -203,12 +203,17 @@ class GeoTiffSink(FileSink):
         """The COGs made from the blocks (overviews first), moved into place; the map,
         read lazily."""
         self.close()
-        self._op(lambda: _cog(self.stage, self.tmp, self.shape[1:], "AVERAGE"), "the COG")
-        if self.class_stage is not None:
-            self._op(lambda: _cog(self.class_stage, self.class_tmp, self.shape[1:], "MODE"),
-                     "the class band's COG")
-            self._op(lambda: os.replace(self.class_tmp, self.class_path), "the class band")
-        self._publish()
+        try:  # (GDAL's own errors are not all OSErrors: no temporary is left either way)
+            self._op(lambda: _cog(self.stage, self.tmp, self.shape[1:], "AVERAGE"), "the COG")
+            if self.class_stage is not None:
+                self._op(lambda: _cog(self.class_stage, self.class_tmp, self.shape[1:],
+                                      "MODE"), "the class band's COG")
+                self._op(lambda: os.replace(self.class_tmp, self.class_path),
+                         "the class band")
+            self._publish()
+        except BaseException:
+            self._abort()
+            raise
         for p in (self.stage, self.class_stage):
             if p is not None:
                 p.unlink(missing_ok=True)
