@@ -142,7 +142,7 @@ def test_level_and_mpp_equal_the_level_array_and_boxes_are_level_0(fcn, files, t
 @pytest.mark.parametrize("step", [None, 2])
 def test_geotiff_georeferencing_follows_the_window_centres(fcn, files, tmp_path, step):
     out = tmp_path / "map.tif"
-    got = _run(fcn, files["geotiff"], out=str(out), step=step)
+    got = _run(fcn, files["geotiff"], out=GeoTiffOutput(str(out), values="logits"), step=step)
     ref = _run(fcn, IMG, step=step)
     geo = nofc.geometry(fcn, SIZE)
     ys, xs = geo.centers(IMG.shape[:2], step=step)

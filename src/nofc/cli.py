@@ -236,6 +236,12 @@ def _add_heatmap(sub) -> None:
     p.add_argument("--mean", type=_floats, help="per-channel mean, e.g. 0.485,0.456,0.406 "
                                                 "(default: the model's, if known)")
     p.add_argument("--std", type=_floats, help="per-channel std (default: the model's)")
+    p.add_argument("--scale", type=float, metavar="S",
+                   help="multiply the stored pixels by S before --offset, --mean and --std "
+                        "(default: 1/255 for 8-bit, 1/65535 for 16-bit images, 1 for floats); "
+                        "Sentinel-2 reflectance: --scale 0.0001")
+    p.add_argument("--offset", type=_floats, metavar="O", help="add O (one value or one per "
+                   "band) after --scale: GDAL's band offset, e.g. -0.1 for Sentinel-2 L2A")
     p.add_argument("--labels", metavar="FILE", help="class names, one per line")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--verify", action="store_true",
@@ -289,20 +295,40 @@ def _add_heatmap(sub) -> None:
                        help="--out CELLS.geojson holds merged regions, as .regions.geojson")
     field.add_argument("--background", metavar="CLASS[,CLASS]",
                        help="classes (names or numbers) left out of the regions")
+    field.add_argument("--values", metavar="probs|logits",
+                       help="what a GeoTIFF --out holds: class probabilities (probs, the "
+                            "default: what the viewer and the GeoJSON show) or the raw "
+                            "logits (a .zarr store always keeps the logits)")
+    field.add_argument("--classes", metavar="K1,K2,...",
+                       help="the classes a GeoTIFF --out keeps as bands, by index or name "
+                            "(default: all)")
+    field.add_argument("--no-class-band", dest="class_band", action="store_false",
+                       default=None,
+                       help="do not write MAP.classes.tif, the top class of each cell with a "
+                            "colour table, next to a GeoTIFF --out")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``"a, b,c"`` -> ``("a", "b", "c")``."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
 def _cmd_heatmap(args) -> int:
-    options = {} if args.threshold is None else {"threshold": args.threshold}
-    if args.background is not None:
-        options["exclude"] = tuple(c.strip() for c in args.background.split(",") if c.strip())
+    options = {name: value for name, value in (
+        ("threshold", args.threshold), ("values", args.values),
+        ("classes", None if args.classes is None else _names(args.classes)),
+        ("class_band", args.class_band),
+        ("exclude", None if args.background is None else _names(args.background)))
+        if value is not None}
     if args.regions and args.out is None:
         raise NofcError("--regions needs --out CELLS.geojson (or .regions.geojson, .gpkg, .fgb)")
     if args.regions:
         out = RegionsOutput(args.out, **options)
     else:
         out = None if args.out is None and not options else output_for(args.out, **options)
-    normalize = None if args.mean is None and args.std is None else \
-        Normalize(mean=args.mean, std=args.std)
+    normalize = None if args.mean is None and args.std is None and args.scale is None \
+        and args.offset is None else Normalize(mean=args.mean, std=args.std,
+                                               scale=args.scale, offset=args.offset)
     backend = "local" if args.scheduler is None and args.workers is None else \
         Dask(scheduler=args.scheduler, workers=args.workers)
     check_outputs(args.output, args.scores, args.out, force=args.force)

@@ -27,6 +27,7 @@ from .io import atomic_output
 from .placement import placement_of
 from .receptive import cached_geometry
 from .render import render_heatmap
+from .scores import probabilities
 from .sinks import output_for
 from .sources import open_source
 from .tiling import Dask, check_tileable, default_tile, num_outputs, tiled_predict
@@ -51,6 +52,8 @@ class _Map:
     info: dict  # geometry and run facts: printed, and saved with the scores
     every: int = 1  # draw every f-th cell (a map larger than the picture can show)
     placement: object = None  # nofc.placement.Placement: boxes in level-0 / world coords
+    names: list | None = None  # the name of each band of scores (default: the model's)
+    ids: list | None = None  # the class of each band of scores (default: band k is class k)
 
     @property
     def tiled(self) -> bool:
@@ -87,11 +90,12 @@ def heatmap(
     ``image`` is a file path or an image opened with its options
     (``nofc.open_source(path, level=1, on_error="skip")``: a slide's level or pixel size,
     a raster's bands, unreadable regions left NaN). ``normalize`` is a
-    ``nofc.Normalize``; by default the model's own (a timm model's pretrained config,
-    ImageNet's for torchvision RGB models), else none. The conversion is checked against
-    the classifier at ``input_size`` before the map is computed (``check=False`` skips
-    that); ``method`` and ``edges`` are ``dense_predict``'s (``"crops"``: the classifier
-    on every window, which ``"auto"`` also does where ``convert`` refuses it).
+    ``nofc.Normalize``; its mean and std, when it gives neither, are the model's own (a
+    timm model's pretrained config, ImageNet's for torchvision RGB models), else none.
+    The conversion is checked against the classifier at ``input_size`` before the map
+    is computed (``check=False`` skips that); ``method`` and ``edges`` are
+    ``dense_predict``'s (``"crops"``: the classifier on every window, which ``"auto"``
+    also does where ``convert`` refuses it).
 
     Images above ``TILE_ABOVE`` pixels (or with ``tile``, ``out``, a Dask ``backend`` or
     a ``mask`` given, or opened with options) go through :func:`nofc.tiled_predict`: TIFF
@@ -117,6 +121,15 @@ def heatmap(
     if out is not None:
         out = output_for(out)
         out.check(force=force)
+        if scores_path and (getattr(out, "values", "logits") != "logits"
+                            or getattr(out, "classes", None) is not None):
+            raise NofcError("--scores keeps the logits of every class, which this GeoTIFF "
+                            "does not hold: add --values logits (without --classes), or "
+                            "write the map to a .zarr store")
+        if getattr(out, "values", None) == "logits" and getattr(out, "classes", None):
+            raise NofcError("--classes with --values logits: the heatmap's probabilities "
+                            "need the logits of every class; keep --values probs, or drop "
+                            "--classes")
     if top is not None and top < 1:
         raise NofcError(f"--top must be at least 1, got {top}")
     if normalize is not None and not isinstance(normalize, Normalize):
@@ -124,8 +137,10 @@ def heatmap(
                         f"{type(normalize).__name__}")
     size = tuple(input_size)
     src = open_source(image, channels=size[0])
-    if normalize is None:
-        normalize = Normalize(*_default_norm(model, spec, size[0]))
+    if normalize is None or (normalize.mean is None and normalize.std is None):
+        # only scale= / offset= given (--scale, --offset): the model's mean and std stay
+        given = normalize or Normalize()
+        normalize = Normalize(*_default_norm(model, spec, size[0]), given.scale, given.offset)
     normalize.check(size[0])
     if tile is not None or out is not None or isinstance(backend, Dask) or backend == "dask" \
             or src.on_error == "skip" or mask is not None or src.reading() \
@@ -133,7 +148,7 @@ def heatmap(
         computed = _tiled_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, tile=tile, out=out,
                               backend=backend, mask=mask, labels_file=labels_file,
-                              edges=edges, check=check)
+                              edges=edges, check=check, cls=cls)
     else:
         computed = _whole_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, verify=verify,
@@ -189,7 +204,8 @@ def _whole_map(model, src, size, *, normalize, step, method, device, progress, v
 
 
 def _tiled_map(model, src, size, *, normalize, step, method, device, progress, tile, out,
-               backend, mask=None, labels_file=None, edges="inside", check=True) -> _Map:
+               backend, mask=None, labels_file=None, edges="inside", check=True,
+               cls=None) -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     H, W = src.hw
@@ -205,6 +221,10 @@ def _tiled_map(model, src, size, *, normalize, step, method, device, progress, t
     names = _class_names(model, num_outputs(fcn, size), labels_file)
     if out is not None and out.path is not None and not out.metadata:
         out = dataclasses.replace(out, metadata={"classes": names})
+    bands = out.bands(len(names)) if hasattr(out, "bands") else None  # a GeoTIFF's classes
+    if cls is not None and bands is not None and cls not in bands:  # before the long part
+        raise NofcError(f"--class {cls} is not among the classes the GeoTIFF keeps "
+                        f"({', '.join(map(str, bands))})")
     scores = tiled_predict(fcn, src, size, tile=tile, out=output_for(out), backend=backend,
                            step=None if steps == geo.stride else steps, method=method,
                            normalize=normalize, device=device, progress=progress, mask=mask,
@@ -217,8 +237,10 @@ def _tiled_map(model, src, size, *, normalize, step, method, device, progress, t
         extra["windows_computed"] = [stats["computed"], stats["windows"]]
     info = _info(geo, steps, (size[0], H, W), (h, w), normalize, tile=tile, **extra)
     picture = _thumbnail(src, (H, W), skip_bad=src.on_error == "skip")
+    kept = getattr(scores, "classes", None)  # a GeoTIFF of some classes (RasterMap)
     return _Map(scores, geo, steps, picture, (size[0], H, W), info,
-                every=_every((h, w)), placement=place)
+                every=_every((h, w)), placement=place,
+                names=None if kept is None else [names[i] for i in kept], ids=kept)
 
 
 def _backend_name(backend) -> str:
@@ -242,6 +264,10 @@ def _info(geo, steps, image_shape, map_shape, normalize, **extra) -> dict:
     info.update(step=list(steps), image_shape=list(image_shape), map_shape=list(map_shape),
                 mean=None if normalize.mean is None else list(normalize.mean),
                 std=None if normalize.std is None else list(normalize.std), **extra)
+    if normalize.scale is not None:
+        info["scale"] = normalize.scale
+    if normalize.offset is not None:
+        info["offset"] = list(normalize.offset)
     return info
 
 
@@ -253,7 +279,11 @@ def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_p
     """Choose the classes, draw the PNG, save the scores; the summary."""
     k, h, w = m.scores.shape
     peaks = _peaks(m.scores)
-    chosen, labels = _choose_classes(cls, top, peaks, _class_names(model, k, labels_file))
+    ids = m.ids or list(range(k))
+    if cls is not None and m.ids is not None:  # a GeoTIFF of some classes: --class K's band
+        cls = ids.index(cls)  # (_tiled_map checked that it is there)
+    chosen, labels = _choose_classes(cls, top, peaks,
+                                     m.names or _class_names(model, k, labels_file), ids)
     probs = _drawn(m.scores, chosen, m.every)
     f = m.every
     with atomic_output(output, force=force) as tmp:
@@ -263,7 +293,7 @@ def _draw(m: _Map, model, image_path, output, *, cls, top, labels_file, scores_p
             boxes = m.geo.boxes(m.image_shape[1:], step=m.steps) if m.placement is None \
                 else m.placement.boxes(m.image_shape[1:])  # level-0 slide pixels
             _save_scores(scores_path, np.asarray(m.scores[:]), boxes, m.info, force=force)
-    return {"classes": [int(c) for c in chosen], "labels": labels, "map_shape": (h, w),
+    return {"classes": [ids[c] for c in chosen], "labels": labels, "map_shape": (h, w),
             "geometry": m.info, "max_prob": [float(peaks[c]) for c in chosen]}
 
 
@@ -283,14 +313,16 @@ def _ordinal(k: int) -> str:
 
 
 def _probabilities(scores, chosen=slice(None)):
-    """Softmax of a ``(K, h, w)`` logit map in blocks of rows, so that a map on disk is
-    never in memory whole: ``(first row, (N, rows, w) probabilities)`` for the ``chosen``
-    classes of each block."""
+    """Probabilities (``nofc.scores.probabilities``) of a ``(K, h, w)`` logit map in
+    blocks of rows, so that a map on disk is never in memory whole: ``(first row, (N,
+    rows, w) probabilities)`` for the ``chosen`` classes of each block. A GeoTIFF of
+    probabilities (``values == "probs"``) is read as it is."""
     k, h, w = scores.shape
     rows = max(1, _BLOCK_BYTES // max(1, 4 * k * w))
+    given = getattr(scores, "values", "logits") == "probs"
     for r in range(0, h, rows):
-        block = torch.from_numpy(np.asarray(scores[:, r:r + rows], dtype=np.float32))
-        yield r, torch.softmax(block, 0)[chosen]
+        block = np.asarray(scores[:, r:r + rows], dtype=np.float32)
+        yield r, torch.from_numpy(block if given else probabilities(block))[chosen]
 
 
 def _peaks(scores) -> np.ndarray:
@@ -352,16 +384,19 @@ def _readable_parts(src, hw, f: int, part: int = 128) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def _choose_classes(cls, top, peaks, names):
-    """The classes to draw (``--class`` or the ``--top`` peaks) and their panel titles."""
+def _choose_classes(cls, top, peaks, names, ids=None):
+    """The bands to draw (``--class`` or the ``--top`` peaks) and their panel titles;
+    ``ids`` is the class of each band (default: band k is class k)."""
     k = len(names)
+    ids = list(range(k)) if ids is None else ids
     if cls is not None:
         if not 0 <= cls < k:
             raise NofcError(f"--class {cls} is out of range: the model has classes 0..{k - 1}")
         chosen = [cls]
     else:
         chosen = list(np.argsort(-np.nan_to_num(peaks, nan=-1.0), kind="stable")[: top or 1])
-    labels = [f"{names[c]} ({c})" if names[c] != str(c) else f"class {c}" for c in chosen]
+    labels = [f"{names[c]} ({ids[c]})" if names[c] != str(ids[c]) else f"class {ids[c]}"
+              for c in chosen]
     return chosen, labels
 
 

@@ -25,17 +25,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Normalize:
-    """How stored pixels become the network's input: ``(x * scale - mean) / std`` per
-    channel. The one normalisation option of ``tiled_predict`` and ``heatmap``.
+    """How stored pixels become the network's input: ``(x * scale + offset - mean) / std``
+    per channel. The one normalisation option of ``tiled_predict`` and ``heatmap``.
 
     Attributes:
         mean, std: one value, or one per channel (None: 0 and 1).
         scale: what multiplies the stored pixels first; None: ``1 / max`` for integer
             images (255 for uint8, :func:`default_scale`), 1 for floats.
+        offset: what is added after ``scale`` (GDAL's band offset: Sentinel-2 L2A
+            reflectance is ``DN * 0.0001 - 0.1`` since processing baseline 04.00);
+            one value, or one per channel.
 
     >>> imagenet = Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     >>> imagenet(np.ones((3, 2, 2), np.float32))[:, 0, 0].round(3)
     array([2.249, 2.429, 2.64 ], dtype=float32)
+    >>> l2a = Normalize(scale=1e-4, offset=-0.1)  # Sentinel-2 L2A digital numbers
+    >>> l2a(np.full((1, 1, 1), 3000, np.uint16))[0, 0, 0].round(4)
+    np.float32(0.2)
     >>> Normalize(std=float("nan"))
     Traceback (most recent call last):
     ...
@@ -45,9 +51,10 @@ class Normalize:
     mean: tuple | float | None = None
     std: tuple | float | None = None
     scale: float | None = None
+    offset: tuple | float | None = None
 
     def __post_init__(self):
-        for name in ("mean", "std"):
+        for name in ("mean", "std", "offset"):
             values = getattr(self, name)
             if values is None:
                 continue
@@ -70,8 +77,8 @@ class Normalize:
             object.__setattr__(self, "scale", scale)
 
     def check(self, channels: int) -> None:
-        """Refuse a mean or std whose count is neither 1 nor ``channels``."""
-        for name in ("mean", "std"):
+        """Refuse a mean, std or offset whose count is neither 1 nor ``channels``."""
+        for name in ("mean", "std", "offset"):
             v = getattr(self, name)
             if v is not None and len(v) not in (1, channels):
                 raise NofcError(f"--{name} has {len(v)} values and the image {channels} "
@@ -81,7 +88,7 @@ class Normalize:
         """This normalisation with ``scale`` decided for pixels of ``dtype``."""
         if self.scale is not None:
             return self
-        return Normalize(self.mean, self.std, default_scale(np.dtype(dtype)))
+        return Normalize(self.mean, self.std, default_scale(np.dtype(dtype)), self.offset)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """A ``(C, H, W)`` array normalised, as float32."""
@@ -90,6 +97,8 @@ class Normalize:
         out = image.astype(np.float32, copy=True)
         if scale != 1.0:
             out *= np.float32(scale)
+        if self.offset is not None:
+            out += np.asarray(self.offset, np.float32)[:, None, None]
         if self.mean is not None:
             out -= np.asarray(self.mean, np.float32)[:, None, None]
         if self.std is not None:
@@ -102,6 +111,8 @@ class Normalize:
         x = torch.from_numpy(np.ascontiguousarray(region)).to(device=device, dtype=dtype)
         if self.scale not in (None, 1.0):
             x = x * self.scale
+        if self.offset is not None:
+            x = x + torch.as_tensor(self.offset, dtype=dtype, device=device).view(-1, 1, 1)
         if self.mean is not None:
             x = x - torch.as_tensor(self.mean, dtype=dtype, device=device).view(-1, 1, 1)
         if self.std is not None:

@@ -40,14 +40,16 @@ _NESTED = ("state_dict", "model", "state_dict_ema", "model_ema", "module", "net"
 _PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
 
 
-def _load_checkpoint(path: str) -> tuple[dict, list[str] | None]:
-    """The state_dict in a weights file as people save it, and the class names it keeps.
+def _load_checkpoint(path: str) -> tuple[dict, dict]:
+    """The state_dict in a weights file as people save it, and what it keeps beside the
+    weights: ``{"classes": [...], "mean": (...), "std": (...)}`` where it has them.
 
     ``.pt``/``.pth``/``.ckpt`` through ``torch.load(weights_only=True)`` (a file cannot run
     code), ``.safetensors`` through safetensors. A dict that is not itself a state_dict is
     searched for one under ``state_dict`` (Lightning), ``model``, ``state_dict_ema``,
     ``model_ema``, ``module`` or ``net``; class names under ``classes`` or
-    ``class_names`` (or Lightning's ``hyper_parameters``).
+    ``class_names``, the per-band normalisation under ``mean`` and ``std`` (or in
+    Lightning's ``hyper_parameters``).
     """
     p = Path(path)
     if not p.is_file():
@@ -55,7 +57,7 @@ def _load_checkpoint(path: str) -> tuple[dict, list[str] | None]:
     if p.stat().st_size == 0:
         raise NofcError(f"weights file is empty: {path}")
     if p.suffix.lower() == ".safetensors":
-        return _load_safetensors(p), None
+        return _load_safetensors(p), {}
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -79,6 +81,7 @@ def _load_checkpoint(path: str) -> tuple[dict, list[str] | None]:
         raise NofcError(f"cannot read weights from {path}: not a PyTorch weights file "
                         f"({type(exc).__name__}: {first})") from None
     names = _stored_names(obj)
+    kept = {**({"classes": names} if names else {}), **_stored_stats(obj)}
     sd = obj
     if isinstance(obj, dict) and not _is_state_dict(obj):
         inner = [obj[k] for k in _NESTED if isinstance(obj.get(k), dict) and _is_state_dict(obj[k])]
@@ -88,7 +91,7 @@ def _load_checkpoint(path: str) -> tuple[dict, list[str] | None]:
         raise NofcError(f"{path} is not a state_dict (a dict of tensors)"
                         + (f"; its keys: {keys}, none of {', '.join(_NESTED)} holds one"
                            if keys else ""))
-    return sd, names
+    return sd, kept
 
 
 def _is_state_dict(d: dict) -> bool:
@@ -96,18 +99,35 @@ def _is_state_dict(d: dict) -> bool:
                            for k, v in d.items())
 
 
-def _stored_names(obj) -> list[str] | None:
-    """Class names kept beside the weights, when a list of strings is there."""
+def _stored(obj, keys, ok):
+    """The first value under one of ``keys`` in a checkpoint dict (or its Lightning
+    ``hyper_parameters``) that ``ok`` accepts, else None."""
     if not isinstance(obj, dict):
         return None
     for holder in (obj, obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"),
                                                                  dict) else {}):
-        for key in ("classes", "class_names"):
-            names = holder.get(key)
-            if isinstance(names, (list, tuple)) and names and all(isinstance(n, str)
-                                                                  for n in names):
-                return list(names)
+        for key in keys:
+            value = holder.get(key)
+            if isinstance(value, (list, tuple)) and value and ok(value):
+                return list(value)
     return None
+
+
+def _stored_names(obj) -> list[str] | None:
+    """Class names kept beside the weights, when a list of strings is there."""
+    return _stored(obj, ("classes", "class_names"), lambda v: all(isinstance(n, str)
+                                                                   for n in v))
+
+
+def _stored_stats(obj) -> dict:
+    """The per-band ``mean`` and ``std`` the model was trained with, when the checkpoint
+    keeps both (lists of numbers of the same length): ``{"mean": [...], "std": [...]}``."""
+    def numbers(v):
+        return all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v)
+
+    mean, std = _stored(obj, ("mean",), numbers), _stored(obj, ("std",), numbers)
+    return {"mean": tuple(mean), "std": tuple(std)} if mean and std and \
+        len(mean) == len(std) else {}
 
 
 def _load_safetensors(p: Path) -> dict:
@@ -240,7 +260,9 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
     a Lightning or EMA dict; DDP's ``module.`` and Lightning's ``model.`` prefixes), always
     loaded with ``weights_only=True``. ``num_classes`` builds a torchvision or timm model
     with that head; without it the head is sized from the checkpoint's classifier. Class
-    names kept in the checkpoint (``classes``) go to ``model.nofc_class_names``.
+    names kept in the checkpoint (``classes``) go to ``model.nofc_class_names``, its
+    ``mean`` and ``std`` (per band) to ``model.pretrained_cfg`` (the normalisation
+    ``nofc heatmap`` uses by default).
 
     >>> load_model("torchvision:resnet18").fc.out_features
     1000
@@ -318,10 +340,13 @@ def load_model(spec: str, *, weights: str | None = None, num_classes: int | None
         raise NofcError(f"--num-classes applies to torchvision:NAME and timm:NAME models; "
                         f"{spec} builds its own head")
     if weights is not None:
-        sd, names = _load_checkpoint(weights)
+        sd, kept = _load_checkpoint(weights)
         model = _apply_state_dict(model, sd, weights, rebuild=None if num_classes else rebuild)
-        if names is not None:
-            model.nofc_class_names = names
+        if "classes" in kept:
+            model.nofc_class_names = kept["classes"]
+        if "mean" in kept:  # the fine-tune's own statistics win over the base config's
+            model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
+                                    "mean": kept["mean"], "std": kept["std"]}
     return model.eval()
 
 

@@ -33,7 +33,7 @@ class Placement:
     downsample: tuple[float, float] = (1.0, 1.0)
     transform: tuple | None = None  # GDAL-order affine of the pixels read, or None
     crs: str | None = None
-    mpp: tuple[float, float] | None = None  # (y, x) microns per level-0 pixel, if known
+    mpp: tuple[float, float] | None = None  # (y, x) microns per level-0 pixel, when known
 
     def boxes(self, image_hw) -> np.ndarray:
         """``(h, w, 4)`` float windows ``(y0, x0, y1, x1)`` in level-0 pixels."""
@@ -68,19 +68,34 @@ class Placement:
         >>> Placement(geo, (4, 4), mpp=(0.25, 0.25)).cell_area()
         (1.0, 'µm²')
         """
+        if self.transform is None and self.mpp is not None:
+            y, x = self.cell_microns()
+            return y * x, "µm²"
         a, b, _, d, e, _ = self.cell_transform()
         area = abs(a * e - b * d)
-        if self.transform is not None:
-            return area, _units(self.crs)
+        return area, (_units(self.crs) if self.transform is not None else "px²")
+
+    def cell_microns(self) -> tuple[float, float] | None:
+        """``(y, x)`` size of a map cell in microns (a slide that records its pixel
+        size), else None.
+
+        >>> import nofc
+        >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
+        >>> Placement(geo, (4, 4), downsample=(2.0, 2.0), mpp=(0.25, 0.25)).cell_microns()
+        (2.0, 2.0)
+        """
         if self.mpp is None:
-            return area, "px²"
-        return area * self.mpp[0] * self.mpp[1], "µm²"
+            return None
+        a, _, _, _, e, _ = self.cell_transform()
+        return (abs(e) * self.mpp[0], abs(a) * self.mpp[1])
 
     def as_dict(self) -> dict:
         """Plain Python, for a store's metadata."""
         return {"step": list(self.step), "downsample": list(self.downsample),
                 "cell_transform": list(self.cell_transform()), "crs": self.crs,
-                "coordinates": "world" if self.transform is not None else "level-0 pixels"}
+                "coordinates": "world" if self.transform is not None else "level-0 pixels",
+                **({"mpp": list(self.mpp), "cell_microns": list(self.cell_microns())}
+                   if self.mpp is not None else {})}
 
 
 def _units(crs: str | None) -> str:
@@ -108,9 +123,12 @@ def _compose(outer, inner) -> tuple:
 
 def placement_of(source, geo, step) -> Placement:
     """The placement of a map of ``source`` (an ImageSource, or anything without
-    ``downsample``/``transform``: level-0 = the pixels read)."""
+    ``downsample``/``transform``: level-0 = the pixels read). A source's ``mpp`` (of the
+    pixels read) becomes level-0 microns per pixel; rasters have none (their transform
+    says where they lie)."""
     down = tuple(getattr(source, "downsample", (1.0, 1.0)))
-    mpp = getattr(source, "mpp", None)  # microns per pixel read
-    return Placement(geo, tuple(step), down, getattr(source, "transform", None),
-                     getattr(source, "crs", None),
-                     None if mpp is None else (mpp[0] / down[0], mpp[1] / down[1]))
+    mpp = getattr(source, "mpp", None)
+    transform = getattr(source, "transform", None)
+    mpp0 = None if mpp is None or transform is not None else \
+        (float(mpp[0]) / down[0], float(mpp[1]) / down[1])
+    return Placement(geo, tuple(step), down, transform, getattr(source, "crs", None), mpp0)

@@ -389,6 +389,7 @@ def _arguments(fcn, size, hw, tile, step, norm: Normalize, dtype) -> dict:
         "tile": tile,
         "step": step,
         "scale": norm.scale, "mean": _jsonable(norm.mean), "std": _jsonable(norm.std),
+        **({"offset": _jsonable(norm.offset)} if norm.offset is not None else {}),
         "dtype": str(dtype),
     }
 
