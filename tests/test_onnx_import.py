@@ -631,3 +631,21 @@ def test_in_place_writes_survive_export_and_conversion(dynamo):
     with torch.no_grad():  # and PyTorch's model on one crop: the exporter kept the writes
         crop = model(torch.from_numpy(x[1:, :, 2:10, 4:12])).numpy()
     np.testing.assert_allclose(dense[1, :, 1, 2], crop[0], rtol=1e-4, atol=1e-5)
+
+
+def test_initializers_shared_through_identity():
+    """The TorchScript exporter writes one initializer for equal weights and passes it to
+    the second layer through an Identity (VGG's zero biases): still a constant."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+                        nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        net[3].bias.zero_()
+        net[5].bias.zero_()
+    original = _export(net, torch.randn(1, 1, 8, 8), dynamo=False)
+    assert "Identity" in {n.op_type for n in original.graph.node}
+    fcn = convert_onnx(original, (1, 8, 8))
+    x = np.random.default_rng(3).standard_normal((1, 1, 13, 11)).astype(np.float32)
+    with torch.no_grad():
+        ref = nofc.convert(net, (1, 8, 8))(torch.from_numpy(x)).numpy()
+    assert _rel(ref, _run(fcn, x)) <= 1e-5

@@ -175,6 +175,10 @@ def _constants(g) -> dict:
 
     out = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     for n in g.node:
+        if n.op_type == "Identity" and n.input[0] in out:
+            # the TorchScript exporter shares equal initializers through an Identity
+            # (VGG's zero biases): the constant under another name
+            out[n.output[0]] = out[n.input[0]]
         if n.op_type != "Constant":
             continue
         for a in n.attribute:
