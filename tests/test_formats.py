@@ -166,8 +166,8 @@ def test_options_that_do_not_apply_and_unknown_outputs_are_one_line(tiny_spec, f
         ([str(empty)], "is a folder without a DICOM whole-slide image; give an image file"),
         ([str(mirax)], f"give the slide's file, {mirax}.mrxs"),
         ([str(d / "img.png"), "--out", str(tmp_path / "x.shp")],
-         "unknown output suffix '.shp'; use .zarr (a resumable store), .tif (a GeoTIFF) or "
-         ".geojson"),
+         "unknown output suffix '.shp'; use .zarr (a resumable store), .tif (a GeoTIFF), "
+         ".geojson (QuPath detections), .regions.geojson, .gpkg or .fgb"),
         ([str(d / "img.png"), "--out", str(tmp_path / "x.png")], "unknown output suffix '.png'"),
     ]
     for where, needle in cases:

@@ -94,8 +94,9 @@ def test_regions_equal_the_union_of_the_thresholded_cells_with_holes_and_probabi
         inside = shapely.contains_xy(r.polygon, centres[..., 0], centres[..., 1])
         cells = probs[r.cls][inside]
         assert r.cells == inside.sum() and (cells >= 0.5).all()
-        assert r.mean == pytest.approx(cells.mean(), abs=1e-12)
-        assert r.max == pytest.approx(cells.max(), abs=1e-12)
+        # probabilities are float32 (nofc.scores), the reference float64
+        assert r.mean == pytest.approx(cells.mean(), abs=1e-6)
+        assert r.max == pytest.approx(cells.max(), abs=1e-6)
         assert r.area == pytest.approx(r.polygon.area * 0.25 * 0.25)  # level-0 px² -> µm²
         ring = np.array(r.polygon.exterior.coords)  # corners only: no vertex on a straight edge
         turn = np.cross(ring[1:-1] - ring[:-2], ring[2:] - ring[1:-1])

@@ -34,7 +34,8 @@ from nofc.cli import main
 from nofc.sinks import ZarrOutput
 from nofc.viewer import export_viewer, serve
 from nofc.viewer.server import OSD_VERSION, STATIC
-from nofc.viewer.tiles import decode, softmax
+from nofc.scores import probabilities as softmax
+from nofc.viewer.tiles import decode
 
 SQUARE = (448, 576, 832, 960)  # y0, y1, x0, x1 of the bright square
 HOT_CELL = (126, 222)  # the cell whose window is centred on the square's centre (512, 896)

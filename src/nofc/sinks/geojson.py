@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import NofcError, refuse_overwrite
+from ..scores import class_colour
+from ..scores import probabilities as class_probabilities
 from .base import FileSink, MapFacts, Output
 from .memory import MemorySink
 
 __all__ = ["GeoJsonSink", "GeoJsonOutput"]
-
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def check_threshold(threshold) -> float:
@@ -68,19 +67,16 @@ class GeoJsonOutput(Output):
 
 
 def probabilities(scores) -> tuple[np.ndarray, np.ndarray]:
-    """``(probs, finite)`` of a ``(K, ...)`` block of map values: the softmax over the
-    classes (float64), and where every class value is finite (a NaN cell was masked out or
-    saw NaN pixels; its probabilities are meaningless, 1/K each).
+    """``(probs, finite)`` of a ``(K, ...)`` block of map values: the class probabilities
+    (``nofc.scores.probabilities``, the one rule), and where they exist (a NaN cell was
+    masked out or saw NaN pixels).
 
     >>> p, ok = probabilities(np.array([[0.0, np.nan], [np.log(3), 0.0]]))
     >>> p[:, 0].round(2).tolist(), ok.tolist()
     ([0.25, 0.75], [True, False])
     """
-    block = np.asarray(scores, np.float64)
-    finite = np.isfinite(block).all(0)
-    z = np.where(finite, block, 0.0)
-    z = np.exp(z - z.max(0, keepdims=True))
-    return z / z.sum(0, keepdims=True), finite
+    probs = class_probabilities(scores)
+    return probs, np.isfinite(probs).all(0)
 
 
 def class_names(metadata: dict | None, k: int) -> list[str]:
@@ -99,7 +95,7 @@ def colour(k: int) -> list[int]:
     >>> colour(0), colour(10) == colour(0)
     ([31, 119, 180], True)
     """
-    return list(_PALETTE[k % len(_PALETTE)])
+    return list(class_colour(k))
 
 
 def geojson_points(placement):

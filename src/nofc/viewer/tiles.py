@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import NofcError
 from ..images import default_scale
+from ..scores import probabilities
 
 __all__ = ["TILE", "Pyramid", "ImageTiles", "MapTiles", "box_mean", "STRETCH"]
 
@@ -243,17 +244,6 @@ def _shown(px: np.ndarray) -> np.ndarray:
     return px[:3] if px.shape[0] >= 3 else px[:1]
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over axis 0 of ``(K, ...)`` scores; NaN cells stay NaN.
-
-    >>> softmax(np.array([[0.0], [np.log(3)]])).round(2).tolist()
-    [[0.25], [0.75]]
-    """
-    x = np.asarray(scores, dtype=np.float32)
-    e = np.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
 def code(p: np.ndarray) -> np.ndarray:
     """Probabilities as bytes: 0 for NaN, else ``1 + round(254 p)``."""
     return np.where(np.isnan(p), 0, 1 + np.rint(np.nan_to_num(p) * 254)).astype(np.uint8)
@@ -285,7 +275,7 @@ class MapTiles:
         if values not in ("scores", "probabilities"):
             raise NofcError(f"values must be 'scores' or 'probabilities', got {values!r}")
         self.scores, self.class_band = scores, class_band
-        self._prob = softmax if values == "scores" else _as_probabilities
+        self._prob = probabilities if values == "scores" else _as_probabilities
         k, h, w = (int(n) for n in scores.shape)
         self.classes, self.pyramid = k, Pyramid(w, h)
         chunks = getattr(scores, "chunks", None) or (k, h, w)
