@@ -14,16 +14,18 @@ import sys
 import traceback
 import warnings
 
-from . import __version__, convert, explain, verify
+from . import __version__, convert, explain, predict_many, verify
 from .errors import NofcError, first_line, refuse_overwrite
 from .export import save_model, save_onnx
-from .heatmap import check_outputs, heatmap
+from .cohort import is_cohort, cohort_inputs
+from .crops import map_network
+from .heatmap import check_outputs, class_names, default_normalize, heatmap
 from .images import Normalize
 from .io import default_input_size, load_model, parse_size
 from .onnx_import import convert_onnx, verify_onnx
 from .sinks import output_for
 from .sources import MAX_PIXELS, open_source
-from .tiling import Dask
+from .tiling import Dask, num_outputs
 
 EXIT_USAGE = 2
 
@@ -204,9 +206,12 @@ def _add_heatmap(sub) -> None:
     p = sub.add_parser("heatmap", help="draw class probability maps over an image (dense "
                                        "prediction in one pass)")
     _common_model_args(p)
-    p.add_argument("image", help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette), a "
-                                 "whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF, ...) or "
-                                 "a raster (GeoTIFF, COG, JPEG 2000, ...)")
+    p.add_argument("image", nargs="+",
+                   help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette), a "
+                        "whole-slide image (SVS, NDPI, MRXS, pyramidal TIFF, ...) or a raster "
+                        "(GeoTIFF, COG, JPEG 2000, ...); several, a folder or a manifest "
+                        "(.csv/.tsv: path, optional mask, level, mpp) make a cohort: "
+                        "--out PATTERN, a summary table")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--class", dest="cls", type=int, metavar="K", help="draw class K")
     which.add_argument("--top", type=int, metavar="N",
@@ -219,7 +224,7 @@ def _add_heatmap(sub) -> None:
                         "stride by the dilated network where it equals shift-and-stitch; a "
                         "classifier convert refuses, crop by crop), dilate, shift, or crops "
                         "(the classifier on every window at --step)")
-    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.add_argument("-o", "--output", help="output PNG (one image)")
     p.add_argument("--scores", metavar="FILE",
                    help="also save the raw map and its geometry: .npz, or .npy plus .json")
     p.add_argument("--mean", type=_floats, help="per-channel mean, e.g. 0.485,0.456,0.406 "
@@ -269,10 +274,24 @@ def _add_heatmap(sub) -> None:
                             "mask image of the same aspect; background cells are NaN")
     field.add_argument("--threshold", type=float,
                        help="top-class probability for a cell to be a GeoJSON detection "
-                            "(default 0.5)")
+                            "(default 0.5); in a cohort's summary, for CLASS_above")
+    many = p.add_argument_group("cohorts (several images, a folder or a manifest)")
+    many.add_argument("--fail-fast", action="store_true",
+                      help="stop at the first input that fails (default: record it in the "
+                           "summary and go on)")
+    many.add_argument("--quiet", action="store_true",
+                      help="no progress bar (in a cohort, no line per finished input)")
 
 
 def _cmd_heatmap(args) -> int:
+    if is_cohort(args.image):
+        return _cmd_cohort(args)
+    if args.fail_fast:
+        raise NofcError("--fail-fast is for a cohort (several images, a folder or a "
+                        "manifest); one image stops at its first error anyway")
+    if args.output is None:
+        raise NofcError("the heatmap of one image is a PNG: give -o OUTPUT.png")
+    args.image = args.image[0]
     out = None if args.out is None and args.threshold is None else output_for(
         args.out, **({} if args.threshold is None else {"threshold": args.threshold}))
     normalize = None if args.mean is None and args.std is None else \
@@ -290,6 +309,7 @@ def _cmd_heatmap(args) -> int:
                    scores_path=args.scores,
                    normalize=normalize, labels_file=args.labels, device=args.device,
                    force=args.force, tile=args.tile, out=out, backend=backend,
+                   progress=not args.quiet,
                    verify=args.verify, mask=args.mask, edges=args.edges, check=args.check)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
@@ -303,6 +323,43 @@ def _cmd_heatmap(args) -> int:
     if args.verify:
         print(f"map vs crops: {geo.get('verify', 'not checked (tiled run)')}")
     print(f"wrote {args.output}" + (f" and {args.scores}" if args.scores else ""))
+    return 0
+
+
+def _cmd_cohort(args) -> int:
+    """``nofc heatmap MODEL a.svs b.svs --out results/{stem}.zarr``: a cohort."""
+    for flag, given in (("-o", args.output), ("--scores", args.scores),
+                        ("--verify", args.verify), ("--class", args.cls is not None),
+                        ("--top", args.top is not None), ("--edges", args.edges != "inside")):
+        if given:
+            raise NofcError(f"{flag} is for one image; a cohort writes each map to --out "
+                            "PATTERN and a summary table next to them")
+    if args.out is None:
+        raise NofcError("several images need --out with a pattern, such as --out "
+                        "results/{stem}.zarr ({stem}, {name}, {parent} of each image)")
+    cohort_inputs(args.image, args.out)  # refusals before the model is built
+    model, size = _load(args)
+    normalize = default_normalize(model, args.model, size[0]) \
+        if args.mean is None and args.std is None else Normalize(mean=args.mean, std=args.std)
+    fcn = map_network(model, size, method=args.method, step=args.step, check=args.check)
+    backend = "local" if args.scheduler is None and args.workers is None else \
+        Dask(scheduler=args.scheduler, workers=args.workers)
+    reading = {"level": args.level, "mpp": args.mpp, "bands": args.bands,
+               "on_error": "skip" if args.skip_bad_tiles else "raise",
+               "max_pixels": MAX_PIXELS if args.max_pixels is None else args.max_pixels}
+    cohort = predict_many(fcn, args.image, size, args.out, tile=args.tile, backend=backend,
+                          step=args.step, method=args.method, normalize=normalize,
+                          mask=args.mask, device=args.device, reading=reading,
+                          threshold=0.5 if args.threshold is None else args.threshold,
+                          classes=class_names(model, num_outputs(fcn, size), args.labels),
+                          fail_fast=args.fail_fast, progress=not args.quiet,
+                          force=args.force)
+    print(cohort)
+    print(f"summary: {', '.join(str(p) for p in cohort.files.values())}")
+    if cohort.failed:
+        print(f"nofc: error: {cohort.failed} of {len(cohort)} inputs failed (their reasons: "
+              f"{cohort.files['csv']})", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
