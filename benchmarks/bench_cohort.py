@@ -164,6 +164,28 @@ def _markers(folder: Path) -> int:
     return sum(len(os.listdir(d)) for d in folder.glob("*.zarr/.nofc_done"))
 
 
+def _kept(folder: Path) -> dict:
+    """The finished blocks of each store: ``{stem: [(by, bx), ...]}``."""
+    return {d.parent.stem: [tuple(map(int, m.split("_"))) for m in os.listdir(d)]
+            for d in folder.glob("*.zarr/.nofc_done")}
+
+
+def _computed_cells(kept: dict, reference: Path) -> int:
+    """Cells of the kept blocks that were computed (those with foreground: a block without
+    any is written NaN, not computed), read off the reference run's maps."""
+    import zarr
+
+    cells = 0
+    for stem, blocks in kept.items():
+        arr = zarr.open_array(str(reference / f"{stem}.zarr"))
+        ch, cw = arr.chunks[1:]
+        for by, bx in blocks:
+            block = arr[:, by * ch:(by + 1) * ch, bx * cw:(bx + 1) * cw]
+            if np.isfinite(block).any():
+                cells += block.shape[1] * block.shape[2]
+    return cells
+
+
 def kill(args, paths, tmp: Path) -> list[dict]:
     inputs = [str(p) for p in paths]
     t = time.perf_counter()
@@ -178,14 +200,18 @@ def kill(args, paths, tmp: Path) -> list[dict]:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     t_killed, at_kill = time.perf_counter() - t, _markers(tmp / "killed")
+    kept = _kept(tmp / "killed")
     t = time.perf_counter()
     rerun = _child(inputs, str(tmp / "killed" / "{stem}.zarr"), args.tile)
     rerun_rows = json.loads(rerun.communicate()[0])["rows"]
     t_rerun = time.perf_counter() - t
     cells = lambda rows: sum(r["windows_computed"] or 0 for r in rows)  # noqa: E731
-    # work: the cells computed by the clean run; the killed run computed at least the
-    # blocks it kept (its cells estimated pro rata), the rerun reports its own
-    killed_cells = cells(clean_rows) * at_kill / max(1, total)
+    # work: the cells computed by the clean run; the killed run computed the blocks it
+    # kept that have foreground (and the blocks in flight, lost: at most one here), the
+    # rerun reports its own
+    finished = {Path(r["output"]).stem for r in clean_rows if r["status"] == "done"}
+    killed_cells = _computed_cells({k: v for k, v in kept.items() if k in finished},
+                                   tmp / "clean")
     row = {"case": "kill", "blocks": total, "kept_at_kill": at_kill,
            "work_ratio": (killed_cells + cells(rerun_rows)) / max(1, cells(clean_rows)),
            "time_ratio": (t_killed + t_rerun) / t_clean,

@@ -250,7 +250,9 @@ def _add_heatmap(sub) -> None:
     big.add_argument("--out", metavar="STORE.zarr|MAP.tif|CELLS.geojson",
                      help="write the raw map as tiles finish: a zarr store (rerun to resume), "
                           "a GeoTIFF (georeferenced; level-0 pixels for a slide: QGIS), or "
-                          "QuPath detections of the cells above --threshold (GeoJSON)")
+                          "QuPath detections of the cells above --threshold (GeoJSON); for a "
+                          "cohort a pattern such as results/{stem}.zarr ({name}, {parent}), "
+                          "summary.csv/.parquet and cohort.log in its folder")
     big.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the tiles on a Dask cluster, e.g. tcp://host:8786")
     big.add_argument("--workers", type=int, metavar="N",

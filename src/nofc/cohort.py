@@ -287,9 +287,13 @@ def predict_many(
                 yield job
 
     with run:
-        run_jobs(jobs(), backend, done=run.done, failed=run.failed, bar=run.counter)
-    files = run.write(columns)
-    return Cohort(run.rows, columns, files)
+        try:
+            run_jobs(jobs(), backend, done=run.done, failed=run.failed, bar=run.counter)
+        except BaseException:  # --fail-fast, Ctrl-C, a lost scheduler: the rows so far
+            with contextlib.suppress(Exception):
+                run.write(columns)
+            raise
+    return Cohort(run.rows, columns, run.write(columns))
 
 
 def _source(item: CohortInput, reading: dict | None):
@@ -450,7 +454,7 @@ class _Run:
     def write(self, columns: list[str]) -> dict:
         """``summary.csv`` and ``summary.parquet`` (written whole, then renamed)."""
         order = {item.path: n for n, item in enumerate(self.items)}
-        self.rows.sort(key=lambda r: order[r["input"]])
+        self.rows.sort(key=lambda r: order[r["input"]])  # on a cluster they finish in any order
         files = {"csv": self.folder / "summary.csv", "parquet": self.folder / "summary.parquet",
                  "log": self.folder / "cohort.log"}
         with atomic_output(files["csv"], force=True) as tmp:

@@ -318,9 +318,9 @@ class TileJob:
             None; ``stats``: ``windows``, ``tiles``, ``tiles_computed``, ``computed``.
     """
 
-    def __init__(self, runner, src, tiles, sink, foreground, *, output):
+    def __init__(self, runner, src, tiles, sink, foreground):
         self.runner, self.src, self.tiles, self.sink = runner, src, tiles, sink
-        self.foreground, self.output = foreground, output
+        self.foreground = foreground
         self.held = sum(t.index in sink.done for t in tiles)
         todo = [t for t in tiles if t.index not in sink.done]
         # tiles without foreground go in as NaN, not computed
@@ -409,7 +409,7 @@ def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="
     if fg is not None:
         sink = MaskedSink(sink, fg)
     try:
-        return TileJob(runner, src, tiles, sink, fg, output=output)
+        return TileJob(runner, src, tiles, sink, fg)
     except BaseException:
         sink.close()
         raise
@@ -462,6 +462,9 @@ def _stream(client, jobs, *, done, failed, bar) -> None:
     def parts():
         for job in _chained(first, jobs):
             open_jobs.append(job)
+            if job.runner.fcn is not first.runner.fcn or job.runner.step != first.runner.step:
+                raise NofcError("the images of one stream share the network and the step: "
+                                "open every job with the same converted network")
             yield _Part(job.runner, job.src, job.blocks(bar(job)), job.todo, job=job,
                         variant=job.runner.image_part())
 
@@ -805,6 +808,7 @@ class _Part:
         self.queue = iter(todo)
         self.live: set = set()  # its futures in flight
         self.queued, self.settled, self.error = False, False, None
+        self.tries: dict[tuple[int, int], int] = {}  # submissions of each block
         # workers read their own regions (the file must be reachable from them)
         self.remote = getattr(src, "path", None) is not None or type(
             getattr(src, "array", src)).__module__.startswith("zarr")
@@ -822,7 +826,6 @@ class _Cluster:
     def __init__(self, client, plugin, *, isolate=None, done=None):
         self.client, self.plugin = client, plugin
         self.isolate, self.done = isolate, done
-        self.tries: dict = {}
         self.limit, self.checked = 2, -1.0
 
     def drain(self, parts) -> None:
@@ -890,8 +893,7 @@ class _Cluster:
 
     def submit(self, part: _Part, t: Tile):
         """The future of block ``t``; None when its region could not even be read here."""
-        key = (id(part), t.index)
-        self.tries[key] = self.tries.get(key, 0) + 1
+        part.tries[t.index] = part.tries.get(t.index, 0) + 1
         if part.remote:
             return self.client.submit(_call, self.plugin, part.src, t, part.variant,
                                       pure=False)
@@ -918,7 +920,7 @@ class _Cluster:
                                 ) from None
             if not isinstance(exc, (OSError, KilledWorker)):
                 raise  # a bug, not a fault: its own traceback
-            if self.tries[(id(part), t.index)] >= _ATTEMPTS:
+            if part.tries[t.index] >= _ATTEMPTS:
                 part.blocks.failed(t, _gave_up(t, exc))
                 return None
             return self.submit(part, t)  # a worker lost with the result, a read cut short
