@@ -226,7 +226,6 @@ def test_sigkill_mid_cohort_then_rerun_resumes_to_the_same_maps(fcn, slides, tmp
 # --------------------------------------------------------------------------- cluster
 
 
-@pytest.mark.slow  # a cluster of two processes: about 25 s on 2 busy cores
 def test_cluster_stream_ships_the_model_once_and_isolates_failures(fcn, slides, tmp_path):
     distributed = pytest.importorskip("distributed")
     bad = _corrupt(tmp_path / "bad.tif")

@@ -374,10 +374,8 @@ class _Run:
             except NofcError:  # a whole file, written by a rename: finished
                 self._row(item, start, "skipped", reason="exists (written whole)")
                 return None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a thumbnail's notes: not the cohort's
-                job = opener()
+        try:  # on a cluster, in a thread while the blocks of the input before are computed
+            job = opener()
         except (NofcError, OSError, MemoryError) as exc:
             self._fail(item, start, exc)
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 import time
 import uuid
 import warnings
@@ -453,20 +453,28 @@ def run_jobs(jobs, backend="local", *, done, failed, bar) -> None:
 
 
 def _stream(client, jobs, *, done, failed, bar) -> None:
-    """The blocks of ``jobs`` as one stream over the cluster of ``client``."""
+    """The blocks of ``jobs`` as one stream over the cluster of ``client``. The next job
+    is opened (its image read for a mask, its store made) in a thread while the blocks of
+    the current one are computed, so that the workers do not wait for it."""
     first = next(jobs, None)
     if first is None:
         return
-    open_jobs: list = []  # taken from ``jobs`` and not yet done or failed
+    open_jobs: list = [first]  # taken from ``jobs`` and not yet done or failed
+    pool = ThreadPoolExecutor(1, thread_name_prefix="nofc-open")
+    ahead: list = []  # the future of the job opened in the thread
 
     def parts():
-        for job in _chained(first, jobs):
-            open_jobs.append(job)
+        job = first
+        while job is not None:
             if job.runner.fcn is not first.runner.fcn or job.runner.step != first.runner.step:
                 raise NofcError("the images of one stream share the network and the step: "
                                 "open every job with the same converted network")
+            ahead[:] = [pool.submit(next, jobs, None)]  # one job ahead, no more
             yield _Part(job.runner, job.src, job.blocks(bar(job)), job.todo, job=job,
                         variant=job.runner.image_part())
+            job = ahead.pop().result()
+            if job is not None:
+                open_jobs.append(job)
 
     def closed(job, exc=None) -> bool:
         if job not in open_jobs:
@@ -487,14 +495,15 @@ def _stream(client, jobs, *, done, failed, bar) -> None:
         with _shipped(client, first.runner, first.sink.resume_note) as plugin:
             _Cluster(client, plugin, isolate=isolated, done=finished).drain(parts())
     except BaseException as exc:
-        for job in list(open_jobs) or [first]:  # what the stream left open: released
+        with contextlib.suppress(Exception):  # a job opened ahead is left open too
+            job = ahead.pop().result() if ahead else None
+            if job is not None:
+                open_jobs.append(job)
+        for job in open_jobs:  # what the stream left open: released
             job.__exit__(type(exc), exc, None)
         raise
-
-
-def _chained(first, rest):
-    yield first
-    yield from rest
+    finally:
+        pool.shutdown(wait=True)
 
 
 def default_tile(geo) -> int:
