@@ -273,3 +273,20 @@ def test_cli_cohort_exit_codes_and_one_line_refusals(spec, slides, tmp_path, cap
         assert code == 2 and len(errors) == 1 and needle in errors[0], (extra, errors)
     code, _, errors = _cli(capsys, base + [str(slides / "a.tif"), "--out", "x.zarr"])
     assert code == 2 and "give -o OUTPUT.png" in errors[0]  # one image: as before
+
+
+def test_an_output_object_as_the_pattern_keeps_its_options(fcn, slides, tmp_path):
+    """out= an output object whose path is the pattern: every input's output takes its
+    options (here a GeoTIFF of logits, no class file) and the classes' names."""
+    import rasterio
+
+    from nofc.sinks import GeoTiffOutput
+
+    pattern = GeoTiffOutput(str(tmp_path / "{stem}.tif"), values="logits", class_band=False)
+    cohort = _run(fcn, [slides / "a.tif", slides / "b.tif"], pattern, classes=["x", "y", "z"])
+    assert [r["status"] for r in cohort.rows] == ["done", "done"]
+    for stem in "ab":
+        with rasterio.open(tmp_path / f"{stem}.tif") as f:
+            got, names = f.read(), f.descriptions
+        np.testing.assert_allclose(got, _single(fcn, slides / f"{stem}.tif"), rtol=1e-12)
+        assert names == ("x", "y", "z") and not (tmp_path / f"{stem}.classes.tif").exists()
