@@ -12,6 +12,7 @@ torch.Size([1, 1000, 6, 6])
 from importlib import metadata as _metadata
 
 from . import zoo
+from .cohort import Cohort, predict_many
 from .conversion import convert
 from .dense import dense_predict, sliding_window_predict
 from .dilation import dilate
@@ -36,12 +37,12 @@ __all__ = [
     # convert, prove, apply, ship
     "convert", "verify", "explain", "geometry", "dense_predict", "sliding_window_predict",
     "dilate",
-    "tiled_predict", "to_torchscript", "export_program", "export_onnx", "convert_onnx",
+    "tiled_predict", "predict_many", "to_torchscript", "export_program", "export_onnx", "convert_onnx",
     "verify_onnx",
     # the options that travel as objects: an image with its reading options, the
     # normalisation, a Dask backend
     "open_source", "Normalize", "Dask",
     # the types they return
-    "Geometry", "VerifyReport", "Explanation", "FullConv2d", "NofcError",
+    "Geometry", "VerifyReport", "Explanation", "FullConv2d", "NofcError", "Cohort",
     "zoo", "__version__",
 ]

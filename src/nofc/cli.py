@@ -14,17 +14,19 @@ import sys
 import traceback
 import warnings
 
-from . import __version__, convert, explain, verify
+from . import __version__, convert, explain, predict_many, verify
 from .errors import NofcError, first_line, refuse_overwrite
 from .export import save_model, save_onnx
-from .heatmap import check_outputs, heatmap
+from .cohort import is_cohort, cohort_inputs
+from .crops import map_network
+from .heatmap import check_outputs, class_names, default_normalize, heatmap
 from .images import Normalize
 from .io import default_input_size, load_model, parse_size
 from .onnx_import import convert_onnx, verify_onnx
 from .onnx_net import OnnxNet, is_onnx
 from .sinks import RegionsOutput, output_for
 from .sources import MAX_PIXELS, open_source
-from .tiling import Dask
+from .tiling import Dask, num_outputs
 
 EXIT_USAGE = 2
 
@@ -214,10 +216,13 @@ def _add_heatmap(sub) -> None:
     p = sub.add_parser("heatmap", help="draw class probability maps over an image (dense "
                                        "prediction in one pass)")
     _common_model_args(p)
-    p.add_argument("image", help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette), a "
-                                 "whole-slide image (SVS, NDPI, MRXS, SCN, DICOM file or folder, "
-                                 "pyramidal TIFF, ...) or a raster (GeoTIFF, COG, JPEG 2000, "
-                                 "...), told apart by content, not by suffix")
+    p.add_argument("image", nargs="+",
+                   help="PNG, JPEG or TIFF (grayscale, RGB, RGBA, 16-bit, palette), a "
+                        "whole-slide image (SVS, NDPI, MRXS, SCN, DICOM file or folder, "
+                        "pyramidal TIFF, ...) or a raster (GeoTIFF, COG, JPEG 2000, ...), told "
+                        "apart by content, not by suffix; several, a folder or a manifest "
+                        "(.csv/.tsv: path, optional mask, level, mpp) make a cohort: "
+                        "--out PATTERN, a summary table")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--class", dest="cls", type=int, metavar="K", help="draw class K")
     which.add_argument("--top", type=int, metavar="N",
@@ -230,7 +235,7 @@ def _add_heatmap(sub) -> None:
                         "stride by the dilated network where it equals shift-and-stitch; a "
                         "classifier convert refuses, crop by crop), dilate, shift, or crops "
                         "(the classifier on every window at --step)")
-    p.add_argument("-o", "--output", required=True, help="output PNG")
+    p.add_argument("-o", "--output", help="output PNG (one image)")
     p.add_argument("--scores", metavar="FILE",
                    help="also save the raw map and its geometry: .npz, or .npy plus .json")
     p.add_argument("--mean", type=_floats, help="per-channel mean, e.g. 0.485,0.456,0.406 "
@@ -266,7 +271,9 @@ def _add_heatmap(sub) -> None:
                           "QuPath detections of the cells above --threshold (GeoJSON), or "
                           "those cells merged into one polygon per region and class "
                           "(.regions.geojson: QuPath annotations for a slide, RFC 7946 for a "
-                          "scene; .gpkg, .fgb: GeoPackage, FlatGeobuf in the scene's CRS)")
+                          "scene; .gpkg, .fgb: GeoPackage, FlatGeobuf in the scene's CRS); for "
+                          "a cohort a pattern such as results/{stem}.zarr ({name}, {parent}), "
+                          "summary.csv/.parquet and cohort.log in its folder")
     big.add_argument("--scheduler", metavar="ADDRESS",
                      help="run the tiles on a Dask cluster, e.g. tcp://host:8786")
     big.add_argument("--workers", type=int, metavar="N",
@@ -290,7 +297,7 @@ def _add_heatmap(sub) -> None:
                             "mask image of the same aspect; background cells are NaN")
     field.add_argument("--threshold", type=float,
                        help="top-class probability for a cell to be a GeoJSON detection or "
-                            "in a region (default 0.5)")
+                            "in a region (default 0.5); in a cohort's summary, for CLASS_above")
     field.add_argument("--regions", action="store_true",
                        help="--out CELLS.geojson holds merged regions, as .regions.geojson")
     field.add_argument("--background", metavar="CLASS[,CLASS]",
@@ -307,13 +314,21 @@ def _add_heatmap(sub) -> None:
                        help="do not write MAP.classes.tif, the top class of each cell with a "
                             "colour table, next to a GeoTIFF --out")
 
+    many = p.add_argument_group("cohorts (several images, a folder or a manifest)")
+    many.add_argument("--fail-fast", action="store_true",
+                      help="stop at the first input that fails (default: record it in the "
+                           "summary and go on)")
+    many.add_argument("--quiet", action="store_true",
+                      help="no progress bar (in a cohort, no line per finished input)")
+
 
 def _names(text: str) -> tuple[str, ...]:
     """``"a, b,c"`` -> ``("a", "b", "c")``."""
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
-
-def _cmd_heatmap(args) -> int:
+def _output_of(args):
+    """``--out`` with its options (``--threshold``, ``--values``, ``--regions`` ...) as
+    an output object (a cohort's path is a pattern), or None."""
     options = {name: value for name, value in (
         ("threshold", args.threshold), ("values", args.values),
         ("classes", None if args.classes is None else _names(args.classes)),
@@ -323,12 +338,28 @@ def _cmd_heatmap(args) -> int:
     if args.regions and args.out is None:
         raise NofcError("--regions needs --out CELLS.geojson (or .regions.geojson, .gpkg, .fgb)")
     if args.regions:
-        out = RegionsOutput(args.out, **options)
-    else:
-        out = None if args.out is None and not options else output_for(args.out, **options)
-    normalize = None if args.mean is None and args.std is None and args.scale is None \
-        and args.offset is None else Normalize(mean=args.mean, std=args.std,
-                                               scale=args.scale, offset=args.offset)
+        return RegionsOutput(args.out, **options)
+    return None if args.out is None and not options else output_for(args.out, **options)
+
+
+def _normalize_of(args) -> Normalize | None:
+    """``--mean``, ``--std``, ``--scale``, ``--offset`` as a Normalize, or None."""
+    if args.mean is None and args.std is None and args.scale is None and args.offset is None:
+        return None
+    return Normalize(mean=args.mean, std=args.std, scale=args.scale, offset=args.offset)
+
+
+def _cmd_heatmap(args) -> int:
+    if is_cohort(args.image):
+        return _cmd_cohort(args)
+    if args.fail_fast:
+        raise NofcError("--fail-fast is for a cohort (several images, a folder or a "
+                        "manifest); one image stops at its first error anyway")
+    if args.output is None:
+        raise NofcError("the heatmap of one image is a PNG: give -o OUTPUT.png")
+    args.image = args.image[0]
+    out = _output_of(args)
+    normalize = _normalize_of(args)
     backend = "local" if args.scheduler is None and args.workers is None else \
         Dask(scheduler=args.scheduler, workers=args.workers)
     check_outputs(args.output, args.scores, args.out, force=args.force)
@@ -342,6 +373,7 @@ def _cmd_heatmap(args) -> int:
                    scores_path=args.scores,
                    normalize=normalize, labels_file=args.labels, device=args.device,
                    force=args.force, tile=args.tile, out=out, backend=backend,
+                   progress=not args.quiet,
                    verify=args.verify, mask=args.mask, edges=args.edges, check=args.check)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
@@ -355,6 +387,45 @@ def _cmd_heatmap(args) -> int:
     if args.verify:
         print(f"map vs crops: {geo.get('verify', 'not checked (tiled run)')}")
     print(f"wrote {args.output}" + (f" and {args.scores}" if args.scores else ""))
+    return 0
+
+
+def _cmd_cohort(args) -> int:
+    """``nofc heatmap MODEL a.svs b.svs --out results/{stem}.zarr``: a cohort."""
+    for flag, given in (("-o", args.output), ("--scores", args.scores),
+                        ("--verify", args.verify), ("--class", args.cls is not None),
+                        ("--top", args.top is not None), ("--edges", args.edges != "inside")):
+        if given:
+            raise NofcError(f"{flag} is for one image; a cohort writes each map to --out "
+                            "PATTERN and a summary table next to them")
+    if args.out is None:
+        raise NofcError("several images need --out with a pattern, such as --out "
+                        "results/{stem}.zarr ({stem}, {name}, {parent} of each image)")
+    out = _output_of(args)
+    cohort_inputs(args.image, out.path)  # refusals before the model is built
+    model, size = _load(args, onnx=True)
+    normalize = _normalize_of(args)
+    if normalize is None or (normalize.mean is None and normalize.std is None):
+        normalize = default_normalize(model, args.model, size[0], given=normalize)
+    fcn = map_network(model, size, method=args.method, step=args.step, check=args.check)
+    backend = "local" if args.scheduler is None and args.workers is None else \
+        Dask(scheduler=args.scheduler, workers=args.workers)
+    reading = {"level": args.level, "mpp": args.mpp, "bands": args.bands,
+               "on_error": "skip" if args.skip_bad_tiles else "raise",
+               "max_pixels": MAX_PIXELS if args.max_pixels is None else args.max_pixels}
+    cohort = predict_many(fcn, args.image, size, out, tile=args.tile, backend=backend,
+                          step=args.step, method=args.method, normalize=normalize,
+                          mask=args.mask, device=args.device, reading=reading,
+                          threshold=0.5 if args.threshold is None else args.threshold,
+                          classes=class_names(model, num_outputs(fcn, size), args.labels),
+                          fail_fast=args.fail_fast, progress=not args.quiet,
+                          force=args.force)
+    print(cohort)
+    print(f"summary: {', '.join(str(p) for p in cohort.files.values())}")
+    if cohort.failed:
+        print(f"nofc: error: {cohort.failed} of {len(cohort)} inputs failed (their reasons: "
+              f"{cohort.files['csv']})", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

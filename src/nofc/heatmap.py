@@ -33,7 +33,7 @@ from .sources import open_source
 from .tiling import Dask, check_tileable, default_tile, num_outputs, tiled_predict
 from .verification import verify as _verify
 
-__all__ = ["heatmap"]
+__all__ = ["heatmap", "class_summary", "class_names", "default_normalize"]
 
 TILE_ABOVE = 4096 * 4096  # pixels: larger images are tiled automatically
 _THUMB = 2048  # longest side of the image drawn under a tiled map
@@ -139,8 +139,7 @@ def heatmap(
     src = open_source(image, channels=size[0])
     if normalize is None or (normalize.mean is None and normalize.std is None):
         # only scale= / offset= given (--scale, --offset): the model's mean and std stay
-        given = normalize or Normalize()
-        normalize = Normalize(*_default_norm(model, spec, size[0]), given.scale, given.offset)
+        normalize = default_normalize(model, spec, size[0], given=normalize)
     normalize.check(size[0])
     if tile is not None or out is not None or isinstance(backend, Dask) or backend == "dask" \
             or src.on_error == "skip" or mask is not None or src.reading() \
@@ -334,6 +333,29 @@ def _peaks(scores) -> np.ndarray:
     return np.where(np.isfinite(peak), peak, np.nan)
 
 
+def class_summary(scores, *, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``(above, mean)``, each ``(K,)``: for every class, the fraction of the map's finite
+    cells whose probability (softmax over the classes) is at least ``threshold``, and its
+    mean probability over them; NaN for a map without finite cells. NaN cells (background
+    of a mask, NaN pixels, unreadable regions) are left out. Read in blocks of rows.
+
+    >>> above, mean = class_summary(np.zeros((2, 3, 4), np.float32), threshold=0.5)
+    >>> above.tolist(), mean.tolist()
+    ([1.0, 1.0], [0.5, 0.5])
+    """
+    k = scores.shape[0]
+    above, total, cells = np.zeros(k), np.zeros(k), 0
+    for _, probs in _probabilities(scores):
+        p = probs.numpy().reshape(k, -1)
+        p = p[:, np.isfinite(p).all(0)]  # (K, finite cells)
+        above += (p >= threshold).sum(1)
+        total += p.sum(1, dtype=np.float64)
+        cells += p.shape[1]
+    if not cells:
+        return np.full(k, np.nan), np.full(k, np.nan)
+    return above / cells, total / cells
+
+
 def _drawn(scores, chosen, f: int) -> np.ndarray:
     """``(N, ceil(h / f), ceil(w / f))`` probabilities of the ``chosen`` classes, every
     ``f``-th cell."""
@@ -422,6 +444,30 @@ def _class_names(model, k: int, labels_file=None) -> list[str]:
         except Exception:  # noqa: BLE001 - names are a nicety
             pass
     return [str(i) for i in range(k)]
+
+
+def default_normalize(model, spec: str, channels: int, *, given: Normalize | None = None
+                      ) -> Normalize:
+    """The normalisation ``nofc heatmap`` uses when no mean and std are given (see
+    ``heatmap``): the model's, with the ``scale`` and ``offset`` of ``given``.
+
+    >>> default_normalize(None, "torchvision:resnet18", 3).mean
+    (0.485, 0.456, 0.406)
+    >>> default_normalize(None, "torchvision:resnet18", 3, given=Normalize(scale=1e-4)).scale
+    0.0001
+    """
+    given = given or Normalize()
+    return Normalize(*_default_norm(model, spec, channels), given.scale, given.offset)
+
+
+def class_names(model, k: int, labels_file=None) -> list[str]:
+    """Names for the ``k`` outputs of ``model``: a labels file (one per line), the names
+    its checkpoint kept, torchvision's ImageNet list, or the indices.
+
+    >>> class_names(None, 3)
+    ['0', '1', '2']
+    """
+    return _class_names(model, k, labels_file)
 
 
 def _default_norm(model, spec: str, channels: int):

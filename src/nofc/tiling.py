@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 import time
 import uuid
 import warnings
@@ -36,7 +36,8 @@ from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
 from .receptive import cached_geometry
 
-__all__ = ["tiled_predict", "Dask", "plan_tiles", "default_tile", "check_tileable", "num_outputs"]
+__all__ = ["tiled_predict", "Dask", "plan_tiles", "default_tile", "check_tileable", "num_outputs",
+           "TileJob", "open_job", "run_jobs"]
 
 
 # --------------------------------------------------------------------------- plan
@@ -111,6 +112,19 @@ class _TileRunner:
         self.dtype = dtype
         self.device = device
         self.edges, self.pads = edges, tuple(pads)  # tiles are planned on the padded image
+
+    def image_part(self) -> dict:
+        """What this runner has for its image alone (the rest, the model, is shared by
+        every image of a cohort): sent with each tile of a cluster stream."""
+        return {"normalize": self.normalize, "edges": self.edges, "pads": self.pads}
+
+    def for_image(self, part: dict | None) -> "_TileRunner":
+        """This runner with another image's ``image_part`` (a shallow copy)."""
+        if not part:
+            return self
+        runner = object.__new__(_TileRunner)  # not __setstate__: no unpickling counted
+        runner.__dict__.update(self.__dict__, **part)
+        return runner
 
     def read(self, src, t: Tile) -> np.ndarray:
         y0, y1, x0, x1 = t.inp
@@ -282,8 +296,85 @@ def tiled_predict(
     >>> nofc.tiled_predict(fcn, img, input_size=(1, 32, 32), tile=64, progress=False).shape
     (10, 68, 43)
     """
-    size = check_input_size(input_size)
     dask = _backend(backend)
+    job = open_job(fcn, image, input_size, tile=tile, out=out, step=step, method=method,
+                   normalize=normalize, edges=edges, mask=mask, device=device, dtype=dtype,
+                   check=check)
+    with job:  # a store is locked against a second writer until the run ends
+        if stats is not None:
+            stats.update(job.stats)
+        with _progress(len(job.tiles), len(job.tiles) - len(job.todo), progress) as bar:
+            job.run(dask, bar)
+    return job.finish(stacklevel=3)
+
+
+class TileJob:
+    """One image's tiled map, planned and with its sink open (``open_job``); what
+    ``tiled_predict`` runs, and each input of a cohort (``nofc.cohort``).
+
+    Attributes:
+        src: the image (``nofc.open_source``); ``runner`` computes a tile of it.
+        tiles: every block of the map; ``todo`` those still to compute (not in the sink,
+            with foreground); ``held``: how many blocks the sink had when opened.
+        sink: where blocks go (entered with the job); ``foreground``: the mask's cells or
+            None; ``stats``: ``windows``, ``tiles``, ``tiles_computed``, ``computed``.
+    """
+
+    def __init__(self, runner, src, tiles, sink, foreground):
+        self.runner, self.src, self.tiles, self.sink = runner, src, tiles, sink
+        self.foreground = foreground
+        self.held = sum(t.index in sink.done for t in tiles)
+        todo = [t for t in tiles if t.index not in sink.done]
+        # tiles without foreground go in as NaN, not computed
+        self.todo = todo if foreground is None else sink.plan(todo)
+        h, w = sink.shape[1:]
+        self.stats = dict(windows=h * w, tiles=len(tiles), tiles_computed=len(self.todo),
+                          computed=sum((t.out[1] - t.out[0]) * (t.out[3] - t.out[2])
+                                       for t in self.todo))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.sink.__exit__(*exc)
+
+    def blocks(self, bar) -> "_Blocks":
+        return _Blocks(self.sink, bar, self.src.on_error)
+
+    def run(self, dask: "Dask | None", bar) -> None:
+        """Compute ``todo`` here (``dask`` None) or on Dask; ``bar.update(1)`` per block."""
+        if dask is None:
+            _run_local(self.runner, self.src, self.todo, self.blocks(bar))
+        else:
+            _run_dask(self.runner, self.src, self.todo, self.blocks(bar), dask)
+
+    def finish(self, stacklevel: int = 2):
+        """The map (``sink.finalize()``), with a warning for NaN cells or bad blocks."""
+        sink = self.sink
+        if sink.nan_cells:
+            warnings.warn(f"the image has NaN or Inf pixels: {sink.nan_cells} map cells see "
+                          "them and are NaN", stacklevel=stacklevel)
+        if sink.bad:
+            warnings.warn(f"{len(sink.bad)} map blocks are NaN because their image region "
+                          f"cannot be read (listed in the store's nofc.bad_blocks when out= is "
+                          f"given); the first: {next(iter(sink.bad.values()))}",
+                          stacklevel=stacklevel)
+        return sink.finalize()
+
+
+def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="auto",
+             normalize=None, edges="inside", mask=None, device=None, dtype=torch.float32,
+             check=True) -> TileJob:
+    """Plan the tiles of ``image`` and open its sink: ``tiled_predict``'s arguments (see
+    there), the backend aside. A zarr store is locked until the job is left (``with``).
+
+    >>> import numpy as np, nofc
+    >>> fcn = nofc.convert(nofc.zoo.LeNet5(), input_size=(1, 32, 32))
+    >>> with open_job(fcn, np.zeros((100, 80), np.float32), (1, 32, 32), tile=32) as job:
+    ...     len(job.todo), job.stats["windows"]
+    (6, 234)
+    """
+    size = check_input_size(input_size)
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
         raise NofcError(f"tile must be a positive number of pixels, got {tile!r}")
     norm = Normalize() if normalize is None else normalize
@@ -319,28 +410,102 @@ def tiled_predict(
                            **_reading(method, src.reading(), mask, edges)}))
     if fg is not None:
         sink = MaskedSink(sink, fg)
-    with sink:  # a store is locked against a second writer until the run ends
-        todo = [t for t in tiles if t.index not in sink.done]
-        if fg is not None:
-            todo = sink.plan(todo)  # tiles without foreground go in as NaN, not computed
-        if stats is not None:
-            stats.update(windows=h * w, tiles=len(tiles), tiles_computed=len(todo),
-                         computed=sum((t.out[1] - t.out[0]) * (t.out[3] - t.out[2])
-                                      for t in todo))
-        with _progress(len(tiles), len(tiles) - len(todo), progress) as bar:
-            blocks = _Blocks(sink, bar, src.on_error)
-            if dask is None:
-                _run_local(runner, src, todo, blocks)
+    try:
+        return TileJob(runner, src, tiles, sink, fg)
+    except BaseException:
+        sink.close()
+        raise
+
+
+def run_jobs(jobs, backend="local", *, done, failed, bar) -> None:
+    """Compute the maps of many images: ``jobs`` is an iterable of :class:`TileJob`, taken
+    (so opened) only as the run reaches them; ``done(job)`` is called once a job's every
+    block is in and its sink is closed, ``failed(job, error)`` when one of its blocks fails
+    with a NofcError (its other blocks are dropped; the run goes on unless ``failed``
+    raises). ``bar(job)`` is what counts that job's blocks (``update(1)`` per block).
+
+    Here or on Dask's threaded scheduler the jobs run one after the other; on a cluster
+    (``Dask(scheduler=)`` or ``Dask(workers=)``) their blocks form one stream: the model
+    is sent once per worker (every job must share the network), and the next image's
+    blocks go out while the last ones of the previous image are still computing. At most
+    two blocks per worker thread are in flight, whatever the number of images.
+
+    >>> import numpy as np, nofc
+    >>> fcn = nofc.convert(nofc.zoo.LeNet5(), input_size=(1, 32, 32))
+    >>> jobs = (open_job(fcn, np.zeros((64, 64), np.float32), (1, 32, 32)) for _ in range(3))
+    >>> got = []
+    >>> run_jobs(jobs, done=lambda job: got.append(job.finish().shape), failed=print,
+    ...          bar=lambda job: type("Bar", (), {"update": lambda self, n: None})())
+    >>> got
+    [(10, 9, 9), (10, 9, 9), (10, 9, 9)]
+    """
+    dask = _backend(backend)
+    if dask is None or (dask.scheduler is None and dask.workers is None):
+        for job in jobs:
+            try:
+                with job:
+                    job.run(dask, bar(job))
+            except NofcError as exc:
+                failed(job, exc)
             else:
-                _run_dask(runner, src, todo, blocks, dask)
-    if sink.nan_cells:
-        warnings.warn(f"the image has NaN or Inf pixels: {sink.nan_cells} map cells see them "
-                      "and are NaN", stacklevel=2)
-    if sink.bad:
-        warnings.warn(f"{len(sink.bad)} map blocks are NaN because their image region cannot "
-                      f"be read (listed in the store's nofc.bad_blocks when out= is given); "
-                      f"the first: {next(iter(sink.bad.values()))}", stacklevel=2)
-    return sink.finalize()
+                done(job)
+        return
+    with _dask_client(dask.scheduler, dask.workers) as client:
+        _stream(client, iter(jobs), done=done, failed=failed, bar=bar)
+
+
+def _stream(client, jobs, *, done, failed, bar) -> None:
+    """The blocks of ``jobs`` as one stream over the cluster of ``client``. The next job
+    is opened (its image read for a mask, its store made) in a thread while the blocks of
+    the current one are computed, so that the workers do not wait for it."""
+    first = next(jobs, None)
+    if first is None:
+        return
+    open_jobs: list = [first]  # taken from ``jobs`` and not yet done or failed
+    pool = ThreadPoolExecutor(1, thread_name_prefix="nofc-open")
+    ahead: list = []  # the future of the job opened in the thread
+
+    def parts():
+        job = first
+        while job is not None:
+            if job.runner.fcn is not first.runner.fcn or job.runner.step != first.runner.step:
+                raise NofcError("the images of one stream share the network and the step: "
+                                "open every job with the same converted network")
+            ahead[:] = [pool.submit(next, jobs, None)]  # one job ahead, no more
+            yield _Part(job.runner, job.src, job.blocks(bar(job)), job.todo, job=job,
+                        variant=job.runner.image_part())
+            job = ahead.pop().result()
+            if job is not None:
+                open_jobs.append(job)
+
+    def closed(job, exc=None) -> bool:
+        if job not in open_jobs:
+            return False
+        open_jobs.remove(job)
+        job.__exit__(None if exc is None else NofcError, exc, None)
+        return True
+
+    def finished(job):
+        if closed(job):
+            done(job)
+
+    def isolated(job, exc):
+        closed(job, exc)
+        failed(job, exc)
+
+    try:
+        with _shipped(client, first.runner, first.sink.resume_note) as plugin:
+            _Cluster(client, plugin, isolate=isolated, done=finished).drain(parts())
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # a job opened ahead is left open too
+            job = ahead.pop().result() if ahead else None
+            if job is not None:
+                open_jobs.append(job)
+        for job in open_jobs:  # what the stream left open: released
+            job.__exit__(type(exc), exc, None)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def default_tile(geo) -> int:
@@ -610,6 +775,14 @@ def _run_cluster(client, runner, src, todo, blocks: _Blocks) -> None:
     stays bounded by the tile); each result is written as it arrives and then released,
     so a worker lost later costs no finished block.
     """
+    with _shipped(client, runner, blocks.sink.resume_note) as plugin:
+        _Cluster(client, plugin).drain([_Part(runner, src, blocks, todo)])
+
+
+@contextlib.contextmanager
+def _shipped(client, runner, note):
+    """The model's plugin on every worker of ``client`` (its name), removed at the end;
+    ``note()`` says what a run that stops now leaves."""
     import dask
 
     with contextlib.suppress(Exception):  # best effort: a scheduler may refuse run_on_
@@ -619,97 +792,153 @@ def _run_cluster(client, runner, src, todo, blocks: _Blocks) -> None:
     # regions inside tasks are the point (they survive a worker); Dask warns above 10 MB
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4GB"}):
         try:  # registered inside: a registration that fails midway is removed too
-            _register(client, model, plugin, blocks)
-            _Cluster(client, plugin, runner, src, blocks).drain(todo)
+            _register(client, model, plugin, note)
+            yield plugin
         finally:
             if client.status == "running":
                 with contextlib.suppress(Exception):
                     client.unregister_worker_plugin(plugin)
 
 
-def _register(client, model: "_ModelPlugin", plugin: str, blocks: _Blocks) -> None:
+def _register(client, model: "_ModelPlugin", plugin: str, note) -> None:
     try:
         client.register_plugin(model, name=plugin)
     except Exception as exc:  # noqa: BLE001 - the workers' own error, as one line
         if client.status != "running":
             raise NofcError(f"lost the Dask scheduler{_at(client)} while sending it the "
-                            f"model; {blocks.sink.resume_note()}") from None
+                            f"model; {note()}") from None
         raise NofcError(f"cannot send the model to the Dask workers{_at(client)}: "
-                        f"{type(exc).__name__}: {first_line(exc)}; "
-                        f"{blocks.sink.resume_note()}") from None
+                        f"{type(exc).__name__}: {first_line(exc)}; {note()}") from None
 
 
-class _Cluster:
-    """Submits blocks to a cluster and takes their results as they come."""
+class _Part:
+    """One image's share of a cluster stream: its runner, source, blocks and tiles."""
 
-    def __init__(self, client, plugin, runner, src, blocks: _Blocks):
-        self.client, self.plugin, self.runner, self.src = client, plugin, runner, src
-        self.blocks = blocks
+    def __init__(self, runner, src, blocks: _Blocks, todo, job=None, variant=None):
+        self.runner, self.src, self.blocks, self.job = runner, src, blocks, job
+        self.variant = variant  # the runner's image_part, sent with each tile (a cohort)
+        self.queue = iter(todo)
+        self.live: set = set()  # its futures in flight
+        self.queued, self.settled, self.error = False, False, None
+        self.tries: dict[tuple[int, int], int] = {}  # submissions of each block
         # workers read their own regions (the file must be reachable from them)
         self.remote = getattr(src, "path", None) is not None or type(
             getattr(src, "array", src)).__module__.startswith("zarr")
-        self.tries: dict[tuple[int, int], int] = {}
+
+
+class _Cluster:
+    """Submits blocks to a cluster and takes their results as they come: the blocks of
+    one image, or (``stream``) of many images one after the other, the next image's first
+    blocks going out while the last ones of the previous image are still computing.
+
+    With ``isolate``, an image whose block fails deterministically (a NofcError) is given
+    to ``isolate(job, error)`` and its other blocks dropped; the stream goes on. ``done``
+    is called with each image's job once its last block is in."""
+
+    def __init__(self, client, plugin, *, isolate=None, done=None):
+        self.client, self.plugin = client, plugin
+        self.isolate, self.done = isolate, done
         self.limit, self.checked = 2, -1.0
 
-    def drain(self, todo) -> None:
+    def drain(self, parts) -> None:
+        """Compute the blocks of every part (an iterable, taken as it is needed)."""
         from distributed import as_completed
 
-        queue = iter(todo)
-        futures: dict = {}
-        pending = as_completed([], loop=self.client.loop)
+        parts = iter(parts)
+        part, futures, pending = None, {}, as_completed([], loop=self.client.loop)
         while True:
             while len(futures) < self._limit():
-                t = next(queue, None)
+                if part is None or part.error is not None:
+                    part = next(parts, None)
+                    if part is None:
+                        break
+                t = next(part.queue, None)
                 if t is None:
-                    break
-                fut = self.submit(t)
+                    part.queued = True
+                    self._settle(part)
+                    part = None
+                    continue
+                fut = self._guard(part, futures, lambda: self.submit(part, t))
                 if fut is not None:
-                    futures[fut] = t
-                    pending.add(fut)
+                    self._track(futures, pending, part, t, fut)
             if not futures:
                 return
             fut = next(pending)
-            t = futures.pop(fut)
-            retry = self.take(fut, t)
+            if fut not in futures:  # a failed image's block, cancelled
+                continue
+            done_part, t = futures.pop(fut)
+            done_part.live.discard(fut)
+            retry = self._guard(done_part, futures, lambda: self.take(fut, done_part, t))
             if retry is not None:
-                futures[retry] = t
-                pending.add(retry)
+                self._track(futures, pending, done_part, t, retry)
+            elif done_part.queued:
+                self._settle(done_part)
 
-    def submit(self, t: Tile):
-        """The future of block ``t``; None when its region could not even be read here."""
-        self.tries[t.index] = self.tries.get(t.index, 0) + 1
-        if self.remote:
-            return self.client.submit(_call, self.plugin, self.src, t, pure=False)
-        try:  # in-memory or dask arrays: read here, the region goes inside the task
-            region = _retried(lambda: self.runner.read(self.src, t), t)
-        except NofcError as exc:
-            self.blocks.failed(t, exc)
+    def _track(self, futures, pending, part: _Part, t: Tile, fut) -> None:
+        futures[fut] = (part, t)
+        part.live.add(fut)
+        pending.add(fut)
+
+    def _guard(self, part: _Part, futures, step):
+        """``step()``; with ``isolate``, an image that fails is set aside, not the run."""
+        if part.error is not None:
             return None
-        return self.client.submit(_compute, self.plugin, region, t, pure=False)
+        try:
+            return step()
+        except NofcError as exc:
+            if self.isolate is None or self.client.status != "running":
+                raise
+            part.error = exc
+            for fut in part.live:
+                futures.pop(fut, None)
+                fut.cancel()
+            part.live.clear()
+            self.isolate(part.job, exc)
+            return None
 
-    def take(self, fut, t: Tile):
+    def _settle(self, part: _Part) -> None:
+        """Hand an image whose every block is in to ``done``."""
+        if part.queued and not part.live and part.error is None and not part.settled:
+            part.settled = True
+            if self.done is not None:
+                self._guard(part, {}, lambda: self.done(part.job))
+
+    def submit(self, part: _Part, t: Tile):
+        """The future of block ``t``; None when its region could not even be read here."""
+        part.tries[t.index] = part.tries.get(t.index, 0) + 1
+        if part.remote:
+            return self.client.submit(_call, self.plugin, part.src, t, part.variant,
+                                      pure=False)
+        try:  # in-memory or dask arrays: read here, the region goes inside the task
+            region = _retried(lambda: part.runner.read(part.src, t), t)
+        except NofcError as exc:
+            part.blocks.failed(t, exc)
+            return None
+        return self.client.submit(_compute, self.plugin, region, t, part.variant, pure=False)
+
+    def take(self, fut, part: _Part, t: Tile):
         """Write a finished block; a new future when a failed one is worth another try."""
         from distributed.scheduler import KilledWorker
 
         try:
             block = fut.result()
         except NofcError as exc:  # deterministic: reported once (or skipped)
-            self.blocks.failed(t, exc)
+            part.blocks.failed(t, exc)
             return None
         except Exception as exc:  # noqa: BLE001 - sorted out below
             if isinstance(exc, CancelledError) or self.client.status != "running":
                 raise NofcError(f"lost the Dask scheduler{_at(self.client)} while computing "
-                                f"map block {t.index}; {self.blocks.sink.resume_note()}"
+                                f"map block {t.index}; {part.blocks.sink.resume_note()}"
                                 ) from None
             if not isinstance(exc, (OSError, KilledWorker)):
                 raise  # a bug, not a fault: its own traceback
-            if self.tries[t.index] >= _ATTEMPTS:
-                self.blocks.failed(t, _gave_up(t, exc))
+            if part.tries[t.index] >= _ATTEMPTS:
+                part.blocks.failed(t, _gave_up(t, exc))
                 return None
-            return self.submit(t)  # a worker lost with the result, a read cut short
+            return self.submit(part, t)  # a worker lost with the result, a read cut short
         finally:
             fut.release()  # a worker lost from now on costs this block nothing
-        self.blocks.put(t, block)
+        part.blocks.put(t, block)
         return None
 
     def _limit(self) -> int:
@@ -751,12 +980,12 @@ def _worker_runner(runner):
     return runner
 
 
-def _call(runner, src, t):
-    return _worker_runner(runner)(src, t)
+def _call(runner, src, t, variant=None):
+    return _worker_runner(runner).for_image(variant)(src, t)
 
 
-def _compute(runner, region, t):
-    return _worker_runner(runner).compute(region, t)
+def _compute(runner, region, t, variant=None):
+    return _worker_runner(runner).for_image(variant).compute(region, t)
 
 
 try:
