@@ -5,7 +5,6 @@ The agreement on a trained network (the digits demo's) is in tests/test_demo.py.
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
@@ -110,6 +109,13 @@ def test_low_copy_is_kept_until_the_weights_change():
     low = precision.LowPrecision(torch.bfloat16, torch.device("cpu"))
     assert low.network(fcn) is low.network(fcn)  # made once
     before = low.network(fcn)
+    kinds = [type(m) for m in before.modules()]
+    # BatchNorm folded, each Conv2d + ReLU one oneDNN call, fc6 (FullConv2d) kept as it is
+    assert torch.nn.BatchNorm2d not in kinds and kinds.count(precision.ConvReLU) == 5
+    assert kinds.count(nofc.FullConv2d) == 1
+    convs = [m for m in before.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[-1].weight.dtype == torch.float32  # the scores' layer
+    assert {m.weight.dtype for m in convs[:-1]} == {torch.bfloat16}
     with torch.no_grad():
         for p in fcn.parameters():
             p.mul_(-1)
