@@ -45,6 +45,7 @@ def test_digits_demo_reads_held_out_pages(demo_run):
     assert (tmp_path / "digits_heatmap.png").stat().st_size > 10_000
 
 
+@pytest.mark.filterwarnings("ignore:nofc. precision 'auto'")
 @pytest.mark.parametrize("precision", ["bf16", "auto"])
 def test_low_precision_reads_the_same_digits(demo_run, precision):
     """The trained net in bfloat16 (or what "auto" picks here) against its float32 maps:

@@ -75,7 +75,8 @@ def has_bf16_units(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return (bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+            or "AMX" in torch.backends.cpu.get_cpu_capability())
 
 
 def _has_fp16_units(device: torch.device) -> bool:
