@@ -185,6 +185,8 @@ def dense_predict(
     net, device, dtype = placed(net, device, dtype)
     if low is not None:
         net = low.network(net)
+        if fine is None:  # the same windows; its own node names, where streaming cuts
+            geo = cached_geometry(net, size)
     factors = (1, 1) if fine is not None else geo.factors(steps)
     chunks = list(_chunks(x.shape[0], batch_size))
     outs = []
