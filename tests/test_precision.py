@@ -187,3 +187,13 @@ def test_cuda_autocast(name):
     low = nofc.dense_predict(fcn, image, SIZE, step=2, device="cuda", precision=name)
     assert low.device.type == "cuda"
     _close(low.cpu(), ref.cpu())
+
+
+def test_bf16_squeeze_excitation_network():
+    """Global context (squeeze-and-excitation) survives the bfloat16 copy: its geometry
+    still knows which global pools were kept on purpose."""
+    torch.manual_seed(0)
+    fcn = nofc.convert(torchvision.models.mobilenet_v3_small().eval(), (3, 224, 224))
+    image = torch.randn(1, 3, 256, 288)
+    _close(nofc.dense_predict(fcn, image, (3, 224, 224), precision="bf16"),
+           nofc.dense_predict(fcn, image, (3, 224, 224)), tol=5e-2)

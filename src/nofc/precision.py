@@ -141,10 +141,16 @@ def _low_copy(net: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Mo
     that gives the scores kept in float32 on an upcast input: the scores are not rounded
     to bfloat16's 8 bits."""
     low = copy.deepcopy(net).eval()
-    low.__dict__.pop("_nofc_low_cache", None)
+    # what conversion and dilation recorded on the network (a GraphModule's deepcopy and
+    # fuse drop it; the geometry reads it), not what was cached on it
+    kept = {k: v for k, v in net.__dict__.items()
+            if k.startswith("_nofc_") and not k.endswith(("_cache", "_warned"))}
+    for k in [k for k in low.__dict__ if k.startswith("_nofc_")]:
+        del low.__dict__[k]
     if isinstance(low, fx.GraphModule):
-        low = fuse(low, inplace=True, no_trace=True)
+        low = fuse(low, inplace=True, no_trace=True)  # a new GraphModule
         _fuse_relu(low)
+    low.__dict__.update(kept)
     head = _head(low)
     low = low.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     for m in low.modules():
