@@ -13,6 +13,11 @@ speedup / bound (1.0: dense is exactly as fast per FLOP as the naive run).
                                                  # shift-and-stitch vs naive
     python benchmarks/bench_dense.py --large     # large images: stage by stage in chunks
                                                  # (nofc.streaming) vs one whole pass
+    python benchmarks/bench_dense.py --precision --threads 2   # fp32 vs bf16 dense_predict
+                                                 # at 2048 (resnet50, densenet121) and the
+                                                 # digits demo's agreement
+    python benchmarks/bench_dense.py --hardware --threads 2    # matmul peak per precision;
+                                                 # five networks per precision and layout
 
 With ``--large``, each row times one whole pass of the converted network (``fcn(x)``), the
 stage-by-stage pass ``dense_predict`` takes above ``nofc.streaming.STREAM_PIXELS`` and the
@@ -44,6 +49,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import nofc
+from nofc.precision import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,6 +269,136 @@ def run_large(only: str | None = None, repeat: int = 2) -> list[dict]:
     return rows
 
 
+_HARDWARE = ["vgg16", "resnet50", "densenet121", "convnext_tiny", "mobilenet_v3_large"]
+_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeat: int = 3) -> float:
+    """This machine's measured GFLOP/s of an ``n x n`` matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    return 2 * n ** 3 / _best(lambda: a @ b, repeat) / 1e9
+
+
+def _timm_or_torchvision(name: str):
+    if hasattr(torchvision.models, name):
+        return getattr(torchvision.models, name)
+    import timm  # noqa: PLC0415 - optional, only for a model torchvision lacks
+
+    return lambda: timm.create_model(name)
+
+
+def _low_copy(fcn, dtype, fmt):
+    return copy.deepcopy(fcn).to(dtype=dtype, memory_format=fmt).eval()
+
+
+def run_hardware(only: str | None = None, side: int = 896, repeat: int = 2,
+                 precisions=("fp32", "bf16")) -> list[dict]:
+    """The matmul peak per precision, then for each network the bare one pass (the
+    converted network's forward, no nofc around it) per precision and memory format:
+    GFLOP/s and fraction of that precision's peak; and ``dense_predict`` in the same
+    precision next to the fastest bare pass (``dense/bare``)."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    peaks = {p: matmul_peak(dtypes[p]) for p in precisions}
+    print("matmul 4096x4096: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items())
+          + (f" (bf16/fp32 {peaks['bf16'] / peaks['fp32']:.2f}x)" if "bf16" in peaks else ""))
+    print(f"{'network':<20}{'image':>10}{'GFLOP':>8}{'prec':>6}{'format':>15}{'bare s':>9}"
+          f"{'GFLOP/s':>9}{'of peak':>9}{'dense s':>9}{'dense/bare':>11}{'vs fp32':>9}")
+    rows = []
+    for name in _HARDWARE:
+        if only and not any(o in name for o in only.split(",")):
+            continue
+        torch.manual_seed(0)
+        fcn = nofc.convert(_timm_or_torchvision(name)().eval(), (3, 224, 224)).eval()
+        image = torch.randn(1, 3, side, side)
+        gflop = _flops(fcn, tuple(image.shape)) / 1e9
+        base = None
+        for p in precisions:
+            best_bare = None
+            for fmt_name, fmt in _FORMATS.items():
+                net = fcn if (p, fmt_name) == ("fp32", "contiguous") else \
+                    _low_copy(fcn, dtypes[p], fmt)
+                x = image.to(dtypes[p]).contiguous(memory_format=fmt)
+                with torch.no_grad():
+                    net(x)
+                    t = _best(lambda: net(x), repeat)
+                best_bare = t if best_bare is None else min(best_bare, t)
+                r = {"case": name, "image": f"{side}x{side}", "gflop": gflop, "precision": p,
+                     "format": fmt_name, "bare_s": t, "gflops": gflop / t,
+                     "of_peak": gflop / t / peaks[p]}
+                rows.append(r)
+                print(f"{name:<20}{r['image']:>10}{gflop:>8.0f}{p:>6}{fmt_name:>15}{t:>9.3f}"
+                      f"{r['gflops']:>9.0f}{r['of_peak']:>9.2f}", flush=True)
+            nofc.dense_predict(fcn, image, (3, 224, 224), precision=p)  # warm-up, the copy
+            t = _best(lambda: nofc.dense_predict(fcn, image, (3, 224, 224), precision=p), repeat)
+            base = t if base is None else base
+            r = {"case": name, "image": f"{side}x{side}", "gflop": gflop, "precision": p,
+                 "format": "dense_predict", "dense_s": t, "gflops": gflop / t,
+                 "of_peak": gflop / t / peaks[p], "dense_over_bare": t / best_bare,
+                 "vs_fp32": base / t}
+            rows.append(r)
+            print(f"{name:<20}{r['image']:>10}{gflop:>8.0f}{p:>6}{'dense_predict':>15}"
+                  f"{'':>9}{r['gflops']:>9.0f}{r['of_peak']:>9.2f}{t:>9.3f}"
+                  f"{r['dense_over_bare']:>11.2f}{r['vs_fp32']:>8.2f}x", flush=True)
+    return rows
+
+
+def run_precision(only: str | None = None, side: int = 2048, repeat: int = 2) -> list[dict]:
+    """``dense_predict`` in float32 and in bfloat16 side by side (interleaved runs, the
+    best of each), with the agreement of the two maps (random weights)."""
+    print(f"{'network':<14}{'image':>11}{'fp32 s':>9}{'bf16 s':>9}{'speedup':>9}"
+          f"{'same top':>10}{'max rel diff':>14}")
+    rows = []
+    for name in (only or "resnet50,densenet121").split(","):
+        torch.manual_seed(0)
+        fcn = nofc.convert(_timm_or_torchvision(name)().eval(), (3, 224, 224)).eval()
+        image = torch.randn(1, 3, side, side)
+        size = (3, 224, 224)
+        ref = nofc.dense_predict(fcn, image, size)
+        low = nofc.dense_predict(fcn, image, size, precision="bf16")
+        times = {"fp32": [], "bf16": []}
+        for _ in range(repeat):
+            for p in times:
+                times[p].append(_best(lambda: nofc.dense_predict(fcn, image, size,
+                                                                 precision=p), 1))
+        t32, t16 = min(times["fp32"]), min(times["bf16"])
+        agree = agreement(ref, low)
+        diff = float((ref - low).abs().max() / ref.abs().max())
+        r = {"case": name, "image": f"{side}x{side}", "fp32_s": t32, "bf16_s": t16,
+             "speedup": t32 / t16, "same_top": agree["same_top"], "max_rel_diff": diff}
+        rows.append(r)
+        print(f"{name:<14}{r['image']:>11}{t32:>9.2f}{t16:>9.2f}{t32 / t16:>8.2f}x"
+              f"{agree['same_top']:>10.4f}{diff:>14.1e}", flush=True)
+    return rows
+
+
+def digits_agreement(pages: int = 5) -> dict:
+    """The digits demo's trained network (cached weights, trained if missing) over its
+    pages in float32 and in bfloat16: cells with the same top class, the largest
+    probability difference, and the digits read by each."""
+    demo = _digits_net()
+    r = demo.run(pages=pages, log=lambda *a: None, out=None)
+    fcn, geo = r["fcn"], r["geo"]
+    same, diff, read32, read16, total = [], 0.0, 0, 0, 0
+    for page in r["results"]:
+        image = torch.from_numpy(page["page"].image[None])
+        low = nofc.dense_predict(fcn, image, demo.INPUT_SIZE, precision="bf16")[0]
+        agree = agreement(page["scores"][None], low[None])
+        same.append(agree["same_top"])
+        diff = max(diff, agree["max_prob_diff"])
+        dets = demo.read_page(low, geo, page["page"].image.shape)
+        read16 += demo.score_page(page["page"], dets)[0]
+        read32 += demo.score_page(page["page"], page["dets"])[0]
+        total += len(page["page"].digits)
+    out = {"pages": pages, "same_top": float(sum(same) / len(same)), "worst_page": min(same),
+           "max_prob_diff": diff, "digits_fp32": read32, "digits_bf16": read16,
+           "digits": total}
+    print(f"digits demo net, {pages} pages: same top class {out['same_top']:.4%} of cells "
+          f"(worst page {out['worst_page']:.4%}), max probability difference "
+          f"{diff:.4f}, digits read fp32 {read32}/{total}, bf16 {read16}/{total}")
+    return out
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -285,9 +421,26 @@ def main(argv=None) -> int:
                    help="with --fine: naive batches timed when there are more (scaled to all)")
     p.add_argument("--large", action="store_true",
                    help="large images: stage by stage in chunks vs one whole pass")
+    p.add_argument("--hardware", action="store_true",
+                   help="matmul peak per precision; the one pass of vgg16, resnet50, "
+                        "densenet121, convnext_tiny, mobilenet_v3_large per precision and "
+                        "memory format, and its fraction of that peak")
+    p.add_argument("--precision", action="store_true",
+                   help="dense_predict fp32 against bf16 side by side (--only: networks, "
+                        "default resnet50,densenet121), and the digits demo's agreement")
+    p.add_argument("--size", type=int, help="image side for --hardware (default 896) and "
+                                            "--precision (default 2048)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
-    if args.large:
+    if args.hardware:
+        run_hardware(only=args.only, side=args.size or 896, repeat=min(args.repeat, 2))
+    elif args.precision:
+        run_precision(only=args.only, side=args.size or 2048, repeat=min(args.repeat, 2))
+        digits_agreement()
+    elif args.large:
         run_large(only=args.only, repeat=min(args.repeat, 2))
     elif args.fine:
         run_fine(only=args.only, repeat=args.repeat, batches=args.batches)

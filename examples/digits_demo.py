@@ -341,7 +341,7 @@ def run(*, pages: int = 5, digits: int = 100, epochs: int = 8, train_pages: int 
         path = write_heatmap(results[0], geo, Path(out) / "digits_heatmap.png")
         log(f"wrote {path}")
     return {"mean": mean, "worst": worst, "results": results, "seconds": total,
-            "train_seconds": t_train, "read_seconds": t_read}
+            "train_seconds": t_train, "read_seconds": t_read, "fcn": fcn, "geo": geo}
 
 
 def write_heatmap(result, geo, path: Path) -> Path:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import nofc
@@ -21,19 +22,45 @@ def _demo():
     return mod
 
 
-def test_digits_demo_reads_held_out_pages(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The reduced demo, trained once for the tests below."""
     demo = _demo()
+    out = tmp_path_factory.mktemp("demo")
     threads = torch.get_num_threads()
     try:
         r = demo.run(pages=2, digits=100, epochs=6, train_pages=20, seed=0, cache=None,
-                     out=str(tmp_path), log=lambda *a: None)
+                     out=str(out), log=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
+    return demo, r, out
+
+
+def test_digits_demo_reads_held_out_pages(demo_run):
+    demo, r, tmp_path = demo_run
     accuracies = [p["accuracy"] for p in r["results"]]
     assert max(accuracies) >= 0.98, accuracies  # the full demo's target, on one page
     assert min(accuracies) >= 0.95, accuracies
     assert all(p["blank"] == 0 for p in r["results"])  # nothing read on blank paper
     assert (tmp_path / "digits_heatmap.png").stat().st_size > 10_000
+
+
+@pytest.mark.filterwarnings("ignore:nofc. precision 'auto'")
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_low_precision_reads_the_same_digits(demo_run, precision):
+    """The trained net in bfloat16 (or what "auto" picks here) against its float32 maps:
+    nearly every cell has the same top class, the probabilities are close and the pages
+    read the same digits; the scores stay float32."""
+    demo, r, _ = demo_run
+    for page in r["results"]:
+        image = torch.from_numpy(page["page"].image[None])
+        low = nofc.dense_predict(r["fcn"], image, demo.INPUT_SIZE, precision=precision)[0]
+        assert low.dtype == torch.float32 and low.shape == page["scores"].shape
+        agree = nofc.precision.agreement(page["scores"][None], low[None])
+        assert agree["same_top"] >= 0.99, agree
+        assert agree["max_prob_diff"] <= 0.1, agree
+        dets = demo.read_page(low, r["geo"], page["page"].image.shape)
+        assert demo.group_lines(dets) == demo.group_lines(page["dets"])
 
 
 def test_page_layout_and_reading():

@@ -10,6 +10,7 @@ the map is checked against.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import warnings
@@ -24,6 +25,7 @@ from ._fx import param_like
 from .crops import CropNet, crop_scores, map_network
 from .dilation import fine_pass
 from .errors import NofcError, call_model, check_input_size
+from .precision import low_precision
 from .streaming import streamed
 from .receptive import cached_geometry
 from .windows import Geometry, parse_step
@@ -106,6 +108,7 @@ def dense_predict(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    precision: str = "fp32",
     progress: bool = False,
     check: bool = True,
 ) -> torch.Tensor:
@@ -141,6 +144,11 @@ def dense_predict(
         batch_size: images per forward pass (default: all).
         device, dtype: where and in which precision to run (default: the network's). The
             network is copied when they differ, never modified.
+        precision: ``"fp32"`` (default: every operation in ``dtype``), ``"bf16"`` or
+            ``"fp16"`` (the matrix products in bfloat16 or float16 on the matrix units,
+            accumulated in float32; float32 scores) or ``"auto"`` (bf16 where the hardware
+            has bfloat16 matrix units, else fp32). The rule, and how it runs on a CPU and
+            on CUDA: ``nofc.precision``.
         progress: show a progress bar (tqdm, on stderr) over batches and shifted passes.
         check: when ``fcn`` is a classifier nofc converts here, check that the conversion
             gives the classifier's outputs at ``input_size`` first (one forward each;
@@ -173,15 +181,21 @@ def dense_predict(
     fine = None if isinstance(net, CropNet) else fine_pass(net, size, steps, method)
     if fine is not None:
         net = fine.net
+    low = low_precision(precision, torch.device(device or param_like(net)[0]), dtype)
     net, device, dtype = placed(net, device, dtype)
+    if low is not None:
+        net = low.network(net)
+        if fine is None:  # the same windows; its own node names, where streaming cuts
+            geo = cached_geometry(net, size)
     factors = (1, 1) if fine is not None else geo.factors(steps)
     chunks = list(_chunks(x.shape[0], batch_size))
     outs = []
     passes = len(chunks) * factors[0] * factors[1]
-    with torch.no_grad(), tqdm(total=passes, file=sys.stderr, disable=not progress or passes < 2,
-                               desc="nofc", unit="pass") as bar:
+    with (torch.no_grad(), low.context() if low else contextlib.nullcontext(),
+          tqdm(total=passes, file=sys.stderr, disable=not progress or passes < 2, desc="nofc",
+               unit="pass") as bar):
         for sl in chunks:
-            xb = x[sl].to(device=device, dtype=dtype)  # (b, C, H, W)
+            xb = x[sl].to(device=device, dtype=dtype) if low is None else low.input(x[sl])
             if fine is not None:
                 outs.append(_dilated(net, fine.bytes_per_pixel, xb, size,
                                      geo.output_shape(xb.shape[-2:], step=steps)))
@@ -193,6 +207,8 @@ def dense_predict(
             else:
                 outs.append(_shift_and_stitch(net, xb, geo, steps, factors, bar.update))
     out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+    if low is not None:
+        out = out.float().contiguous()
     return _mark_nonfinite(out, x, geo, steps)
 
 

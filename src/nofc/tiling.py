@@ -32,6 +32,7 @@ from .errors import NofcError, check_input_size, first_line
 from .images import BadRegion, Normalize
 from .masks import mask_cells
 from .placement import placement_of
+from .precision import low_precision
 from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
 from .receptive import cached_geometry
@@ -100,7 +101,7 @@ class _TileRunner:
         self.__dict__.update(state)
 
     def __init__(self, fcn, input_size, step, normalize: Normalize, dtype, device,
-                 method="auto", edges="inside", pads=(0, 0, 0, 0)):
+                 method="auto", edges="inside", pads=(0, 0, 0, 0), precision="fp32"):
         # a fine step: tiles run the dilated network (at its own stride) when there is one
         fine = None if isinstance(fcn, CropNet) else fine_pass(
             fcn, input_size, cached_geometry(fcn, input_size).check_step(step), method)
@@ -111,6 +112,7 @@ class _TileRunner:
         self.normalize = normalize  # its scale decided for the image's pixels
         self.dtype = dtype
         self.device = device
+        self.precision = precision
         self.edges, self.pads = edges, tuple(pads)  # tiles are planned on the padded image
 
     def image_part(self) -> dict:
@@ -161,7 +163,7 @@ class _TileRunner:
             # tile in tile coordinates; tiled_predict warns once for the whole map instead
             warnings.simplefilter("ignore")
             scores = dense_predict(self.fcn, x[None], input_size=self.input_size, step=self.step,
-                                   device=self.device)[0]
+                                   device=self.device, precision=self.precision)[0]
         a, b, c, d = t.out
         sy, sx = t.skip
         block = scores[:, sy:sy + (b - a), sx:sx + (d - c)]
@@ -225,6 +227,7 @@ def tiled_predict(
     mask=None,
     device=None,
     dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
     check: bool = True,
     progress: bool = True,
     stats: dict | None = None,
@@ -273,6 +276,8 @@ def tiled_predict(
             foreground are not computed, background cells are NaN.
         check: check a classifier converted here against itself first, as in
             ``dense_predict``.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``, as in
+            ``dense_predict`` (``nofc.precision``); the map stays float32.
         stats: a dict to fill with ``windows`` (map cells), ``computed`` (cells of the
             tiles computed in this run), ``tiles`` and ``tiles_computed``.
 
@@ -299,7 +304,7 @@ def tiled_predict(
     dask = _backend(backend)
     job = open_job(fcn, image, input_size, tile=tile, out=out, step=step, method=method,
                    normalize=normalize, edges=edges, mask=mask, device=device, dtype=dtype,
-                   check=check)
+                   check=check, precision=precision)
     with job:  # a store is locked against a second writer until the run ends
         if stats is not None:
             stats.update(job.stats)
@@ -364,7 +369,7 @@ class TileJob:
 
 def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="auto",
              normalize=None, edges="inside", mask=None, device=None, dtype=torch.float32,
-             check=True) -> TileJob:
+             check=True, precision="fp32") -> TileJob:
     """Plan the tiles of ``image`` and open its sink: ``tiled_predict``'s arguments (see
     there), the backend aside. A zarr store is locked until the job is left (``with``).
 
@@ -397,7 +402,9 @@ def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="
     hw = (src.hw[0] + pads[0] + pads[1], src.hw[1] + pads[2] + pads[3])  # tiles' image
     norm = norm.for_pixels(src.dtype)
     device = torch.device(param_like(fcn)[0] if device is None else device)
-    runner = _TileRunner(fcn.eval(), size, step, norm, dtype, device, method, edges, pads)
+    low_precision(precision, device, dtype)  # a bad precision is refused before any work
+    runner = _TileRunner(fcn.eval(), size, step, norm, dtype, device, method, edges, pads,
+                         precision)
     tiles, (h, w) = plan_tiles(net_geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
@@ -406,7 +413,8 @@ def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="
         (num_outputs(fcn, size), h, w), np_dtype, chunks=block, geo=geo,
         placement=placement_of(src, geo, steps), blocks=len(tiles),
         metadata={"image": src.describe()},
-        arguments=lambda: {**_arguments(fcn, size, src.hw, tile, step, norm, dtype),
+        arguments=lambda: {**_arguments(fcn, size, src.hw, tile, step, norm, dtype,
+                                        precision),
                            **_reading(method, src.reading(), mask, edges)}))
     if fg is not None:
         sink = MaskedSink(sink, fg)
@@ -544,9 +552,11 @@ def check_tileable(fcn, geo, tile: int) -> None:
                         f"{geo.window} is efficient)")
 
 
-def _arguments(fcn, size, hw, tile, step, norm: Normalize, dtype) -> dict:
-    """Everything the map depends on: a store written for other arguments is refused."""
+def _arguments(fcn, size, hw, tile, step, norm: Normalize, dtype, precision="fp32") -> dict:
+    """Everything the map depends on: a store written for other arguments is refused (a
+    low precision is recorded where it is asked for, so older stores still resume)."""
     return {
+        **({} if precision == "fp32" else {"precision": precision}),
         "model": type(fcn).__name__,
         "model_hash": _model_hash(fcn),
         "input_size": list(size),
