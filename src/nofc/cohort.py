@@ -35,7 +35,8 @@ from .heatmap import class_summary
 from .io import atomic_output
 from .receptive import cached_geometry
 from .sinks import output_for
-from .sources import PICTURE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES, open_source
+from .sources import (PICTURE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES, is_slide_folder,
+                      open_source)
 from .tiling import num_outputs, open_job, run_jobs
 
 __all__ = ["predict_many", "Cohort", "CohortInput", "cohort_inputs", "is_cohort", "COLUMNS"]
@@ -70,8 +71,13 @@ def is_cohort(inputs) -> bool:
     (False, True, True)
     """
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    return len(inputs) != 1 or Path(inputs[0]).is_dir() \
-        or Path(inputs[0]).suffix.lower() in _MANIFESTS
+    if len(inputs) != 1:
+        return True
+    one = Path(inputs[0])
+    if one.is_dir():  # a folder of images; a DICOM series' folder is one slide
+        return not is_slide_folder(one) and any(
+            p.suffix.lower() in _IMAGES for p in one.iterdir())
+    return one.suffix.lower() in _MANIFESTS
 
 
 def cohort_inputs(inputs, out) -> list[CohortInput]:

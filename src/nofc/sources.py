@@ -41,7 +41,7 @@ import numpy as np
 from .errors import NofcError, check_memory, first_line
 from .images import BadRegion, default_scale, describe_pixels
 
-__all__ = ["ImageSource", "open_source", "load_image", "scale_of",
+__all__ = ["ImageSource", "open_source", "is_slide_folder", "load_image", "scale_of",
            "SLIDE_SUFFIXES", "MAX_PIXELS"]
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
@@ -810,6 +810,20 @@ def _pyramid_levels(path: Path) -> int:
             return slide.level_count
     except Exception:  # noqa: BLE001 - unreadable: the reader chosen says why
         return 0
+
+
+def is_slide_folder(path) -> bool:
+    """Whether ``path`` is a folder holding a DICOM whole-slide image (one slide, read
+    through one of its files), not a folder of images.
+
+    >>> import tempfile
+    >>> is_slide_folder(tempfile.mkdtemp()), is_slide_folder("no/such/folder")
+    (False, False)
+    """
+    try:
+        return Path(path).is_dir() and _dicom_in(Path(path)) is not None
+    except NofcError:
+        return False
 
 
 def _dicom_in(folder: Path) -> Path:
