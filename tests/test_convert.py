@@ -760,3 +760,21 @@ def test_a_forward_that_writes_into_its_input_gets_a_copy():
     assert torch.equal(image, before)
     naive = nofc.sliding_window_predict(copy.deepcopy(model).double(), image, size, step=1)
     torch.testing.assert_close(dense, naive, rtol=0, atol=1e-10)
+
+
+def test_a_deep_copy_keeps_what_conversion_and_dilation_recorded(models):
+    """copy.deepcopy of a converted or dilated network gives the same geometry and
+    explanation: what conversion recorded (a squeeze-and-excitation pooling is global
+    context) is not lost with the copy (it was: the copy's geometry refused the SE pools)."""
+    size = (3, 224, 224)
+    fcn = nofc.convert(models("mobilenet_v3_small"), size)
+    twin = copy.deepcopy(fcn)
+    assert nofc.geometry(twin, size) == nofc.geometry(fcn, size)
+    assert nofc.geometry(twin, size).global_context
+    # the same layers, before and after (the copy's class is torch.fx's own GraphModule)
+    assert (str(nofc.explain(twin, size)).split(":", 1)[1]
+            == str(nofc.explain(fcn, size)).split(":", 1)[1])
+    lenet = nofc.convert(LeNet5().eval(), (1, 32, 32))
+    dilated = nofc.dilate(lenet, (1, 32, 32), 2)
+    assert nofc.geometry(copy.deepcopy(dilated), (1, 32, 32)) == nofc.geometry(dilated,
+                                                                               (1, 32, 32))

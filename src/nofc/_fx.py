@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .errors import NofcError, first_line
 
 __all__ = [
+    "remember",
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
     "describe_node", "drop_dead_code", "dumps", "fake_mode", "fmt_shape", "get_attr",
     "global_pool", "loads", "output_node", "param_like", "probe", "register_notrace_module",
@@ -47,6 +48,23 @@ def param_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+def remember(gm: fx.GraphModule, **attributes) -> None:
+    """Set ``attributes`` on ``gm`` so that they survive ``copy.deepcopy`` too (a
+    GraphModule's deepcopy keeps only what its ``meta`` names; pickling keeps them all):
+    what conversion and dilation record there is what the geometry and ``explain`` read.
+
+    >>> import copy, torch.nn as nn
+    >>> gm = fx.symbolic_trace(nn.ReLU())
+    >>> remember(gm, _nofc_input_size=(1, 8, 8))
+    >>> copy.deepcopy(gm)._nofc_input_size
+    (1, 8, 8)
+    """
+    kept = gm.meta.setdefault("_user_preserved_attributes", {})  # torch.fx's own key
+    for name, value in attributes.items():
+        setattr(gm, name, value)
+        kept[name] = value
 
 
 def fmt_shape(shape) -> str:

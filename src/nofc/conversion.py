@@ -38,6 +38,7 @@ from ._fx import (
     global_pool,
     param_like,
     probe,
+    remember,
     trace,
     viewed,
     written,
@@ -321,8 +322,8 @@ def _converted(model: nn.Module, options: Options) -> tuple[fx.GraphModule, Conv
     for name, why in _global_mixers(gm, record.shapes_after, big).items():
         record.plan.global_context.append(name)
         record.plan.context_reasons[name] = why
-    gm._nofc_record = record  # read by explain(); ignored by TorchScript
-    gm._nofc_input_size = options.input_size
+    # read by explain() and the geometry; ignored by TorchScript
+    remember(gm, _nofc_record=record, _nofc_input_size=options.input_size)
     return gm, record
 
 

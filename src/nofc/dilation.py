@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fx import describe_node, get_attr, probe, trace
+from ._fx import describe_node, get_attr, probe, remember, trace
 from .conversion import as_fcn
 from .errors import NofcError, check_input_size
 from .layers import DilatedPool2d, pair
@@ -392,8 +392,7 @@ def apply(gm: fx.GraphModule, p: DilationPlan) -> fx.GraphModule:
                               else get_attr(gm, n.target))
     graph.lint()
     net = fx.GraphModule(root, graph, f"{type(gm).__name__}Dilated")
-    net._nofc_dilation = p
-    net._nofc_input_size = getattr(gm, "_nofc_input_size", None)
+    remember(net, _nofc_dilation=p, _nofc_input_size=getattr(gm, "_nofc_input_size", None))
     return net.train(gm.training)
 
 
