@@ -181,8 +181,9 @@ class ZarrSink(Sink):
             return self._create(*made)
         old = old or {}
         if old.get("fingerprint") != fingerprint:
-            diff = [key for key in arguments
-                    if old.get("arguments", {}).get(key) != arguments[key]]
+            before = old.get("arguments", {})
+            diff = [key for key in sorted(set(arguments) | set(before))
+                    if before.get(key) != arguments.get(key)]
             raise NofcError(f"{out} was written for different arguments "
                             f"({', '.join(diff) or 'unknown'}); refusing to mix maps: use "
                             "another --out or delete it")
