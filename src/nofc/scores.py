@@ -10,14 +10,21 @@ rules (the GeoTIFF's probability and class bands).
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 
 __all__ = ["probabilities", "top_class", "class_colour", "CLASS_COLOURS"]
 
-# matplotlib's tab10, the colours QuPath detections get (nofc.sinks.geojson)
+# matplotlib's tab10, the colours QuPath detections get (nofc.sinks.geojson), and tab20
+# for up to twenty classes
 CLASS_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
                  (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
                  (188, 189, 34), (23, 190, 207))
+_TAB20 = ((31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
+          (152, 223, 138), (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213),
+          (140, 86, 75), (196, 156, 148), (227, 119, 194), (247, 182, 210), (127, 127, 127),
+          (199, 199, 199), (188, 189, 34), (219, 219, 141), (23, 190, 207), (158, 218, 229))
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
@@ -56,10 +63,20 @@ def top_class(scores: np.ndarray, *, nodata: int) -> np.ndarray:
     return np.where(bad, nodata, top).astype(dtype)
 
 
-def class_colour(k: int) -> tuple[int, int, int]:
-    """The RGB colour of class ``k`` (the ten colours of :data:`CLASS_COLOURS` in turn).
+def class_colour(k: int, classes: int) -> tuple[int, int, int]:
+    """The RGB colour of class ``k`` of a map with ``classes`` classes, the same in every
+    file and page nofc makes (GeoTIFF colour table, QuPath GeoJSON, regions, the viewer's
+    class view): matplotlib's tab10 up to ten classes, tab20 up to twenty, then evenly
+    spaced hues, so no two classes share a colour.
 
-    >>> class_colour(0), class_colour(10)
-    ((31, 119, 180), (31, 119, 180))
+    >>> class_colour(0, 2), class_colour(1, 12), class_colour(1, 30)
+    ((31, 119, 180), (174, 199, 232), (255, 51, 0))
     """
-    return CLASS_COLOURS[k % len(CLASS_COLOURS)]
+    if not 0 <= k < classes:
+        raise ValueError(f"class {k} of {classes}")
+    if classes <= len(CLASS_COLOURS):
+        return CLASS_COLOURS[k]
+    if classes <= len(_TAB20):
+        return _TAB20[k]
+    r, g, b = colorsys.hsv_to_rgb(k / classes, 1.0, 1.0)
+    return int(r * 255 + 0.5), int(g * 255 + 0.5), int(b * 255 + 0.5)

@@ -89,13 +89,14 @@ def class_names(metadata: dict | None, k: int) -> list[str]:
     return [str(names[i]) if i < len(names) else f"class {i}" for i in range(k)]
 
 
-def colour(k: int) -> list[int]:
-    """The RGB colour of class ``k`` (QuPath's classification colour).
+def colour(k: int, classes: int) -> list[int]:
+    """The RGB colour of class ``k`` of ``classes`` (QuPath's classification colour;
+    the rule: :func:`nofc.scores.class_colour`).
 
-    >>> colour(0), colour(10) == colour(0)
-    ([31, 119, 180], True)
+    >>> colour(0, 2), colour(1, 12)
+    ([31, 119, 180], [174, 199, 232])
     """
-    return list(class_colour(k))
+    return list(class_colour(k, classes))
 
 
 def geojson_points(placement):
@@ -188,7 +189,7 @@ class GeoJsonSink(FileSink):
                 "geometry": {"type": "Polygon", "coordinates": [rings[n].tolist()]},
                 "properties": {
                     "objectType": "detection",
-                    "classification": {"name": self.names[k], "color": colour(k)},
+                    "classification": {"name": self.names[k], "color": colour(k, len(self.names))},
                     "measurements": {**{name: round(float(p), 6) for name, p in
                                         zip(self.names, probs[:, r, q])},
                                      "map row": int(row[n, 0]), "map column": int(col[n, 0])},

@@ -148,7 +148,7 @@ class GeoTiffSink(FileSink):
                 {**json.loads(tags["nofc"]), "values": "top class"}, default=str)})
             self.cls.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(self.names)})
             self.cls.set_band_description(1, "top class")
-            self.cls.write_colormap(1, {i: (*class_colour(i), 255) for i in range(k)})
+            self.cls.write_colormap(1, {i: (*class_colour(i, k), 255) for i in range(k)})
 
     def _create(self, path, count: int, dtype: str, nodata):
         from affine import Affine

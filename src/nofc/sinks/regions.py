@@ -212,7 +212,7 @@ class RegionsSink(FileSink):
         for r, p in zip(found, polys):
             if slide:
                 props = {"objectType": "annotation",
-                         "classification": {"name": r.name, "color": colour(r.cls)},
+                         "classification": {"name": r.name, "color": colour(r.cls, len(self.names))},
                          "measurements": {f"Area {unit.replace('²', '^2')}": r.area,
                                           "Mean probability": round(r.mean, 6),
                                           "Max probability": round(r.max, 6),

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..errors import NofcError, first_line, refuse_overwrite
+from ..scores import class_colour
 from ..sources import open_source
 from .maps import MapFile, open_map
 from .tiles import CELL_TILE, TOP, ImageTiles, MapTiles
@@ -319,20 +320,13 @@ def _static_files() -> dict[str, bytes]:
 
 
 def class_colours(k: int) -> list[list[int]]:
-    """``k`` distinct RGB colours for the class view and its legend (matplotlib's tab10,
-    then tab20, then evenly spaced hues).
+    """The ``k`` colours of the class view and its legend: those of the map's files
+    (:func:`nofc.scores.class_colour`).
 
     >>> class_colours(2)
     [[31, 119, 180], [255, 127, 14]]
     """
-    import matplotlib
-
-    if k <= 20:
-        cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
-        rgb = np.asarray([cmap(i)[:3] for i in range(k)])
-    else:
-        rgb = np.asarray(matplotlib.colormaps["hsv"](np.arange(k) / k))[:, :3]
-    return (rgb * 255 + 0.5).astype(int).tolist()
+    return [list(class_colour(i, k)) for i in range(k)]
 
 
 def _palettes() -> dict[str, list[int]]:
