@@ -50,7 +50,8 @@ def _valid_cog(path) -> list:
         return ds.overviews(1)
 
 
-@pytest.mark.parametrize("h,w", [(16, 16), (300, 280), (2000, 2000)])
+@pytest.mark.parametrize("h,w", [(16, 16), (300, 280),
+                                 pytest.param(2000, 2000, marks=pytest.mark.slow)])
 def test_maps_of_any_size_are_valid_cogs_with_overviews(tmp_path, h, w):
     """Written block by block through the sink (no network: the layout is what counts)."""
     geo = nofc.geometry(nofc.convert(_tiny(), SIZE), SIZE)
