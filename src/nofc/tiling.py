@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
+import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 import time
 import uuid
@@ -639,10 +641,14 @@ class _Blocks:
         self.sink.aggregate(t, block)
         self.bar.update(1)
 
+    def skips(self, exc: NofcError) -> bool:
+        """Whether a block failing with ``exc`` is left NaN (the run goes on)."""
+        return isinstance(exc, BadRegion) and self.on_error == "skip"
+
     def failed(self, t: Tile, exc: NofcError) -> None:
         """Skip ``t`` (an unreadable region, with on_error="skip") or stop in one line."""
         if isinstance(exc, BadRegion):
-            if self.on_error == "skip":
+            if self.skips(exc):
                 self.sink.skip(t, str(exc))
                 self.bar.update(1)
                 return
@@ -678,9 +684,152 @@ def _gave_up(t: Tile, exc: BaseException) -> NofcError:
                      f"failed {_ATTEMPTS} times: {type(exc).__name__}: {first_line(exc)}")
 
 
+_AHEAD = 1  # regions read ahead in a queue (one more in the reader's hands); 0: no threads
+_BEHIND = 1  # finished blocks queued for the writer (one more being written)
+
+
 def _run_local(runner, src, todo, blocks: _Blocks) -> None:
-    for t in todo:
-        blocks.run(t, lambda t=t: runner(src, t))
+    """Compute the blocks of ``todo`` in this thread, one after the other, while a reader
+    thread reads and decodes the next regions and a writer thread writes the finished
+    blocks, so that neither waits for the other (TIFF decoding and zarr compression
+    release the GIL).
+
+    Memory: the tile computing, at most ``_AHEAD + 1`` regions read ahead and
+    ``_BEHIND + 1`` blocks on their way to the sink. Only the writer touches the sink
+    while it runs, in the order the blocks were computed; a block counts as done (the
+    progress bar, a store's resume) once its write has finished. Whatever stops the run
+    (a block that fails, a write that fails, KeyboardInterrupt) lets the writer finish
+    the blocks queued before it first and leaves no thread running.
+    """
+    if _AHEAD < 1 or len(todo) < 2:
+        for t in todo:
+            blocks.run(t, lambda t=t: runner(src, t))
+        return
+    with _Reader(runner, src, todo, blocks) as regions, _Writer(blocks) as writer:
+        for t, region in regions:
+            try:
+                if isinstance(region, NofcError):
+                    raise region
+                block = _retried(lambda t=t, region=region: runner.compute(region, t), t)
+            except NofcError as exc:
+                writer.failed(t, exc)
+            else:
+                writer.put(t, block)
+
+
+_END = object()  # the reader's last item
+
+
+class _Reader:
+    """The regions of ``todo`` read (and retried) in a thread, ``_AHEAD`` queued: yields
+    ``(tile, region)``, or ``(tile, NofcError)`` for a region that cannot be read; after
+    one that stops the run (not skipped) it reads no further."""
+
+    def __init__(self, runner, src, todo, blocks: _Blocks):
+        self.runner, self.src, self.todo, self.blocks = runner, src, todo, blocks
+        self.queue: queue.Queue = queue.Queue(_AHEAD)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="nofc-reader", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()  # a reader waiting on a full queue gives up within _POLL
+        self.thread.join()
+
+    def _loop(self) -> None:
+        try:
+            for t in self.todo:
+                if self.stop.is_set():
+                    return
+                try:
+                    item = _retried(lambda t=t: self.runner.read(self.src, t), t)
+                except NofcError as exc:
+                    item = exc
+                self._put((t, item))
+                if isinstance(item, NofcError) and not self.blocks.skips(item):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - a bug: raised in the main thread
+            self._put((None, exc))
+        self._put((None, _END))
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while True:
+            t, item = self.queue.get()
+            if t is None:
+                if item is _END:
+                    return
+                raise item
+            yield t, item
+
+
+_POLL = 0.1  # seconds a reader blocked on a full queue waits before looking at stop
+
+
+class _Writer:
+    """``_Blocks.put`` (and the skips of ``_Blocks.failed``) in a thread, in order,
+    ``_BEHIND`` queued. A write that fails is raised here at the next block, or at the
+    end; the blocks queued after it are dropped (the ones before it are in the sink)."""
+
+    def __init__(self, blocks: _Blocks):
+        self.blocks = blocks
+        self.queue: queue.Queue = queue.Queue(_BEHIND)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="nofc-writer", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._drain()  # the blocks queued are written first, whatever stopped the run
+        if exc_type is None:
+            self._raise()
+
+    def _loop(self) -> None:
+        while (op := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    op()
+                except BaseException as exc:  # noqa: BLE001 - raised in the main thread
+                    self.error = exc
+
+    def _submit(self, op) -> None:
+        self._raise()
+        self.queue.put(op)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _drain(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def put(self, t: Tile, block: np.ndarray) -> None:
+        self._submit(lambda: self.blocks.put(t, block))
+
+    def failed(self, t: Tile, exc: NofcError) -> None:
+        """A skipped block is written in turn; one that stops the run stops it once every
+        block before it is in (its message says what the sink keeps)."""
+        if self.blocks.skips(exc):
+            self._submit(lambda: self.blocks.failed(t, exc))
+            return
+        self._drain()
+        self._raise()
+        self.blocks.failed(t, exc)
 
 
 def _run_dask(runner, src, todo, blocks: _Blocks, backend: Dask) -> None:
