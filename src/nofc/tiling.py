@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import queue
 import threading
@@ -40,7 +41,7 @@ from .sources import open_source
 from .receptive import cached_geometry
 
 __all__ = ["tiled_predict", "Dask", "plan_tiles", "default_tile", "check_tileable", "num_outputs",
-           "TileJob", "open_job", "run_jobs"]
+           "TileJob", "open_job", "run_jobs", "TILE_PIXELS"]
 
 
 # --------------------------------------------------------------------------- plan
@@ -246,9 +247,10 @@ def tiled_predict(
             region by region; PNG/JPEG whole. ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``.
         input_size: ``(C, H, W)`` the classifier was trained on.
         tile: input pixels per tile side (before the halo); memory grows with it. Default
-            (``None``): 2048, or three times the receptive field's reach past the window
-            where that is more, so that halos cost less than the tiles they surround
-            (DenseNet-121: 6144 pixels, a halo of 2039).
+            (``None``): ``default_tile``, as large as the memory budget ``TILE_PIXELS``
+            allows until the halo costs at most a tenth of the work (ResNet-18: 4000),
+            and at least 2048, or three times the receptive field's reach past the
+            window where that is more (DenseNet-121: 6144 pixels, a halo of 2039).
         out: where the map goes (``nofc.sinks``), by suffix or as an output object with
             its own options. A ``.zarr`` store: chunks are written as they finish, a
             killed run started again with the same arguments resumes, and a store made
@@ -519,8 +521,15 @@ def _stream(client, jobs, *, done, failed, bar) -> None:
 
 
 def default_tile(geo) -> int:
-    """2048 pixels, or three times the receptive field's reach past the window (a halo
-    on both sides) when that is more, rounded up to the stride.
+    """The tile side for throughput within a memory budget, rounded to the stride.
+
+    Neighbouring tiles both compute the strip where their fields overlap (``receptive
+    field - stride`` pixels a side), so a tile of side ``t`` computes ``(t + extra)**2``
+    pixels for ``t**2`` of map: the tile grows until that halo costs at most
+    ``_HALO_COST`` of the work, but its input, halo included, stays within
+    ``TILE_PIXELS`` (about 1.2 GB of a ResNet's maps, stage by stage). Never less than
+    2048 pixels, or three times the field's reach past the window (a halo on both sides)
+    where that is more, whatever the budget (DenseNet-121: 6144).
 
     >>> import nofc
     >>> geo = nofc.geometry(nofc.convert(nofc.zoo.LeNet5(), (1, 32, 32)), (1, 32, 32))
@@ -530,10 +539,17 @@ def default_tile(geo) -> int:
     halo = max(max(0, -geo.rf_offset[a]) + max(0, geo.rf_offset[a] + geo.receptive_field[a]
                                                 - geo.window[a]) for a in (0, 1))
     stride = max(geo.stride)
-    return max(_TILE, -(-3 * halo // stride) * stride)
+    least = max(_TILE, -(-3 * halo // stride) * stride)
+    extra = max(geo.receptive_field[a] - geo.stride[a] for a in (0, 1))
+    keep = (1 - _HALO_COST) ** 0.5  # the share of a side that is the tile's own
+    wanted = -(-int(extra * keep / (1 - keep)) // stride) * stride
+    budget = (math.isqrt(TILE_PIXELS) - extra) // stride * stride
+    return max(least, min(wanted, budget))
 
 
-_TILE = 2048  # the default tile side, for networks whose halo is small
+_TILE = 2048  # the least default tile side
+_HALO_COST = 0.1  # the share of a tile's work its halo may take, where the budget allows
+TILE_PIXELS = 4608 ** 2  # input pixels of a default tile, halo included (the memory budget)
 
 
 def check_tileable(fcn, geo, tile: int) -> None:
