@@ -3,6 +3,8 @@
 Every figure is measured in this run, side by side:
 
     python benchmarks/bench_tiling.py throughput   # tiled / single-pass dense rate
+    python benchmarks/bench_tiling.py tiff --models resnet18 densenet121 --side 8192
+                                                   # TIFF -> zarr / streamed one pass
     python benchmarks/bench_tiling.py rss --model resnet18 --sizes 2000 5000 10000 20000
     python benchmarks/bench_tiling.py dask         # 1 vs 2 single-threaded workers
     python benchmarks/bench_tiling.py faults       # kill 1 of 2 workers at 25/50/75%,
@@ -127,7 +129,7 @@ print(json.dumps({{"seconds": secs, "map": list(arr.shape),
 """
 
 
-def _make_tiff(path: Path, side: int, channels: int):
+def _make_tiff(path: Path, side: int, channels: int, compression=None):
     import tifffile
 
     tile = 512
@@ -142,7 +144,75 @@ def _make_tiff(path: Path, side: int, channels: int):
 
     shape = (side, side, channels) if channels > 1 else (side, side)
     tifffile.imwrite(path, tiles(), shape=shape, dtype=np.uint8, tile=(tile, tile),
-                     bigtiff=True, photometric="rgb" if channels == 3 else "minisblack")
+                     bigtiff=True, photometric="rgb" if channels == 3 else "minisblack",
+                     compression=compression)
+
+
+def tiff(args) -> list[dict]:
+    """Whole-image TIFF -> zarr (``tiled_predict`` with its default tile, or ``--tile``)
+    against the streamed one-image pass (``dense_predict`` of the same pixels, decoded
+    and normalised beforehand, in memory), side by side. ``--profile`` adds where the
+    tiled time goes, tile by tile in one thread: read + decode, normalise, compute,
+    write; and the halo: input pixels the tiles compute over the image's pixels."""
+    import tifffile
+
+    from nofc.tiling import default_tile, open_job
+
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tif = Path(tmp) / "img.tif"
+        for name in args.models:
+            model, size = _model(name)
+            fcn = nofc.convert(model, input_size=size)
+            if not tif.exists():
+                _make_tiff(tif, args.side, size[0], args.compression)
+            norm = nofc.Normalize().for_pixels(np.uint8)
+            x = norm.tensor(np.moveaxis(tifffile.imread(tif), -1, 0), dtype=torch.float32,
+                            device="cpu")[None]  # (1, C, H, W): decoded before the clock
+            nofc.dense_predict(fcn, x[..., :1024, :1024], input_size=size)  # warm-up
+            tile = args.tile_size or default_tile(nofc.geometry(fcn, size))
+            t = time.perf_counter()
+            nofc.dense_predict(fcn, x, input_size=size)
+            t_dense = time.perf_counter() - t
+            del x
+            t = time.perf_counter()
+            nofc.tiled_predict(fcn, str(tif), input_size=size, tile=args.tile_size,
+                               out=str(Path(tmp) / f"{name}.zarr"), progress=False)
+            t_tiled = time.perf_counter() - t
+            mpix = args.side ** 2 / 1e6
+            row = {"model": name, "image": f"{args.side}x{args.side}", "tile": tile,
+                   "compression": args.compression, "dense_s": round(t_dense, 2),
+                   "tiled_s": round(t_tiled, 2), "dense_mpix_s": round(mpix / t_dense, 3),
+                   "tiled_mpix_s": round(mpix / t_tiled, 3),
+                   "ratio": round(t_dense / t_tiled, 3), "load": os.getloadavg()[0]}
+            with open_job(fcn, str(tif), size, tile=args.tile_size) as job:
+                read = sum((t.inp[1] - t.inp[0]) * (t.inp[3] - t.inp[2]) for t in job.tiles)
+                row["tiles"], row["halo_extra"] = len(job.tiles), round(
+                    read / args.side ** 2 - 1, 3)
+                if args.profile:
+                    row.update(_profile(job))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _profile(job) -> dict:
+    """Seconds per part of the tiled run, one tile after the other in this thread."""
+    runner, parts = job.runner, dict.fromkeys(["read_s", "normalize_s", "compute_s",
+                                              "write_s"], 0.0)
+    for t in job.todo:
+        c0 = time.perf_counter()
+        region = runner.read(job.src, t)
+        c1 = time.perf_counter()
+        runner.normalize.tensor(region, dtype=runner.dtype, device=runner.device)
+        c2 = time.perf_counter()
+        block = runner.compute(region, t)  # normalises again: counted once, above
+        c3 = time.perf_counter()
+        job.sink.aggregate(t, block)
+        c4 = time.perf_counter()
+        for key, secs in zip(parts, (c1 - c0, c2 - c1, c3 - c2 - (c2 - c1), c4 - c3)):
+            parts[key] += secs
+    return {key: round(secs, 2) for key, secs in parts.items()}
 
 
 def rss(args) -> list[dict]:
@@ -438,7 +508,7 @@ def shared(args) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["throughput", "rss", "dask", "faults", "shared", "mask",
+    p.add_argument("what", choices=["throughput", "tiff", "rss", "dask", "faults", "shared", "mask",
                                     "all"])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
@@ -452,6 +522,13 @@ def main(argv=None):
     p.add_argument("--faults-tile", type=int, default=512)
     p.add_argument("--mask-side", type=int, default=4096)
     p.add_argument("--mask-tile", type=int, default=256)
+    p.add_argument("--models", nargs="+", default=["resnet18", "densenet121"])
+    p.add_argument("--side", type=int, default=8192)
+    p.add_argument("--tile-size", type=int, default=None, help="tiff: the tile (default: "
+                   "default_tile)")
+    p.add_argument("--compression", default="zlib", help="tiff: the TIFF's compression "
+                   "(zlib: a decode cost, as for slides; none)")
+    p.add_argument("--profile", action="store_true", help="tiff: where the tiled time goes")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tmp", default=None, help="folder for the temporary TIFF and zarr map")
     p.add_argument("--json", help="also write the rows here")
@@ -460,6 +537,9 @@ def main(argv=None):
     rows = []
     if args.what in ("throughput", "all"):
         rows += throughput(args)
+    if args.what == "tiff":
+        args.compression = None if args.compression == "none" else args.compression
+        rows += tiff(args)
     if args.what in ("rss", "all"):
         rows += rss(args)
     if args.what in ("dask", "all"):

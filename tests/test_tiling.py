@@ -383,13 +383,130 @@ def test_field_smaller_than_the_window_still_tiles_exactly():
 
 def test_default_tile_grows_with_the_halo():
     """DenseNet-121's field reaches 2039 pixels past its window: the default tile is three
-    times that (rounded to the stride 32), so halos cost less than the tiles; ResNet-18's
-    reaches 243 and keeps 2048."""
-    from nofc.tiling import default_tile
+    times that (rounded to the stride 32), whatever the budget; ResNet-18's tiles grow
+    until their input, halo (field - stride = 595) included, reaches TILE_PIXELS; a small
+    field keeps 2048."""
+    from nofc.tiling import TILE_PIXELS, default_tile, plan_tiles
 
     tiles = {}
     for name in ("densenet121", "resnet18"):
         fcn = nofc.convert(getattr(torchvision.models, name)(num_classes=2), (3, 224, 224))
         geo = nofc.geometry(fcn, (3, 224, 224))
         tiles[name] = default_tile(geo)
-    assert tiles == {"densenet121": 6144, "resnet18": 2048}
+        if name == "resnet18":
+            planned, _ = plan_tiles(geo, (20000, 20000), tile=tiles[name])
+            inputs = [(t.inp[1] - t.inp[0]) * (t.inp[3] - t.inp[2]) for t in planned]
+            assert TILE_PIXELS - 32 * 4608 <= max(inputs) <= TILE_PIXELS
+    assert tiles == {"densenet121": 6144, "resnet18": 4000}
+    geo = nofc.geometry(nofc.convert(LeNet5(), (1, 32, 32)), (1, 32, 32))
+    assert default_tile(geo) == 2048
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def _alive():
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("nofc-"))
+
+
+def test_prefetch_map_equals_one_thread_and_dense(tmp_path, monkeypatch):
+    """ResNet-18 over a small TIFF, TIFF -> zarr: the map with the reader and writer
+    threads is bitwise the map computed in one thread, and equals dense_predict."""
+    import tifffile
+
+    import nofc.tiling as tiling
+
+    torch.manual_seed(0)
+    fcn = nofc.convert(torchvision.models.resnet18(num_classes=3).eval(), (3, 224, 224))
+    img = np.random.default_rng(3).integers(0, 256, (320, 288, 3), dtype=np.uint8)
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), compression="zlib", photometric="rgb")
+    run = dict(input_size=(3, 224, 224), tile=64, progress=False)  # 2x2 blocks
+    stats = {}
+    got = nofc.tiled_predict(fcn, str(path), out=str(tmp_path / "a.zarr"), stats=stats,
+                             **run)[:]
+    assert stats["tiles_computed"] == 4 and _alive() == []
+    monkeypatch.setattr(tiling, "_AHEAD", 0)
+    one = nofc.tiled_predict(fcn, str(path), out=str(tmp_path / "b.zarr"), **run)[:]
+    assert got.dtype == np.float32 and np.array_equal(got, one)
+    x = torch.from_numpy(np.moveaxis(img, -1, 0).astype(np.float32) / 255)[None]
+    dense = nofc.dense_predict(fcn, x, (3, 224, 224))[0].numpy()
+    np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4)
+
+
+class _Fault:
+    """Makes the tile runner fail at block ``at``: ``how`` is "bad" (an unreadable
+    region), "oserror" (a read that keeps failing), "interrupt" (Ctrl-C while computing)
+    or "write" (the store's write fails). The writes are slowed down so that finished
+    blocks queue up behind the writer when the fault comes."""
+
+    def __init__(self, monkeypatch, how, at):
+        import nofc.sinks as sinks
+        import nofc.tiling as tiling
+        from nofc.images import BadRegion
+
+        self.reads, read = [], tiling._TileRunner.read
+        compute, write = tiling._TileRunner.compute, sinks.ZarrSink._write
+
+        def faulty_read(runner, src, t):
+            self.reads.append(t.index)
+            if t.index == at and how == "bad":
+                raise BadRegion(f"cannot read the test image at block {t.index}")
+            if t.index == at and how == "oserror":
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return read(runner, src, t)
+
+        def faulty_compute(runner, region, t):
+            if t.index == at and how == "interrupt":
+                raise KeyboardInterrupt
+            return compute(runner, region, t)
+
+        def slow_write(sink, t, block):
+            time.sleep(0.02)
+            if t.index == at and how == "write":
+                sink._store_op(self.disk_full, f"block {t.index}")
+            write(sink, t, block)
+
+        monkeypatch.setattr(tiling._TileRunner, "read", faulty_read)
+        monkeypatch.setattr(tiling._TileRunner, "compute", faulty_compute)
+        monkeypatch.setattr(sinks.ZarrSink, "_write", slow_write)
+
+    @staticmethod
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("how", ["bad", "oserror", "interrupt", "write"])
+def test_prefetch_fault_keeps_every_block_before_it_then_resumes(tmp_path, monkeypatch, how):
+    """A fault at block (1, 2) of 6x5 stops the run in one line naming the block (or
+    with the KeyboardInterrupt itself) once every block before it is in the store, leaves
+    no thread running, and the same call then resumes to the uninterrupted map."""
+    zarr = pytest.importorskip("zarr")
+    fcn = _fcn(LeNet5(), (1, 32, 32), torch.float32)
+    img = np.random.default_rng(4).random((192, 160)).astype(np.float32)
+    run = dict(input_size=(1, 32, 32), tile=32, progress=False)
+    ref = nofc.tiled_predict(fcn, img, **run)
+    store = tmp_path / "map.zarr"
+    fault = _Fault(monkeypatch, how, at=(1, 2))
+    with pytest.raises(NofcError if how != "interrupt" else KeyboardInterrupt) as err:
+        nofc.tiled_predict(fcn, img, out=str(store), **run)
+    assert _alive() == []
+    msg = str(err.value)
+    if how == "bad":
+        assert msg.startswith("cannot read the test image at block (1, 2) (map block (1, 2))")
+        assert fault.reads[-1] == (1, 2)  # nothing read past the block that stops the run
+    if how == "oserror":
+        assert msg.startswith("map block (1, 2) (image rows ") and "failed 3 times" in msg
+        assert fault.reads[-3:] == [(1, 2)] * 3 and fault.reads.count((1, 2)) == 3
+    if how == "write":
+        assert msg.startswith(f"cannot write block (1, 2) to {store}: No space left")
+    if how != "interrupt":
+        assert "\n" not in msg and msg.endswith("holds 7 of 30 blocks; the same call "
+                                                "resumes from there")
+    done = sorted(p.name for p in (store / ".nofc_done").iterdir())
+    assert done == [f"{i // 5}_{i % 5}" for i in range(7)]  # the blocks before (1, 2)
+    monkeypatch.undo()
+    got = nofc.tiled_predict(fcn, img, out=str(store), **run)
+    np.testing.assert_array_equal(zarr.open_array(str(store), mode="r")[:], ref)
+    np.testing.assert_array_equal(got[:], ref)
