@@ -28,11 +28,11 @@ from ._fx import dumps, loads, param_like, probe
 from .crops import CropNet, map_network
 from .dense import dense_predict
 from .dilation import fine_pass
+from .engines import on_engine
 from .errors import NofcError, check_input_size, first_line
 from .images import BadRegion, Normalize
 from .masks import mask_cells
 from .placement import placement_of
-from .engines import on_engine
 from .precision import low_precision
 from .sinks import MapFacts, MaskedSink, output_for
 from .sources import open_source
