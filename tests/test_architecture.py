@@ -95,10 +95,10 @@ def test_the_step_is_parsed_and_checked_in_one_module():
     assert sorted(defs) == ["windows.py:check_step", "windows.py:parse_step"]
 
 
-def test_dense_and_tiled_predict_take_at_most_17_parameters():
+def test_dense_and_tiled_predict_take_at_most_18_parameters():
     """Options travel with the object they configure: reading options with the image
     (``nofc.open_source``), normalisation in ``nofc.Normalize``, the cluster in
-    ``nofc.Dask``, an output's metadata with the output. (17: ``precision``, issue 26,
-    asked for by name on both.)"""
+    ``nofc.Dask``, an output's metadata with the output. (18: ``precision`` and ``engine``,
+    issue 26, asked for by name.)"""
     for f in (nofc.dense_predict, nofc.tiled_predict):
-        assert len(inspect.signature(f).parameters) <= 17, f.__name__
+        assert len(inspect.signature(f).parameters) <= 18, f.__name__

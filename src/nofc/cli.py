@@ -24,6 +24,7 @@ from .images import Normalize
 from .io import default_input_size, load_model, parse_size
 from .onnx_import import convert_onnx, verify_onnx
 from .onnx_net import OnnxNet, is_onnx
+from .engines import ENGINES
 from .precision import PRECISIONS
 from .sinks import RegionsOutput, output_for
 from .sources import MAX_PIXELS, open_source
@@ -262,6 +263,10 @@ def _add_heatmap(sub) -> None:
                    help="fp32 (default, exact), bf16 or fp16 (the matrix products in low "
                         "precision on the matrix units, float32 scores: faster; on the digits "
                         "demo 99.98%% of cells keep their top class), auto (bf16 where the hardware has it)")
+    p.add_argument("--engine", choices=list(ENGINES), default="torch",
+                   help="torch (default), onnxruntime or openvino: the float32 pass run in "
+                        "that engine on the CPU, the same map to float32 tolerance (checked "
+                        "before use); faster on CPUs, see docs/benchmarks.md")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the check that the converted network gives the classifier's "
                         "outputs at the input size (one forward each) before the map")
@@ -381,7 +386,7 @@ def _cmd_heatmap(args) -> int:
                    force=args.force, tile=args.tile, out=out, backend=backend,
                    progress=not args.quiet,
                    verify=args.verify, mask=args.mask, edges=args.edges, check=args.check,
-                   precision=args.precision)
+                   precision=args.precision, engine=args.engine)
     geo = info["geometry"]
     print(f"map {info['map_shape'][0]}x{info['map_shape'][1]}: windows of "
           f"{geo['window'][0]}x{geo['window'][1]}, step {geo['step'][0]}x{geo['step'][1]}, "
@@ -426,7 +431,7 @@ def _cmd_cohort(args) -> int:
                           threshold=0.5 if args.threshold is None else args.threshold,
                           classes=class_names(model, num_outputs(fcn, size), args.labels),
                           fail_fast=args.fail_fast, progress=not args.quiet,
-                          precision=args.precision,
+                          precision=args.precision, engine=args.engine,
                           force=args.force)
     print(cohort)
     print(f"summary: {', '.join(str(p) for p in cohort.files.values())}")

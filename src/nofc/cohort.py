@@ -215,6 +215,7 @@ def predict_many(
     device=None,
     dtype: torch.dtype = torch.float32,
     precision: str = "fp32",
+    engine: str = "torch",
     threshold: float = 0.5,
     classes: list[str] | None = None,
     summary=None,
@@ -234,7 +235,7 @@ def predict_many(
             (``nofc.sinks.GeoTiffOutput("maps/{stem}.tif", values="logits")``); missing
             folders are made. An existing ``.tif`` or ``.geojson`` (written whole, by a rename)
             counts as done and is skipped unless ``force``.
-        tile, backend, step, method, normalize, mask, device, dtype, precision: as in
+        tile, backend, step, method, normalize, mask, device, dtype, precision, engine: as in
             :func:`nofc.tiled_predict`, for every input (a manifest's ``mask``, ``level``
             and ``mpp`` columns take over ``mask`` and the reading for their row). On a
             cluster (``nofc.Dask(scheduler=)`` or ``nofc.Dask(workers=)``) the tiles of
@@ -289,7 +290,7 @@ def predict_many(
     columns = COLUMNS + [f"{n}_{what}" for n in names for what in ("above", "mean")]
     run = _Run(items, names, threshold, folder, progress=progress, fail_fast=fail_fast)
     options = dict(tile=tile, step=step, method=method, normalize=normalize, device=device,
-                   dtype=dtype, precision=precision, check=False)
+                   dtype=dtype, precision=precision, engine=engine, check=False)
 
     def jobs():
         for item in items:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ._fx import param_like
 from .crops import CropNet, crop_scores, map_network
 from .dilation import fine_pass
+from .engines import on_engine
 from .errors import NofcError, call_model, check_input_size
 from .precision import low_precision
 from .streaming import streamed
@@ -109,6 +110,7 @@ def dense_predict(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     precision: str = "fp32",
+    engine: str = "torch",
     progress: bool = False,
     check: bool = True,
 ) -> torch.Tensor:
@@ -149,6 +151,9 @@ def dense_predict(
             accumulated in float32; float32 scores) or ``"auto"`` (bf16 where the hardware
             has bfloat16 matrix units, else fp32). The rule, and how it runs on a CPU and
             on CUDA: ``nofc.precision``.
+        engine: ``"torch"`` (default), ``"onnxruntime"`` or ``"openvino"``: the float32
+            pass run in that engine on the CPU, the same map to float32 tolerance
+            (``nofc.engines``: what it runs, and what it refuses).
         progress: show a progress bar (tqdm, on stderr) over batches and shifted passes.
         check: when ``fcn`` is a classifier nofc converts here, check that the conversion
             gives the classifier's outputs at ``input_size`` first (one forward each;
@@ -183,6 +188,8 @@ def dense_predict(
         net = fine.net
     low = low_precision(precision, torch.device(device or param_like(net)[0]), dtype)
     net, device, dtype = placed(net, device, dtype)
+    net = on_engine(net, size, engine, fine=fine is not None, precision=precision,
+                    device=device, dtype=dtype)
     if low is not None:
         net = low.network(net)
         if fine is None:  # the same windows; its own node names, where streaming cuts

@@ -85,6 +85,7 @@ def heatmap(
     edges: str = "inside",
     check: bool = True,
     precision: str = "fp32",
+    engine: str = "torch",
 ) -> dict:
     """Load, normalise, convert, predict densely, draw; what ``nofc heatmap`` does.
 
@@ -94,7 +95,8 @@ def heatmap(
     ``nofc.Normalize``; its mean and std, when it gives neither, are the model's own (a
     timm model's pretrained config, ImageNet's for torchvision RGB models), else none.
     The conversion is checked against the classifier at ``input_size`` before the map
-    is computed (``check=False`` skips that); ``method``, ``edges`` and ``precision`` are
+    is computed (``check=False`` skips that); ``method``, ``edges``, ``precision`` and
+    ``engine`` are
     ``dense_predict``'s (``"crops"``: the classifier on every window, which ``"auto"``
     also does where ``convert`` refuses it).
 
@@ -148,11 +150,13 @@ def heatmap(
         computed = _tiled_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, tile=tile, out=out,
                               backend=backend, mask=mask, labels_file=labels_file,
-                              edges=edges, check=check, cls=cls, precision=precision)
+                              edges=edges, check=check, cls=cls, precision=precision,
+                              engine=engine)
     else:
         computed = _whole_map(model, src, size, normalize=normalize, step=step, method=method,
                               device=device, progress=progress, verify=verify,
-                              edges=edges, check=check, precision=precision)
+                              edges=edges, check=check, precision=precision,
+                              engine=engine)
     return _draw(computed, model, src.path or "image", output, cls=cls, top=top,
                  labels_file=labels_file, scores_path=scores_path, force=force)
 
@@ -185,14 +189,15 @@ def check_outputs(output, scores_path, out_path=None, *, force: bool) -> None:
 
 
 def _whole_map(model, src, size, *, normalize, step, method, device, progress, verify,
-               edges="inside", check=True, precision="fp32") -> _Map:
+               edges="inside", check=True, precision="fp32", engine="torch") -> _Map:
     """The image read whole, one dense pass."""
     region = src.read(slice(None), slice(None))  # (C, H, W) as stored
     raw = region.astype(np.float32) * np.float32(default_scale(region.dtype))  # to draw on
     x = torch.from_numpy(normalize(region))
     fcn, geo, steps = _network(model, size, step, method, check=check)
     logits = dense_predict(fcn, x, size, steps, method=method, device=device,
-                           progress=progress, edges=edges, precision=precision)[0]
+                           progress=progress, edges=edges, precision=precision,
+                           engine=engine)[0]
     geo = geo.with_edges(raw.shape[1:], edges, step=steps)  # the windows of this map
     scores = logits.float().cpu().numpy()  # (K, h, w)
     extra = {}
@@ -205,7 +210,7 @@ def _whole_map(model, src, size, *, normalize, step, method, device, progress, v
 
 def _tiled_map(model, src, size, *, normalize, step, method, device, progress, tile, out,
                backend, mask=None, labels_file=None, edges="inside", check=True,
-               cls=None, precision="fp32") -> _Map:
+               cls=None, precision="fp32", engine="torch") -> _Map:
     """The image read by region, tile by tile (optionally to a zarr store, a GeoTIFF, a
     GeoJSON, or on Dask); slides at a level, rasters by band, masked."""
     H, W = src.hw
@@ -228,7 +233,8 @@ def _tiled_map(model, src, size, *, normalize, step, method, device, progress, t
     scores = tiled_predict(fcn, src, size, tile=tile, out=output_for(out), backend=backend,
                            step=None if steps == geo.stride else steps, method=method,
                            normalize=normalize, device=device, progress=progress, mask=mask,
-                           stats=stats, edges=edges, check=False, precision=precision)
+                           stats=stats, edges=edges, check=False, precision=precision,
+                           engine=engine)
     h, w = scores.shape[1:]
     geo = geo.with_edges((H, W), edges, step=steps)  # the windows of this map
     place = placement_of(src, geo, steps)

@@ -31,6 +31,7 @@ from ._fx import dumps, loads, param_like, probe
 from .crops import CropNet, map_network
 from .dense import dense_predict
 from .dilation import fine_pass
+from .engines import on_engine
 from .errors import NofcError, check_input_size, first_line
 from .images import BadRegion, Normalize
 from .masks import mask_cells
@@ -104,7 +105,8 @@ class _TileRunner:
         self.__dict__.update(state)
 
     def __init__(self, fcn, input_size, step, normalize: Normalize, dtype, device,
-                 method="auto", edges="inside", pads=(0, 0, 0, 0), precision="fp32"):
+                 method="auto", edges="inside", pads=(0, 0, 0, 0), precision="fp32",
+                 engine="torch"):
         # a fine step: tiles run the dilated network (at its own stride) when there is one
         fine = None if isinstance(fcn, CropNet) else fine_pass(
             fcn, input_size, cached_geometry(fcn, input_size).check_step(step), method)
@@ -116,6 +118,7 @@ class _TileRunner:
         self.dtype = dtype
         self.device = device
         self.precision = precision
+        self.engine = engine
         self.edges, self.pads = edges, tuple(pads)  # tiles are planned on the padded image
 
     def image_part(self) -> dict:
@@ -166,7 +169,8 @@ class _TileRunner:
             # tile in tile coordinates; tiled_predict warns once for the whole map instead
             warnings.simplefilter("ignore")
             scores = dense_predict(self.fcn, x[None], input_size=self.input_size, step=self.step,
-                                   device=self.device, precision=self.precision)[0]
+                                   device=self.device, precision=self.precision,
+                                   engine=self.engine)[0]
         a, b, c, d = t.out
         sy, sx = t.skip
         block = scores[:, sy:sy + (b - a), sx:sx + (d - c)]
@@ -231,6 +235,7 @@ def tiled_predict(
     device=None,
     dtype: torch.dtype = torch.float32,
     precision: str = "fp32",
+    engine: str = "torch",
     check: bool = True,
     progress: bool = True,
     stats: dict | None = None,
@@ -282,6 +287,9 @@ def tiled_predict(
             ``dense_predict``.
         precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"``, as in
             ``dense_predict`` (``nofc.precision``); the map stays float32.
+        engine: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``, as in ``dense_predict``
+            (``nofc.engines``): the engine's network is made and checked once, before any
+            tile (on a cluster, again on each worker).
         stats: a dict to fill with ``windows`` (map cells), ``computed`` (cells of the
             tiles computed in this run), ``tiles`` and ``tiles_computed``.
 
@@ -308,7 +316,7 @@ def tiled_predict(
     dask = _backend(backend)
     job = open_job(fcn, image, input_size, tile=tile, out=out, step=step, method=method,
                    normalize=normalize, edges=edges, mask=mask, device=device, dtype=dtype,
-                   check=check, precision=precision)
+                   check=check, precision=precision, engine=engine)
     with job:  # a store is locked against a second writer until the run ends
         if stats is not None:
             stats.update(job.stats)
@@ -373,7 +381,7 @@ class TileJob:
 
 def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="auto",
              normalize=None, edges="inside", mask=None, device=None, dtype=torch.float32,
-             check=True, precision="fp32") -> TileJob:
+             check=True, precision="fp32", engine="torch") -> TileJob:
     """Plan the tiles of ``image`` and open its sink: ``tiled_predict``'s arguments (see
     there), the backend aside. A zarr store is locked until the job is left (``with``).
 
@@ -408,7 +416,9 @@ def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="
     device = torch.device(param_like(fcn)[0] if device is None else device)
     low_precision(precision, device, dtype)  # a bad precision is refused before any work
     runner = _TileRunner(fcn.eval(), size, step, norm, dtype, device, method, edges, pads,
-                         precision)
+                         precision, engine)
+    on_engine(runner.fcn, size, engine, fine=runner.dilated is not None, precision=precision,
+              device=device, dtype=dtype)  # made and checked here, before any tile
     tiles, (h, w) = plan_tiles(net_geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     block = (max(t.out[1] - t.out[0] for t in tiles), max(t.out[3] - t.out[2] for t in tiles))
