@@ -352,8 +352,8 @@ def run_overhead(only: str | None = None, sides=(896, 2048), repeat: int = 5) ->
     """``dense_predict(fcn, x)`` against the bare converted forward ``fcn(x)`` with ``x``
     contiguous and channels-last, and against the pass ``dense_predict`` runs inside
     (``nofc.streaming.streamed``: the layout nofc chose, in chunks above ``STREAM_PIXELS``),
-    interleaved (A B C D A B C D ...) after one warm-up each (which makes the layout
-    choice), medians of ``repeat`` runs. ``dense/pass`` is what dense_predict adds."""
+    interleaved (A B C D, B C D A, ...: each first in turn) after one warm-up each (which
+    makes the layout choice), medians of ``repeat`` runs. ``dense/pass`` is what dense_predict adds."""
     import statistics  # noqa: PLC0415
 
     from nofc import streaming  # noqa: PLC0415
@@ -374,10 +374,11 @@ def run_overhead(only: str | None = None, sides=(896, 2048), repeat: int = 5) ->
                     "pass": lambda: streaming.streamed(fcn, geo, x),
                     "dense": lambda: nofc.dense_predict(fcn, x, size)}
             times = {k: [] for k in runs}
+            order = list(runs)
             with torch.no_grad():
-                for _ in range(repeat + 1):  # the first round is the warm-up
-                    for k, fn in runs.items():
-                        times[k].append(_best(fn, 1))
+                for i in range(repeat + 1):  # the first round is the warm-up
+                    for k in order[i % 4:] + order[:i % 4]:  # each first in turn
+                        times[k].append(_best(runs[k], 1))
             med = {k: statistics.median(v[1:]) for k, v in times.items()}
             chosen = {v[1] for v in fcn.__dict__.get("_nofc_layout_cache", {}).values()}
             fmt = ("channels_last" if chosen == {torch.channels_last} else "contiguous"
