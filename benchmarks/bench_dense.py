@@ -18,6 +18,8 @@ speedup / bound (1.0: dense is exactly as fast per FLOP as the naive run).
                                                  # digits demo's agreement
     python benchmarks/bench_dense.py --hardware --threads 2    # matmul peak per precision;
                                                  # five networks per precision and layout
+    python benchmarks/bench_dense.py --overhead --threads 2    # dense_predict against the
+                                                 # bare forward in both layouts, 896 and 2048
 
 With ``--large``, each row times one whole pass of the converted network (``fcn(x)``), the
 stage-by-stage pass ``dense_predict`` takes above ``nofc.streaming.STREAM_PIXELS`` and the
@@ -343,6 +345,56 @@ def run_hardware(only: str | None = None, side: int = 896, repeat: int = 2,
     return rows
 
 
+_OVERHEAD = ["resnet18", "resnet50", "densenet121", "convnext_tiny"]
+
+
+def run_overhead(only: str | None = None, sides=(896, 2048), repeat: int = 5) -> list[dict]:
+    """``dense_predict(fcn, x)`` against the bare converted forward ``fcn(x)`` with ``x``
+    contiguous and channels-last, and against the pass ``dense_predict`` runs inside
+    (``nofc.streaming.streamed``: the layout nofc chose, in chunks above ``STREAM_PIXELS``),
+    interleaved (A B C D, B C D A, ...: each first in turn) after one warm-up each (which
+    makes the layout choice), medians of ``repeat`` runs. ``dense/pass`` is what dense_predict adds."""
+    import statistics  # noqa: PLC0415
+
+    from nofc import streaming  # noqa: PLC0415
+
+    print(f"{'network':<14}{'image':>10}{'layout':>15}{'contig s':>10}{'chl s':>9}"
+          f"{'pass s':>9}{'dense s':>9}{'dense/contig':>13}{'dense/chl':>10}"
+          f"{'dense/pass':>11}")
+    rows = []
+    size = (3, 224, 224)
+    for name in (only or ",".join(_OVERHEAD)).split(","):
+        torch.manual_seed(0)
+        fcn = nofc.convert(_timm_or_torchvision(name)().eval(), size).eval()
+        geo = nofc.geometry(fcn, size)
+        for side in sides:
+            x = torch.randn(1, 3, side, side)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            runs = {"contig": lambda: fcn(x), "chl": lambda: fcn(xc),
+                    "pass": lambda: streaming.streamed(fcn, geo, x),
+                    "dense": lambda: nofc.dense_predict(fcn, x, size)}
+            times = {k: [] for k in runs}
+            order = list(runs)
+            with torch.no_grad():
+                for i in range(repeat + 1):  # the first round is the warm-up
+                    for k in order[i % 4:] + order[:i % 4]:  # each first in turn
+                        times[k].append(_best(runs[k], 1))
+            med = {k: statistics.median(v[1:]) for k, v in times.items()}
+            chosen = {v[1] for v in fcn.__dict__.get("_nofc_layout_cache", {}).values()}
+            fmt = ("channels_last" if chosen == {torch.channels_last} else "contiguous"
+                   if chosen else "input's")
+            r = {"case": name, "image": f"{side}x{side}", "layout": fmt,
+                 **{f"{k}_s": v for k, v in med.items()},
+                 "dense_over_contig": med["dense"] / med["contig"],
+                 "dense_over_chl": med["dense"] / med["chl"],
+                 "dense_over_pass": med["dense"] / med["pass"]}
+            rows.append(r)
+            print(f"{name:<14}{r['image']:>10}{fmt:>15}{med['contig']:>10.3f}{med['chl']:>9.3f}"
+                  f"{med['pass']:>9.3f}{med['dense']:>9.3f}{r['dense_over_contig']:>13.3f}"
+                  f"{r['dense_over_chl']:>10.3f}{r['dense_over_pass']:>11.3f}", flush=True)
+    return rows
+
+
 def run_precision(only: str | None = None, side: int = 2048, repeat: int = 2) -> list[dict]:
     """``dense_predict`` in float32 and in bfloat16 side by side (interleaved runs, the
     best of each), with the agreement of the two maps (random weights)."""
@@ -428,14 +480,22 @@ def main(argv=None) -> int:
     p.add_argument("--precision", action="store_true",
                    help="dense_predict fp32 against bf16 side by side (--only: networks, "
                         "default resnet50,densenet121), and the digits demo's agreement")
+    p.add_argument("--overhead", action="store_true",
+                   help="dense_predict against the bare converted forward (contiguous and "
+                        "channels-last) and its own pass, interleaved, medians (--only: "
+                        "networks, default resnet18,resnet50,densenet121,convnext_tiny)")
     p.add_argument("--size", type=int, help="image side for --hardware (default 896) and "
-                                            "--precision (default 2048)")
+                                            "--precision (default 2048); --overhead runs "
+                                            "896 and 2048 unless given")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
-    if args.hardware:
+    if args.overhead:
+        run_overhead(only=args.only, sides=(args.size,) if args.size else (896, 2048),
+                     repeat=max(args.repeat, 5))
+    elif args.hardware:
         run_hardware(only=args.only, side=args.size or 896, repeat=min(args.repeat, 2))
     elif args.precision:
         run_precision(only=args.only, side=args.size or 2048, repeat=min(args.repeat, 2))

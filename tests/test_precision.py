@@ -60,8 +60,8 @@ def test_streamed_pass_in_bf16(monkeypatch):
     monkeypatch.setattr(streaming, "CHUNK", 96)
     calls = []
     run = streaming._run
-    monkeypatch.setattr(streaming, "_run", lambda parts, x, chunk: calls.append(
-        (x.dtype, [s.chunked for s in parts])) or run(parts, x, chunk=chunk))
+    monkeypatch.setattr(streaming, "_run", lambda parts, x, **k: calls.append(
+        (x.dtype, [s.chunked for s in parts])) or run(parts, x, **k))
     low = nofc.dense_predict(fcn, image, (3, 224, 224), precision="bf16")
     assert calls == [(torch.bfloat16, [True] * 5)]  # streamed in chunks, in bfloat16
     _close(low, whole)

@@ -34,8 +34,8 @@ __all__ = [
     "remember",
     "ANY_STRIDE", "PROBE_BATCH", "NodeFailure", "ShapeRecorder", "bind", "channels_last_pool",
     "describe_node", "drop_dead_code", "dumps", "fake_mode", "fmt_shape", "get_attr",
-    "global_pool", "loads", "output_node", "param_like", "probe", "register_notrace_module",
-    "spatial_size", "trace", "viewed", "written",
+    "global_pool", "loads", "output_node", "param_like", "param_stamp", "probe",
+    "register_notrace_module", "spatial_size", "trace", "viewed", "written",
 ]
 
 PROBE_BATCH = 2  # probe batch size: 2, so that a reshape that swallows the batch is seen
@@ -65,6 +65,13 @@ def remember(gm: fx.GraphModule, **attributes) -> None:
     for name, value in attributes.items():
         setattr(gm, name, value)
         kept[name] = value
+
+
+def param_stamp(model: nn.Module) -> tuple:
+    """Which tensors the parameters and buffers are and how often each was written: a
+    cache kept on ``model`` is stale when this changes (``.to()``, a load, an in-place
+    update)."""
+    return tuple((id(p), p._version) for p in (*model.parameters(), *model.buffers()))
 
 
 def fmt_shape(shape) -> str:

@@ -13,7 +13,8 @@ The one rule for the two precision options of ``dense_predict`` and ``tiled_pred
 
 A low precision needs ``dtype`` float32 (or unset): a float64 check in bfloat16 would mean
 nothing. On a CPU the pass runs a copy of the network in bfloat16 and channels-last (the
-layout oneDNN's bfloat16 convolutions want), BatchNorm folded into the convolutions and
+layout oneDNN's bfloat16 convolutions want, measured never slower than contiguous:
+``nofc.layout``), BatchNorm folded into the convolutions and
 the last layer in float32, made once per network and kept on it until its weights change;
 measured faster than ``torch.autocast`` around the float32 network, which casts every
 weight on every call. On CUDA it runs under ``torch.autocast``. A CPU
@@ -42,9 +43,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.experimental.optimization import fuse
 
-from ._fx import output_node
+from ._fx import output_node, param_stamp
 from .errors import NofcError
 from .layers import FullConv2d
+from .layout import known_format
 
 __all__ = ["PRECISIONS", "LowPrecision", "low_precision", "has_bf16_units", "agreement"]
 
@@ -112,17 +114,18 @@ class LowPrecision:
                             f"{type(net).__name__} has no PyTorch weights to run in it "
                             "(an ONNX model runs in onnxruntime): use precision='fp32'")
         cache = net.__dict__.setdefault("_nofc_low_cache", {})
-        key = (self.dtype, self.device)
-        stamp = tuple((id(p), p._version) for p in list(net.parameters()) + list(net.buffers()))
+        fmt = known_format(self.device, self.dtype)
+        key = (self.dtype, self.device, fmt)
+        stamp = param_stamp(net)
         if key not in cache or cache[key][0] != stamp:
-            cache[key] = (stamp, _low_copy(net, self.dtype, self.device))
+            cache[key] = (stamp, _low_copy(net, self.dtype, self.device, fmt))
         return cache[key][1]
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the network takes it (the low dtype, channels-last, on a CPU)."""
         x = x.to(device=self.device, dtype=self.input_dtype)
         if not self.autocast and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=known_format(self.device, self.dtype))
         return x
 
     def context(self):
@@ -135,11 +138,12 @@ class LowPrecision:
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _low_copy(net: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """``net`` in ``dtype`` and channels-last, its BatchNorms folded into the convolutions
-    before them (in float32: one rounding, and one pass over the map less), and the layer
-    that gives the scores kept in float32 on an upcast input: the scores are not rounded
-    to bfloat16's 8 bits."""
+def _low_copy(net: nn.Module, dtype: torch.dtype, device: torch.device,
+              fmt: torch.memory_format) -> nn.Module:
+    """``net`` in ``dtype`` and layout ``fmt`` (channels-last: ``nofc.layout``), its
+    BatchNorms folded into the convolutions before them (in float32: one rounding, and one
+    pass over the map less), and the layer that gives the scores kept in float32 on an
+    upcast input: the scores are not rounded to bfloat16's 8 bits."""
     low = copy.deepcopy(net).eval()
     # what conversion and dilation recorded on the network (a GraphModule's deepcopy and
     # fuse drop it; the geometry reads it), not what was cached on it
@@ -152,7 +156,7 @@ def _low_copy(net: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Mo
         _fuse_relu(low)
     low.__dict__.update(kept)
     head = _head(low)
-    low = low.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    low = low.to(device=device, dtype=dtype, memory_format=fmt)
     for m in low.modules():
         if isinstance(m, FullConv2d):  # its unfold + matmul reads the weight as (O, C*kh*kw)
             m.weight = nn.Parameter(m.weight.detach().contiguous(), requires_grad=False)

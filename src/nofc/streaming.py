@@ -15,10 +15,12 @@ not every layer's activations.
 
 Only what the layer-by-layer geometry reads is streamed: a network with global context
 (squeeze-and-excitation), measured geometry, or a stage with a node the walk does not
-know runs that stage (or the network) whole. Only on a CPU, where float32 and bfloat16
-chunks are handed over channels-last (oneDNN's convolutions run them about 1.5x faster,
-bfloat16 ones only there at the matrix units' speed); a GPU keeps its cores busy on the
-whole map.
+know runs that stage (or the network) whole. Only on a CPU, where the chunks (or the
+whole image of a large pass that cannot be streamed) are handed over in the layout
+``nofc.layout`` chose for the network: channels-last where a measurement on a chunk-sized
+crop says it is faster (oneDNN's convolutions run most networks 1.1x to 1.7x faster so,
+bfloat16 ones only there at the matrix units' speed), contiguous where not; a GPU keeps
+its cores busy on the whole map.
 
 >>> import torch, torchvision, nofc
 >>> fcn = nofc.convert(torchvision.models.resnet18(), (3, 224, 224))
@@ -39,6 +41,7 @@ import torch.nn as nn
 
 from ._fx import output_node, param_like, probe, trace
 from .errors import NofcError
+from .layout import known_format, memory_format_for
 from .receptive import node_axes
 from .windows import Geometry
 
@@ -172,24 +175,37 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
     if geo.lattice:  # runs on the window plus a multiple of the stride only
         h, w = geo.fit(x.shape[-2:])
         x = x[..., :h, :w]
-    if x.device.type != "cpu" or x.shape[-2] * x.shape[-1] <= STREAM_PIXELS:
+    if x.device.type != "cpu":
         return fcn(x)  # a GPU keeps its cores busy on the whole map: no chunks there
+    if x.shape[-2] * x.shape[-1] <= STREAM_PIXELS:  # small: measuring would cost more
+        fmt = known_format(x.device, x.dtype)
+        return fcn(x) if fmt is None else _call(fcn, x, fmt)
+    fmt = memory_format_for(fcn, _sample(x, geo))
     parts = stages(fcn, geo, x.shape[1])
     if parts is None:
-        return fcn(x)
+        return _call(fcn, x, fmt)
     if geo.lattice:
         # a chunk starts on its stage's grid, so what it computes is exact, but its size
         # may be one the stage's branches do not meet at (DLA's adds): then run whole
         try:
-            return _run(parts, x, chunk=CHUNK)
+            return _run(parts, x, chunk=CHUNK, fmt=fmt)
         except RuntimeError:
-            return fcn(x)
-    return _run(parts, x, chunk=CHUNK)
+            return _call(fcn, x, fmt)
+    return _run(parts, x, chunk=CHUNK, fmt=fmt)
 
 
-def _run(parts: list[Stage], x: torch.Tensor, *, chunk: int) -> torch.Tensor:
+def _sample(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """A crop of the first image the size a chunk runs at (``CHUNK``, at least the
+    window; on the lattice of a lattice network): what the layout is measured on."""
+    side = [min(x.shape[-2 + a], max(CHUNK, geo.window[a])) for a in (0, 1)]
+    h, w = geo.fit(side)
+    return x[:1, :, :h, :w]
+
+
+def _run(parts: list[Stage], x: torch.Tensor, *, chunk: int,
+         fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     for stage in parts:
-        x = _run_stage(stage, x, chunk)
+        x = _run_stage(stage, x, chunk, fmt)
     return x.contiguous()
 
 
@@ -201,12 +217,13 @@ def _per(stage: Stage, chunk: int, axis: int, cells: int) -> int:
     return cells if cells <= 1.5 * per else per
 
 
-def _run_stage(stage: Stage, x: torch.Tensor, chunk: int) -> torch.Tensor:
+def _run_stage(stage: Stage, x: torch.Tensor, chunk: int,
+               fmt: torch.memory_format) -> torch.Tensor:
     H, W = x.shape[-2:]
     h, w = stage.geo.network_shape((H, W)) if stage.chunked else (0, 0)
     per = (_per(stage, chunk, 0, h), _per(stage, chunk, 1, w)) if stage.chunked else (0, 0)
     if not stage.chunked or per == (h, w):
-        return _call(stage.module, x)
+        return _call(stage.module, x, fmt)
     out = None
     for a in range(0, h, per[0]):
         b = min(h, a + per[0])
@@ -216,8 +233,8 @@ def _run_stage(stage: Stage, x: torch.Tensor, chunk: int) -> torch.Tensor:
             x0, x1, sx = stage.geo.span(1, c, d, W)
             # a copy: a stage may work in place on its input (ReLU(inplace=True)), and the
             # chunks' halos overlap
-            region = x[..., y0:y1, x0:x1].clone(memory_format=_chunk_format(x))
-            part = _call(stage.module, region)[..., sy:sy + b - a, sx:sx + d - c]
+            region = x[..., y0:y1, x0:x1].clone(memory_format=fmt)
+            part = _call(stage.module, region, fmt)[..., sy:sy + b - a, sx:sx + d - c]
             if part.shape[-2:] != (b - a, d - c):  # pragma: no cover - a planning bug
                 raise NofcError(f"internal: stage {stage.output!r} chunk gave "
                                 f"{tuple(part.shape)} for cells {(a, b, c, d)}")
@@ -233,17 +250,13 @@ def _format(t: torch.Tensor) -> torch.memory_format:
             and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
 
 
-def _chunk_format(x: torch.Tensor) -> torch.memory_format:
-    return (torch.channels_last if x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) else torch.contiguous_format)
-
-
-def _call(module: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; on a CPU in float32 or bfloat16 with the input channels-last (oneDNN's faster
-    layout), falling back to the plain layout for a graph that needs it (a ``view``)."""
-    if _chunk_format(x) == torch.channels_last and x.dim() == 4:
+def _call(module: nn.Module, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``module(x)`` with ``x`` in layout ``fmt``; channels-last falls back to the plain
+    layout for a graph that needs it (a ``view``)."""
+    if fmt == torch.channels_last and x.dim() == 4:
         try:
             return module(x.contiguous(memory_format=torch.channels_last))
         except RuntimeError:
             pass
-    return module(x)
+        return module(x.contiguous())
+    return module(x.contiguous(memory_format=fmt) if x.dim() == 4 else x)
