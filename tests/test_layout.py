@@ -94,10 +94,13 @@ def test_the_choice_is_measured_once_per_architecture(fcn, counted):
     assert len(counted) == 2
 
 
-def test_a_small_pass_is_not_measured(monkeypatch, fcn, counted):
-    monkeypatch.setattr(streaming, "STREAM_PIXELS", 256 * 256)
+def test_a_small_pass_is_not_measured_a_whole_one_is(monkeypatch, fcn, counted):
+    monkeypatch.setattr(streaming, "STREAM_PIXELS", 10 ** 9)  # both run whole
+    monkeypatch.setattr(streaming, "MEASURE_PIXELS", 300 * 300)
     nofc.dense_predict(fcn, torch.randn(1, 3, 256, 256), SIZE)
     assert counted == []
+    nofc.dense_predict(fcn, torch.randn(1, 3, 320, 320), SIZE)  # whole, not streamed
+    assert len(counted) == 1
 
 
 class _Slow(torch.nn.Module):

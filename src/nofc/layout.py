@@ -16,8 +16,8 @@ The rule, on a CPU:
   ``nofc.streaming.CHUNK`` pixels a side): both layouts, interleaved, ``ROUNDS`` runs
   each, the fastest of each; channels-last is taken only when it is faster by more than
   ``MARGIN`` (noise), never where it is slower. Only a large pass measures (the caller
-  decides: ``nofc.streaming`` above ``STREAM_PIXELS``); a small one keeps the input's
-  layout, as the measurement would cost more than it could save.
+  decides: ``nofc.streaming`` from ``MEASURE_PIXELS``, an image of 640x640); a small one
+  keeps the input's layout, as the measurement would cost more than it could save.
 * **bfloat16** (and float16): channels-last, without measuring: the layout oneDNN's
   low-precision kernels take; bfloat16 measured never slower (docs/benchmarks.md, the
   hardware table: 1.0x to 2.1x faster); float16 as bfloat16 (the same kernels on a CPU

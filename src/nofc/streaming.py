@@ -45,9 +45,13 @@ from .layout import known_format, memory_format_for
 from .receptive import node_axes
 from .windows import Geometry
 
-__all__ = ["stages", "streamed", "STREAM_PIXELS", "CHUNK"]
+__all__ = ["stages", "streamed", "STREAM_PIXELS", "MEASURE_PIXELS", "CHUNK"]
 
 STREAM_PIXELS = 1024 * 1024  # images with more pixels than this run stage by stage
+# images with at least this many pixels run in the layout measured faster for their network
+# (nofc.layout; once per architecture and process: six passes of a CHUNK-sized crop, about
+# two passes of an 896x896 image); smaller ones keep their own layout
+MEASURE_PIXELS = 640 * 640
 CHUNK = 512  # image pixels a chunk of any stage covers, a side (cache-sized activations)
 _HALO_SHARE = 4  # a chunk's cells cover at least this many times the stage's halo
 
@@ -177,8 +181,11 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
         x = x[..., :h, :w]
     if x.device.type != "cpu":
         return fcn(x)  # a GPU keeps its cores busy on the whole map: no chunks there
-    if x.shape[-2] * x.shape[-1] <= STREAM_PIXELS:  # small: measuring would cost more
+    pixels = x.shape[-2] * x.shape[-1]
+    if pixels <= STREAM_PIXELS:  # one pass of the whole network
         fmt = known_format(x.device, x.dtype)
+        if fmt is None and pixels >= MEASURE_PIXELS:
+            fmt = memory_format_for(fcn, _sample(x, geo))
         return fcn(x) if fmt is None else _call(fcn, x, fmt)
     fmt = memory_format_for(fcn, _sample(x, geo))
     parts = stages(fcn, geo, x.shape[1])
