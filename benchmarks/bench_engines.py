@@ -14,7 +14,8 @@ image, every engine runs the same converted network with the same number of thre
   (``INFERENCE_NUM_THREADS``, ``INFERENCE_PRECISION_HINT`` f32 or bf16, height and width
   left free as in the graph);
 * ``engine=onnxruntime``, ``engine=openvino``: ``nofc.dense_predict(..., engine=)``
-  (``nofc.engines``), what the engines cost through nofc's own path.
+  (``nofc.engines``), what the engines cost through nofc's own path; ``engine=openvino
+  bf16``: the same with ``precision="bf16"``.
 
 Each row: the median of ``--repeat`` timed runs (the engines interleaved, round by round,
 after one warm-up each) in wall-clock seconds and in CPU seconds of the process (on a
@@ -50,8 +51,8 @@ from nofc.precision import agreement
 
 SIZE = (3, 224, 224)
 ENGINES = ("torch fp32", "torch bf16", "ort fp32", "ort int8", "ov fp32", "ov bf16",
-           "engine=onnxruntime", "engine=openvino")
-_LOW = {"torch bf16", "ort int8", "ov bf16"}
+           "engine=onnxruntime", "engine=openvino", "engine=openvino bf16")
+_LOW = {"torch bf16", "ort int8", "ov bf16", "engine=openvino bf16"}
 
 
 def _ort_session(proto_bytes: bytes, threads: int):
@@ -121,6 +122,7 @@ def _engines(fcn, path: str, threads: int, wanted) -> tuple[dict, list[str]]:
         "ov bf16": lambda: _openvino(path, threads, "bf16"),
         "engine=onnxruntime": lambda: torch_run("fp32", "onnxruntime"),
         "engine=openvino": lambda: torch_run("fp32", "openvino"),
+        "engine=openvino bf16": lambda: torch_run("bf16", "openvino"),
     }
     for name in wanted:
         try:

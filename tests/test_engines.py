@@ -75,15 +75,16 @@ def test_a_wrong_engine_is_refused_before_use(lenet, monkeypatch):
     net = pickle.loads(pickle.dumps(lenet))  # its own cache
     real = engines._RUNNERS["onnxruntime"]
     monkeypatch.setitem(engines._RUNNERS, "onnxruntime",
-                        lambda g, t: (lambda x, run=real(g, t): run(x) * 1.01))
-    with pytest.raises(NofcError, match="engine 'onnxruntime' gives other scores than the "
-                                        "PyTorch network on a 40x44 image"):
+                        lambda g, t, p: (lambda x, run=real(g, t, p): run(x) * 1.01))
+    with pytest.raises(NofcError, match=r"engine 'onnxruntime' \(fp32\) gives other scores "
+                                        "than the PyTorch network on a 40x44 image"):
         nofc.dense_predict(net, torch.randn(1, 40, 40), LENET, engine="onnxruntime")
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"engine": "tensorrt"}, "engine must be one of 'torch', 'onnxruntime', 'openvino'"),
-    ({"precision": "bf16"}, "precision='bf16' is not float32: use engine='torch'"),
+    ({"precision": "bf16"}, "bfloat16 is not float32 \\(of the engines, only "
+                            "engine='openvino' runs precision='bf16'\\): use engine='torch'"),
     ({"dtype": torch.float64}, "dtype=torch.float64 is not float32"),
     ({"step": 2, "method": "dilate"}, "a step finer than the stride runs the dilated"),
     ({"method": "crops", "step": 4}, "CropNet is not one"),
@@ -123,3 +124,19 @@ def test_cli_engine_gives_the_eager_map(tmp_path):
                      "--engine", engine]) == 0
         maps.append(torch.from_numpy(np.load(scores)["scores"]))
     _close(*maps)
+
+
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="openvino is not installed")
+def test_openvino_bf16_is_the_float32_map_to_bfloat16s_tolerance(resnet18):
+    """precision="bf16" with engine="openvino": OpenVINO's bfloat16 pass (float32 scores),
+    against PyTorch's float32 map and PyTorch's own bf16 pass."""
+    x = torch.randn(1, 3, 160, 144, generator=torch.Generator().manual_seed(1))
+    ref = nofc.dense_predict(resnet18, x, SIZE)
+    got = nofc.dense_predict(resnet18, x, SIZE, engine="openvino", precision="bf16")
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= 5e-2 * scale
+    assert nofc.precision.agreement(ref, got)["same_top"] >= 0.9
+    fp32 = nofc.dense_predict(resnet18, x, SIZE, engine="openvino")
+    assert float((fp32 - ref).abs().max()) <= 1e-4 * scale  # another network, not the bf16 one
+    assert float((got - fp32).abs().max()) > 0  # the bf16 pass really ran in bfloat16

@@ -188,8 +188,10 @@ def dense_predict(
         net = fine.net
     low = low_precision(precision, torch.device(device or param_like(net)[0]), dtype)
     net, device, dtype = placed(net, device, dtype)
-    net = on_engine(net, size, engine, fine=fine is not None, precision=precision,
-                    device=device, dtype=dtype)
+    net = on_engine(net, size, engine, fine=fine is not None, low=low, device=device,
+                    dtype=dtype)
+    if engine != "torch":
+        low = None  # the engine runs its own precision, float32 in and out
     if low is not None:
         net = low.network(net)
         if fine is None:  # the same windows; its own node names, where streaming cuts

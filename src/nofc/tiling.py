@@ -414,10 +414,10 @@ def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="
     hw = (src.hw[0] + pads[0] + pads[1], src.hw[1] + pads[2] + pads[3])  # tiles' image
     norm = norm.for_pixels(src.dtype)
     device = torch.device(param_like(fcn)[0] if device is None else device)
-    low_precision(precision, device, dtype)  # a bad precision is refused before any work
+    low = low_precision(precision, device, dtype)  # a bad one refused before any work
     runner = _TileRunner(fcn.eval(), size, step, norm, dtype, device, method, edges, pads,
                          precision, engine)
-    on_engine(runner.fcn, size, engine, fine=runner.dilated is not None, precision=precision,
+    on_engine(runner.fcn, size, engine, fine=runner.dilated is not None, low=low,
               device=device, dtype=dtype)  # made and checked here, before any tile
     tiles, (h, w) = plan_tiles(net_geo, hw, tile=tile, step=step, dilated=runner.dilated)
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
