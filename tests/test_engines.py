@@ -140,3 +140,24 @@ def test_openvino_bf16_is_the_float32_map_to_bfloat16s_tolerance(resnet18):
     fp32 = nofc.dense_predict(resnet18, x, SIZE, engine="openvino")
     assert float((fp32 - ref).abs().max()) <= 1e-4 * scale  # another network, not the bf16 one
     assert float((got - fp32).abs().max()) > 0  # the bf16 pass really ran in bfloat16
+
+
+def test_precision_auto_is_never_refused_on_an_engine(lenet):
+    """"auto" is float32 on onnxruntime (no bfloat16 pass there) and OpenVINO's choice of
+    bf16 where the CPU has bfloat16 units; "bf16" itself stays refused on onnxruntime."""
+    import warnings
+
+    x = torch.randn(1, 40, 44)
+    ref = nofc.dense_predict(lenet, x, LENET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "auto" says once what it picked
+        got = nofc.dense_predict(lenet, x, LENET, engine="onnxruntime", precision="auto")
+        _close(ref, got)
+        tiled = nofc.tiled_predict(lenet, x.numpy(), LENET, tile=48, progress=False,
+                                   engine="onnxruntime", precision="auto")
+        _close(ref[0], torch.from_numpy(np.asarray(tiled)))
+        if "openvino" in INSTALLED:
+            ov = nofc.dense_predict(lenet, x, LENET, engine="openvino", precision="auto")
+            assert float((ov - ref).abs().max()) <= 5e-2 * float(ref.abs().max())
+    with pytest.raises(NofcError, match="only engine='openvino' runs precision='bf16'"):
+        nofc.dense_predict(lenet, x, LENET, engine="onnxruntime", precision="bf16")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ._fx import param_like
 from .crops import CropNet, crop_scores, map_network
 from .dilation import fine_pass
-from .engines import on_engine
+from .engines import engine_precision, on_engine
 from .errors import NofcError, call_model, check_input_size
 from .precision import low_precision
 from .streaming import streamed
@@ -186,7 +186,8 @@ def dense_predict(
     fine = None if isinstance(net, CropNet) else fine_pass(net, size, steps, method)
     if fine is not None:
         net = fine.net
-    low = low_precision(precision, torch.device(device or param_like(net)[0]), dtype)
+    low = low_precision(engine_precision(engine, precision),
+                        torch.device(device or param_like(net)[0]), dtype)
     net, device, dtype = placed(net, device, dtype)
     net = on_engine(net, size, engine, fine=fine is not None, low=low, device=device,
                     dtype=dtype)

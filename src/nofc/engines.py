@@ -43,7 +43,7 @@ from .export import export_onnx
 from .receptive import cached_geometry
 from .tolerance import passes, tolerance_for
 
-__all__ = ["ENGINES", "EngineNet", "on_engine", "LOW_TOLERANCE"]
+__all__ = ["ENGINES", "EngineNet", "on_engine", "engine_precision", "LOW_TOLERANCE"]
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 _EXTRAS = {"onnxruntime": "onnx", "openvino": "engines"}
@@ -97,6 +97,17 @@ def on_engine(net: nn.Module, input_size, engine: str, *, fine: bool = False,
         _check(run, net, size)
         made[engine, precision] = run
     return made[engine, precision]
+
+
+def engine_precision(engine: str, precision: str) -> str:
+    """The precision a pass on ``engine`` asks for: ``"auto"`` means float32 on an engine
+    without a bfloat16 pass (onnxruntime here), so that ``"auto"`` is never refused; any
+    other precision is the caller's.
+
+    >>> engine_precision("onnxruntime", "auto"), engine_precision("openvino", "auto")
+    ('fp32', 'auto')
+    """
+    return "fp32" if precision == "auto" and engine == "onnxruntime" else precision
 
 
 def _stamp(net: nn.Module) -> tuple:

@@ -31,7 +31,7 @@ from ._fx import dumps, loads, param_like, probe
 from .crops import CropNet, map_network
 from .dense import dense_predict
 from .dilation import fine_pass
-from .engines import on_engine
+from .engines import engine_precision, on_engine
 from .errors import NofcError, check_input_size, first_line
 from .images import BadRegion, Normalize
 from .masks import mask_cells
@@ -414,7 +414,8 @@ def open_job(fcn, image, input_size, *, tile=None, out=None, step=None, method="
     hw = (src.hw[0] + pads[0] + pads[1], src.hw[1] + pads[2] + pads[3])  # tiles' image
     norm = norm.for_pixels(src.dtype)
     device = torch.device(param_like(fcn)[0] if device is None else device)
-    low = low_precision(precision, device, dtype)  # a bad one refused before any work
+    # a bad one refused before any work
+    low = low_precision(engine_precision(engine, precision), device, dtype)
     runner = _TileRunner(fcn.eval(), size, step, norm, dtype, device, method, edges, pads,
                          precision, engine)
     on_engine(runner.fcn, size, engine, fine=runner.dilated is not None, low=low,
