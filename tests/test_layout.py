@@ -145,3 +145,16 @@ def test_known_layouts(monkeypatch):
     monkeypatch.setenv(layout.LAYOUT_ENV, "NHWC")
     with pytest.raises(NofcError, match="NOFC_LAYOUT='NHWC': give 'channels_last'"):
         layout.known_format(cpu, torch.float32)
+
+
+def test_networks_that_state_their_own_geometry_are_not_measured(monkeypatch, counted):
+    """Crop by crop (a measurement would be thousands of classifier calls), ONNX models
+    and engines run as they are, whatever the image size."""
+    monkeypatch.setattr(streaming, "MEASURE_PIXELS", 1)
+    lenet = nofc.convert(nofc.zoo.LeNet5().eval(), (1, 32, 32))
+    x = torch.randn(1, 1, 96, 80)
+    want = nofc.dense_predict(lenet, x, (1, 32, 32), step=4, method="shift")
+    before = len(counted)  # the converted network itself is measured
+    got = nofc.dense_predict(lenet, x, (1, 32, 32), step=4, method="crops")
+    assert len(counted) == before
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

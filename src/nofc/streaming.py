@@ -181,6 +181,11 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
         x = x[..., :h, :w]
     if x.device.type != "cpu":
         return fcn(x)  # a GPU keeps its cores busy on the whole map: no chunks there
+    if callable(getattr(fcn, "geometry_for", None)):
+        # a network that states its own geometry (crop by crop, ONNX, another engine)
+        # runs as it is: its own layout, no stages, and no measuring (crop by crop, a
+        # measurement would be thousands of classifier calls)
+        return fcn(x)
     pixels = x.shape[-2] * x.shape[-1]
     if pixels <= STREAM_PIXELS:  # one pass of the whole network
         fmt = known_format(x.device, x.dtype)
