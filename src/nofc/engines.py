@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._fx import param_stamp
 from .errors import NofcError, first_line
 from .export import export_onnx
 from .receptive import cached_geometry
@@ -83,11 +84,11 @@ def on_engine(net: nn.Module, input_size, engine: str, *, fine: bool = False,
     _import(engine)
     size = tuple(int(v) for v in input_size)
     entry = net.__dict__.get("_nofc_engine_cache", {}).get(size)
-    if entry is None or entry[0] != _stamp(net):
+    if entry is None or entry[0] != param_stamp(net):
         graph = _graph(net, size)  # one export for every engine
         # the cache set after it: the exporter puts the module's attributes back as
         # they were before it, a cache made before included
-        entry = (_stamp(net), graph, {})
+        entry = (param_stamp(net), graph, {})
         net.__dict__.setdefault("_nofc_engine_cache", {})[size] = entry
     made = entry[2]
     precision = "fp32" if low is None else "bf16"
@@ -108,11 +109,6 @@ def engine_precision(engine: str, precision: str) -> str:
     ('fp32', 'auto')
     """
     return "fp32" if precision == "auto" and engine == "onnxruntime" else precision
-
-
-def _stamp(net: nn.Module) -> tuple:
-    """The network's weights as they are: a change makes a new export."""
-    return tuple((id(p), p._version) for p in list(net.parameters()) + list(net.buffers()))
 
 
 def _refusal(net, engine, fine, low, device, dtype) -> str | None:

@@ -187,12 +187,12 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
         # measurement would be thousands of classifier calls)
         return fcn(x)
     pixels = x.shape[-2] * x.shape[-1]
+    # measured for a large pass (or known), else known; None: the input's own layout
+    large = pixels >= MEASURE_PIXELS or pixels > STREAM_PIXELS
+    fmt = (memory_format_for(fcn, _sample(x, geo)) if large
+           else known_format(x.device, x.dtype))
     if pixels <= STREAM_PIXELS:  # one pass of the whole network
-        fmt = known_format(x.device, x.dtype)
-        if fmt is None and pixels >= MEASURE_PIXELS:
-            fmt = memory_format_for(fcn, _sample(x, geo))
         return fcn(x) if fmt is None else _call(fcn, x, fmt)
-    fmt = memory_format_for(fcn, _sample(x, geo))
     parts = stages(fcn, geo, x.shape[1])
     if parts is None:
         return _call(fcn, x, fmt)
