@@ -3,9 +3,11 @@
 Every figure is measured in this run, side by side:
 
     python benchmarks/bench_tiling.py throughput   # tiled / single-pass dense rate
-    python benchmarks/bench_tiling.py tiff --models resnet18 densenet121 --side 8192
+    python benchmarks/bench_tiling.py tiff --models resnet18 densenet121 --side 8192 --tiles
                                                    # TIFF -> zarr / streamed one pass
+                                                   # (bands; --tiles: also tiles only)
     python benchmarks/bench_tiling.py rss --model resnet18 --sizes 2000 5000 10000 20000
+                                                   # --tile 0: the default; --tiles-only
     python benchmarks/bench_tiling.py dask         # 1 vs 2 single-threaded workers
     python benchmarks/bench_tiling.py faults       # kill 1 of 2 workers at 25/50/75%,
                                                    # then three runs on one cluster
@@ -115,6 +117,8 @@ def peak_rss_mb() -> float:
 _CHILD = r"""
 import json, sys, time
 import numpy as np, torch, nofc
+import nofc.tiling
+nofc.tiling._BANDS = {bands}
 sys.path.insert(0, {bench_dir!r})
 from bench_tiling import _model, peak_rss_mb
 model, size = _model({model!r})
@@ -149,14 +153,18 @@ def _make_tiff(path: Path, side: int, channels: int, compression=None):
 
 
 def tiff(args) -> list[dict]:
-    """Whole-image TIFF -> zarr (``tiled_predict`` with its default tile, or ``--tile``)
-    against the streamed one-image pass (``dense_predict`` of the same pixels, decoded
-    and normalised beforehand, in memory), side by side. ``--profile`` adds where the
-    tiled time goes, tile by tile in one thread: read + decode, normalise, compute,
-    write; and the halo: input pixels the tiles compute over the image's pixels."""
+    """Whole-image TIFF -> zarr (``tiled_predict`` with its default tile, or ``--tile``:
+    band by band where it can, ``nofc.tiling._Bands``) against the streamed one-image pass
+    (``dense_predict`` of the same pixels, decoded and normalised beforehand, in memory),
+    side by side, and the largest difference of the two maps (relative to the largest
+    score). ``--tiles`` also times tiles only (each with the network's whole halo).
+    ``--profile`` adds where the tiles-only time goes, tile by tile in one thread: read +
+    decode, normalise, compute, write; and the halo: input pixels the tiles compute over
+    the image's pixels."""
     import tifffile
 
-    from nofc.tiling import default_tile, open_job
+    from nofc import tiling
+    from nofc.tiling import _Bands, default_tile, open_job
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -172,25 +180,42 @@ def tiff(args) -> list[dict]:
             nofc.dense_predict(fcn, x[..., :1024, :1024], input_size=size)  # warm-up
             tile = args.tile_size or default_tile(nofc.geometry(fcn, size))
             t = time.perf_counter()
-            nofc.dense_predict(fcn, x, input_size=size)
+            dense = nofc.dense_predict(fcn, x, input_size=size)[0].numpy()
             t_dense = time.perf_counter() - t
             del x
             t = time.perf_counter()
-            nofc.tiled_predict(fcn, str(tif), input_size=size, tile=args.tile_size,
-                               out=str(Path(tmp) / f"{name}.zarr"), progress=False)
+            tiled = nofc.tiled_predict(fcn, str(tif), input_size=size, tile=args.tile_size,
+                                       out=str(Path(tmp) / f"{name}.zarr"), progress=False)
             t_tiled = time.perf_counter() - t
+            diff = float(np.abs(tiled[:] - dense).max() / np.abs(dense).max())
+            del dense
             mpix = args.side ** 2 / 1e6
             row = {"model": name, "image": f"{args.side}x{args.side}", "tile": tile,
                    "compression": args.compression, "dense_s": round(t_dense, 2),
                    "tiled_s": round(t_tiled, 2), "dense_mpix_s": round(mpix / t_dense, 3),
                    "tiled_mpix_s": round(mpix / t_tiled, 3),
-                   "ratio": round(t_dense / t_tiled, 3), "load": os.getloadavg()[0]}
+                   "ratio": round(t_dense / t_tiled, 3), "max_rel_diff": float(f"{diff:.2g}"),
+                   "load": os.getloadavg()[0]}
             with open_job(fcn, str(tif), size, tile=args.tile_size) as job:
                 read = sum((t.inp[1] - t.inp[0]) * (t.inp[3] - t.inp[2]) for t in job.tiles)
                 row["tiles"], row["halo_extra"] = len(job.tiles), round(
                     read / args.side ** 2 - 1, 3)
+                bands = _Bands.plan(job.runner, job.runner.image_hw(job.src),
+                                    job.sink.shape[1:], job.todo)
+                row["strips"] = None if bands is None else len(bands.strips)
+                row["band_rows"] = None if bands is None else bands.band_cells * max(
+                    bands.geo.stride)
                 if args.profile:
                     row.update(_profile(job))
+            if args.tiles:
+                tiling._BANDS = False
+                t = time.perf_counter()
+                nofc.tiled_predict(fcn, str(tif), input_size=size, tile=args.tile_size,
+                                   out=str(Path(tmp) / f"{name}_tiles.zarr"), progress=False)
+                t_tiles = time.perf_counter() - t
+                tiling._BANDS = True
+                row["tiles_s"] = round(t_tiles, 2)
+                row["tiles_ratio"] = round(t_dense / t_tiles, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -227,7 +252,8 @@ def rss(args) -> list[dict]:
             made = time.perf_counter() - t
             out = Path(tmp) / f"map_{side}.zarr"
             code = _CHILD.format(bench_dir=bench_dir, model=args.model, tif=str(tif),
-                                 tile=args.tile, out=str(out), progress=args.progress)
+                                 tile=args.tile or None, out=str(out), progress=args.progress,
+                                 bands=not args.tiles_only)
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-2000:], file=sys.stderr)
@@ -235,6 +261,7 @@ def rss(args) -> list[dict]:
             r = json.loads(res.stdout.strip().splitlines()[-1])
             mpix = side * side / 1e6
             row = {"model": args.model, "image": f"{side}x{side}x{size[0]}", "tile": args.tile,
+                   "bands": not args.tiles_only,
                    "tiff_mb": round(tif.stat().st_size / 2**20), "map": r["map"],
                    "seconds": round(r["seconds"], 1), "mpix_per_s": round(mpix / r["seconds"], 3),
                    "peak_rss_mb": round(r["peak_rss_mb"])}
@@ -529,6 +556,8 @@ def main(argv=None):
     p.add_argument("--compression", default="zlib", help="tiff: the TIFF's compression "
                    "(zlib: a decode cost, as for slides; none)")
     p.add_argument("--profile", action="store_true", help="tiff: where the tiled time goes")
+    p.add_argument("--tiles", action="store_true", help="tiff: also time tiles only")
+    p.add_argument("--tiles-only", action="store_true", help="rss: tiles only, no bands")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tmp", default=None, help="folder for the temporary TIFF and zarr map")
     p.add_argument("--json", help="also write the rows here")

@@ -218,9 +218,9 @@ def test_sigkill_mid_cohort_then_rerun_resumes_to_the_same_maps(fcn, slides, tmp
     assert a["status"] == "skipped" and a["windows_computed"] == 0
     assert b["status"] == "done" and b["reason"].startswith("resumed: 8 of 15 blocks")
     assert 0 < b["windows_computed"] < b["windows"]
-    for n in "ab":
-        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "maps" / f"{n}.zarr"))[:],
-                                      _single(fcn, str(slides / f"{n}.tif")))
+    for n in "ab":  # b resumed band by band from its first block row not written
+        np.testing.assert_allclose(zarr.open_array(str(tmp_path / "maps" / f"{n}.zarr"))[:],
+                                   _single(fcn, str(slides / f"{n}.tif")), rtol=0, atol=1e-10)
 
 
 # --------------------------------------------------------------------------- cluster

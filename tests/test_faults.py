@@ -28,6 +28,7 @@ import nofc
 import nofc.sinks as sinks
 import nofc.tiling as tiling
 from nofc import NofcError
+from nofc.streaming import RowStream
 from nofc.zoo import LeNet5
 
 distributed = pytest.importorskip("distributed")
@@ -38,6 +39,15 @@ SIZE = (1, 32, 32)
 F64 = torch.float64
 IMG = np.random.default_rng(0).random((320, 320))  # 10 x 10 = 100 blocks of tile 32
 BLOCKS = 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiles_only():
+    """These faults are the tiles' (a band pass hands what it cannot do to the tiles:
+    tests/test_tiling.py::test_bands_hand_over_to_tiles, and the truncated TIFF below)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiling, "_BANDS", False)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +276,27 @@ def test_corrupt_tiff_one_line_with_file_and_region(fcn, tmp_path):
     assert "while decompressing data" in msg and "(map block (" in msg
     assert msg.endswith("--skip-bad-tiles) leaves such blocks NaN and goes on; nothing was "
                         "kept (out= a zarr store keeps finished blocks for a rerun)")
+
+
+def test_truncated_tiff_in_bands_hands_over_to_tiles(fcn, tmp_path, monkeypatch):
+    """Band by band, the unreadable region hands the blocks not yet written to the tiles:
+    the same blocks skipped and listed, the same map as tiles only."""
+    path = _tiff(tmp_path, "cut.tif", cut=0.6)
+    with pytest.warns(UserWarning, match="map blocks are NaN"):
+        tiles = _run(fcn, nofc.open_source(str(path), on_error="skip"))
+    monkeypatch.setattr(tiling, "_BANDS", True)
+    bands = []
+    advance = RowStream.advance
+    monkeypatch.setattr(RowStream, "advance",
+                        lambda *a: bands.append(1) or advance(*a))
+    store = tmp_path / "map.zarr"
+    with pytest.warns(UserWarning, match="map blocks are NaN"):
+        got = _run(fcn, nofc.open_source(str(path), on_error="skip"), out=store)
+    assert bands  # the bands ran until the region that cannot be read
+    assert np.array_equal(np.isnan(got), np.isnan(tiles))
+    np.testing.assert_allclose(got, tiles, rtol=0, atol=1e-10)
+    bad = dict(zarr.open_array(str(store), mode="r").attrs)["nofc"]["bad_blocks"]
+    assert len(bad) == len({tuple(b["block"]) for b in bad}) > 0
 
 
 def test_truncated_tiff_skipped_listed_and_retried(fcn, writes, tmp_path):

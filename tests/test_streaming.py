@@ -44,6 +44,52 @@ def test_stages_equal_the_whole_pass_float64(name):
             _close(streaming._run(parts, x, chunk=chunk), want, 1e-10)
 
 
+def _bands(stream, x, start, end, heights):
+    """The map rows ``start..end-1`` of ``stream``, in bands of the given heights in turn."""
+    out, a, i = [], start, 0
+    while a < end:
+        b = min(end, a + heights[i % len(heights)])
+        y0, y1, x0, x1 = stream.read(a, b)
+        out.append(stream.advance(x[..., y0:y1, x0:x1], b))
+        a, i = b, i + 1
+    return torch.cat(out, -2)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_row_streams_equal_the_whole_pass_float64(name):
+    """Band by band, each stage keeping only the rows its next band reads, in strips
+    across: every map cell equals the whole pass's, whatever the bands' heights, the
+    strip or the row the stream starts at."""
+    model, size = _model(name)
+    fcn = nofc.convert(model, size).double()
+    geo = nofc.geometry(fcn, size)
+    x = torch.randn(1, 3, size[1] + 251, size[2] + 187, dtype=torch.float64)
+    hw = tuple(x.shape[-2:])
+    h, w = geo.output_shape(hw)
+    with torch.no_grad():
+        want = fcn(x)[..., :h, :w]
+        for cols, start, heights in (((0, w), 0, (1, 3, 2)), ((0, w // 2), 2, (4,)),
+                                     ((w // 2, w), 1, (2, 1))):
+            stream = streaming.row_stream(fcn, geo, hw, cols, start=start)
+            assert stream is not None and stream.band >= geo.stride[0]
+            got = _bands(stream, x, start, h, heights)
+            _close(got, want[..., start:h, cols[0]:cols[1]], 1e-10)
+            assert all(m is None or m.shape[-2] < 2 * stream.band for m in stream.maps)
+
+
+def test_row_streams_refuse_what_they_cannot_cut():
+    """Global context, a stage that runs whole: no row stream (tiles run)."""
+    from test_geometry import _two_branches
+
+    torch.manual_seed(0)
+    se = nofc.convert(torchvision.models.mobilenet_v3_small(num_classes=3).eval(),
+                      (3, 224, 224))
+    groups = nofc.convert(_two_branches("nearest"), (1, 32, 32))
+    for fcn, size in ((se, (3, 224, 224)), (groups, (1, 32, 32))):
+        geo = nofc.geometry(fcn, size)
+        assert streaming.row_stream(fcn, geo, (400, 400), (0, 3), channels=size[0]) is None
+
+
 def test_dense_predict_streams_large_images(monkeypatch):
     """dense_predict at the stride, at a finer step (dilated and shift-and-stitch) and
     tiled_predict give the same map with streaming on as off (float32, channels-last)."""

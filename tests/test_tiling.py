@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -216,20 +217,28 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_dask_backends_equal_local():
+def test_dask_backends_equal_local(monkeypatch):
+    """Dask computes the same tiles as this process (bitwise); this process's bands give
+    the same map to float32's tolerance (other chunk sizes, other summation orders)."""
+    import nofc.tiling as tiling
+
     pytest.importorskip("dask")
     fcn = _fcn(PaddedNet(), (3, 16, 16), dtype=torch.float32)
     img = np.random.default_rng(9).random((3, 80, 70)).astype(np.float32)
+    bands = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=32, progress=False)
+    monkeypatch.setattr(tiling, "_BANDS", False)
     ref = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=32, progress=False)
     got = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=32, backend="dask",
                              progress=False)
     np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(bands, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
-def test_dask_local_cluster_two_workers_model_shipped_once(tmp_path):
+def test_dask_local_cluster_two_workers_model_shipped_once(tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
     import nofc.tiling as tiling
 
+    monkeypatch.setattr(tiling, "_BANDS", False)  # the same tiles here as on the cluster
     fcn = _fcn(PaddedNet(), (3, 16, 16), dtype=torch.float32)
     img = np.random.default_rng(10).random((3, 96, 80)).astype(np.float32)
     ref = nofc.tiled_predict(fcn, img, input_size=(3, 16, 16), tile=16, progress=False)
@@ -483,6 +492,9 @@ def test_prefetch_fault_keeps_every_block_before_it_then_resumes(tmp_path, monke
     with the KeyboardInterrupt itself) once every block before it is in the store, leaves
     no thread running, and the same call then resumes to the uninterrupted map."""
     zarr = pytest.importorskip("zarr")
+    import nofc.tiling as tiling
+
+    monkeypatch.setattr(tiling, "_BANDS", False)  # the tiles' faults (bands: hand_over)
     fcn = _fcn(LeNet5(), (1, 32, 32), torch.float32)
     img = np.random.default_rng(4).random((192, 160)).astype(np.float32)
     run = dict(input_size=(1, 32, 32), tile=32, progress=False)
@@ -507,6 +519,134 @@ def test_prefetch_fault_keeps_every_block_before_it_then_resumes(tmp_path, monke
     done = sorted(p.name for p in (store / ".nofc_done").iterdir())
     assert done == [f"{i // 5}_{i % 5}" for i in range(7)]  # the blocks before (1, 2)
     monkeypatch.undo()
+    monkeypatch.setattr(tiling, "_BANDS", False)
     got = nofc.tiled_predict(fcn, img, out=str(store), **run)
     np.testing.assert_array_equal(zarr.open_array(str(store), mode="r")[:], ref)
     np.testing.assert_array_equal(got[:], ref)
+
+
+class _BandSpy:
+    """Counts the bands computed (``RowStream.advance``); ``corrupt``: adds 1 to every
+    band's cells, as a bug in the band pass would."""
+
+    def __init__(self, monkeypatch, corrupt=False, band=None):
+        from nofc.streaming import RowStream
+
+        if band is not None:  # image rows per band
+            monkeypatch.setattr(RowStream, "band", property(lambda stream: band))
+        self.calls, advance = [], RowStream.advance
+
+        def spied(stream, x, b):
+            self.calls.append((stream.cols[-1][:2], b))
+            out = advance(stream, x, b)
+            return out + 1 if corrupt else out
+
+        monkeypatch.setattr(RowStream, "advance", spied)
+
+
+@pytest.mark.parametrize("name, strips", [("resnet18", 1), ("resnet18", 3),
+                                          ("densenet121", 3), ("vgg11", 1)])
+def test_bands_equal_dense_float64(monkeypatch, name, strips):
+    """On a CPU a network cut into stages runs band by band down the image (in strips
+    across it when a strip would pass the memory budget): the map equals dense_predict's
+    to 1e-10 in float64, for a float32 network asked for a float64 map too."""
+    import nofc.tiling as tiling
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=4).eval()
+    fcn = nofc.convert(model, (3, 224, 224))  # float32; the map is asked in float64
+    img = np.random.default_rng(9).random((3, 520, 400))
+    if strips > 1:  # a strip of about a third of the image's width
+        monkeypatch.setattr(tiling, "_BAND_PIXELS", 280 * 2 * nofc.geometry(
+            fcn, (3, 224, 224)).receptive_field[0])
+    spy = _BandSpy(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the band check passes silently
+        got = nofc.tiled_predict(fcn, img, input_size=(3, 224, 224), tile=128,
+                                 progress=False, dtype=F64)
+    assert {cols for cols, _ in spy.calls} and len({c for c, _ in spy.calls}) >= strips
+    ref = nofc.dense_predict(fcn, torch.from_numpy(img)[None], (3, 224, 224),
+                             dtype=F64)[0].numpy()
+    assert got.dtype == np.float64 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10 * max(1, np.abs(ref).max()))
+
+
+def test_bands_resume_a_store_and_skip_what_tiles_do(tmp_path, monkeypatch):
+    """A store that holds some blocks resumes band by band from the first block row with
+    one to compute (rows done before are not computed again); a mask, a Dask backend, a
+    finer step and bf16 keep or leave the bands as documented, with the same map."""
+    zarr = pytest.importorskip("zarr")
+    import nofc.tiling as tiling
+    from nofc.precision import agreement
+
+    torch.manual_seed(0)
+    fcn = nofc.convert(torchvision.models.resnet18(num_classes=3).eval(), (3, 224, 224))
+    img = np.random.default_rng(10).random((3, 480, 416)).astype(np.float32)
+    run = dict(input_size=(3, 224, 224), tile=64, progress=False)
+    monkeypatch.setattr(tiling, "_BANDS", False)
+    ref = nofc.tiled_predict(fcn, img, **run)  # tiles only
+    monkeypatch.undo()
+    store = tmp_path / "map.zarr"
+    spy = _BandSpy(monkeypatch)
+    nofc.tiled_predict(fcn, img, out=str(store), **run)
+    np.testing.assert_allclose(zarr.open_array(str(store))[:], ref, rtol=1e-4,
+                               atol=1e-4 * np.abs(ref).max())
+    # forget every block from block row 2 on: the resumed run starts its bands there
+    done = store / ".nofc_done"
+    for p in done.iterdir():
+        if int(p.name.split("_")[0]) >= 2:
+            p.unlink()
+    spy.calls.clear()
+    stats = {}
+    got = nofc.tiled_predict(fcn, img, out=str(store), stats=stats, **run)[:]
+    assert spy.calls and stats["tiles_computed"] == 3 * 4  # rows 2..4 of 5x4 blocks
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    spy.calls.clear()
+    mask = np.ones(img.shape[1:], bool)
+    for kw in (dict(mask=mask), dict(backend="dask"), dict(step=16)):
+        nofc.tiled_predict(fcn, img, **run, **kw)
+    assert spy.calls == []  # tiles for these
+    low = nofc.tiled_predict(fcn, img, precision="bf16", **run)
+    assert spy.calls and agreement(torch.from_numpy(ref)[None],
+                                   torch.from_numpy(low)[None])["same_top"] >= 0.9
+
+
+@pytest.mark.parametrize("fault", ["nan", "bad", "corrupt"])
+def test_bands_hand_over_to_tiles(monkeypatch, fault):
+    """NaN pixels, an unreadable region or a band pass that disagrees with its tile:
+    the blocks not yet written are computed tile by tile, and the map is the tiles' map
+    (NaN cells where they see NaN pixels, one warning; a failed check says so)."""
+    import nofc.tiling as tiling
+    from nofc.images import BadRegion
+
+    torch.manual_seed(0)
+    fcn = nofc.convert(torchvision.models.resnet18(num_classes=3).eval(), (3, 224, 224))
+    img = np.random.default_rng(11).random((3, 900, 352)).astype(np.float32)
+    if fault == "nan":
+        img[:, 800, 100] = np.nan
+    run = dict(input_size=(3, 224, 224), tile=64, progress=False)
+    monkeypatch.setattr(tiling, "_BANDS", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = nofc.tiled_predict(fcn, img, **run)
+    monkeypatch.undo()
+    spy = _BandSpy(monkeypatch, corrupt=fault == "corrupt", band=64)  # 2 map rows a band
+    reads, read = [], tiling._TileRunner.read
+
+    def failing(runner, src, t):
+        reads.append(t)
+        if fault == "bad" and t.inp[0] > 200 and t.index[0] < 100 and len(reads) < 4:
+            raise BadRegion("cannot read the test image there")
+        return read(runner, src, t)
+
+    monkeypatch.setattr(tiling._TileRunner, "read", failing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = nofc.tiled_predict(fcn, img, **run)
+    said = [str(w.message) for w in caught]
+    assert spy.calls  # the bands started
+    if fault == "nan":
+        assert np.isnan(got).any() and sum("NaN or Inf" in s for s in said) == 1
+    if fault == "corrupt":
+        assert len(spy.calls) == 1 and any("the band pass gives cell (0, 0)" in s for s in said)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.nanmax(np.abs(ref)))

@@ -45,7 +45,8 @@ from .layout import known_format, memory_format_for
 from .receptive import node_axes
 from .windows import Geometry
 
-__all__ = ["stages", "streamed", "STREAM_PIXELS", "MEASURE_PIXELS", "CHUNK"]
+__all__ = ["stages", "streamed", "RowStream", "row_stream", "STREAM_PIXELS", "MEASURE_PIXELS",
+           "CHUNK"]
 
 STREAM_PIXELS = 1024 * 1024  # images with more pixels than this run stage by stage
 # images with at least this many pixels run in the layout measured faster for their network
@@ -255,6 +256,158 @@ def _run_stage(stage: Stage, x: torch.Tensor, chunk: int,
                                   device=part.device, memory_format=_format(part))
             out[..., a:b, c:d] = part
     return out
+
+
+class RowStream:
+    """The map cells of columns ``cols`` of an ``hw`` image, computed band by band from
+    the top: each stage keeps the rows of its input map that its next rows need (a few
+    cells of its own field), so no cell of any stage is computed twice. Across the
+    columns, the strip's image region reaches as far as its cells' fields, as a tile does.
+
+    What ``nofc.tiling`` runs over a large image on a CPU instead of tiles whose halos (a
+    DenseNet-121's 2263-pixel field) are computed once per tile: a band costs its own rows
+    (and its stages' chunk halos, as in one streamed pass), not the network's field.
+
+    ``read(a, b)`` says which image region the band of map rows ``a..b-1`` needs (it
+    changes nothing: a reader thread may ask ahead); ``advance(x, b)`` takes that region
+    (``(B, C, rows, cols)``, normalised) and returns those map rows. The stream starts at
+    map row ``start``; each band starts where the last one ended.
+
+    >>> import torch, torchvision, nofc
+    >>> fcn = nofc.convert(torchvision.models.resnet18(), (3, 224, 224)).eval()
+    >>> geo = nofc.geometry(fcn, (3, 224, 224))
+    >>> x = torch.randn(1, 3, 700, 400)
+    >>> stream = row_stream(fcn, geo, (700, 400), (0, 6))
+    >>> parts = []
+    >>> for a, b in ((0, 5), (5, 9), (9, 16)):
+    ...     y0, y1, x0, x1 = stream.read(a, b)
+    ...     with torch.no_grad():
+    ...         parts.append(stream.advance(x[..., y0:y1, x0:x1], b))
+    >>> with torch.no_grad():
+    ...     torch.allclose(torch.cat(parts, -2), fcn(x)[..., :16, :6], atol=1e-4)
+    True
+    """
+
+    def __init__(self, net: nn.Module, geo: Geometry, parts: list[Stage],
+                 hw: tuple[int, int], cols: tuple[int, int], start: int = 0):
+        self.net, self.geo, self.parts, self.start = net, geo, parts, start
+        sizes = [tuple(hw)]
+        for stage in parts:  # every stage's whole map, as the whole image gives it
+            sizes.append(stage.geo.network_shape(sizes[-1]))
+        self.sizes = sizes
+        # the columns each stage's map keeps (fixed for the strip), from the last back
+        spans: list = [None] * len(sizes)
+        spans[-1] = (cols[0], cols[1], 0)
+        for s in range(len(parts), 0, -1):
+            lo, hi = spans[s][:2]
+            x0, x1, sx = parts[s - 1].geo.span(1, lo, hi, sizes[s - 1][1])
+            spans[s] = (lo, hi, sx)  # sx: the first kept column in the stage's output
+            spans[s - 1] = (x0, x1, 0)
+        self.cols = spans
+        # where each map's rows start: the first of the fields of the next map's first row
+        starts = [0] * len(sizes)
+        starts[-1] = start
+        for s in range(len(parts), 0, -1):
+            starts[s - 1] = parts[s - 1].geo.span(0, starts[s], starts[s] + 1,
+                                                  sizes[s - 1][0])[0]
+        self.starts = tuple(starts)
+        self.done = list(starts)  # each map's rows computed so far
+        self.first = list(starts)  # the map row maps[s] starts at
+        self.maps: list[torch.Tensor | None] = [None] * len(sizes)  # the rows each keeps
+        self.fmt: torch.memory_format | None = None
+
+    @property
+    def band(self) -> int:
+        """Image rows a band should span at least: each stage's rows at least
+        ``_HALO_SHARE`` times its own halo, as a chunk of one streamed pass."""
+        return max(math.ceil(_HALO_SHARE * st.geo.receptive_field[0] / st.geo.stride[0])
+                   * st.scale[0] for st in self.parts)
+
+    def _ends(self, b: int) -> list[int]:
+        """The row each map must be computed to for map rows up to ``b``."""
+        need = [0] * len(self.sizes)
+        need[-1] = b
+        for s in range(len(self.parts), 0, -1):
+            need[s - 1] = self.parts[s - 1].geo.span(0, max(0, need[s] - 1), need[s],
+                                                     self.sizes[s - 1][0])[1]
+        return need
+
+    def read(self, a: int, b: int) -> tuple[int, int, int, int]:
+        """The image region ``(y0, y1, x0, x1)`` the band of map rows ``a..b-1`` needs,
+        beyond what the stream keeps from the band before."""
+        y0 = self.starts[0] if a == self.start else self._ends(a)[0]
+        return (y0, max(y0, self._ends(b)[0]), *self.cols[0][:2])
+
+    def advance(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """The map rows from where the stream is to ``b`` (its ``cols``), from the image
+        region ``read`` named."""
+        if b <= self.done[-1]:
+            raise NofcError(f"internal: a row stream at map row {self.done[-1]} asked for "
+                            f"rows up to {b}")
+        need = [max(n, d) for n, d in zip(self._ends(b), self.done)]
+        if x.shape[-2] != need[0] - self.done[0]:  # pragma: no cover - a planning bug
+            raise NofcError(f"internal: a row stream needs image rows {self.done[0]}.."
+                            f"{need[0]}, got {x.shape[-2]}")
+        if self.fmt is None:  # measured on a large band (as for one pass), else known
+            large = x.shape[-2] * x.shape[-1] >= MEASURE_PIXELS
+            self.fmt = ((memory_format_for(self.net, _sample(x, self.geo)) if large
+                         else known_format(x.device, x.dtype)) or torch.contiguous_format)
+        self._keep(0, x, need[0])
+        for s, stage in enumerate(self.parts, 1):
+            if need[s] <= self.done[s]:
+                continue
+            H = self.sizes[s - 1][0]
+            y0, y1, sy = stage.geo.span(0, self.done[s], need[s], H)
+            top = self.first[s - 1]
+            region = self.maps[s - 1][..., y0 - top:y1 - top, :]
+            if region.shape[-2] != y1 - y0:  # pragma: no cover - a planning bug
+                raise NofcError(f"internal: stage {stage.output!r} needs rows {y0}..{y1} "
+                                f"of a map kept from row {top}")
+            lo, hi, sx = self.cols[s]
+            rows = need[s] - self.done[s]
+            part = _run_stage(stage, region, CHUNK, self.fmt)[..., sy:sy + rows,
+                                                              sx:sx + hi - lo]
+            if part.shape[-2:] != (rows, hi - lo):  # pragma: no cover - a planning bug
+                raise NofcError(f"internal: stage {stage.output!r} gave {tuple(part.shape)} "
+                                f"for {rows} rows of {hi - lo} cells")
+            self._keep(s, part, need[s])
+            # the rows of the stage's input its later rows still read
+            after = need[s]
+            keep = (stage.geo.span(0, after, after + 1, H)[0] if after < self.sizes[s][0]
+                    else H)
+            self._drop(s - 1, keep)
+        out, self.maps[-1] = self.maps[-1], None
+        self.first[-1] = b
+        return out.contiguous()
+
+    def _keep(self, s: int, rows: torch.Tensor, end: int) -> None:
+        """Rows up to ``end`` of map ``s`` join the ones it keeps."""
+        kept = self.maps[s]
+        self.maps[s] = rows if kept is None or kept.shape[-2] == 0 else torch.cat((kept, rows), -2)
+        if kept is None or kept.shape[-2] == 0:
+            self.first[s] = end - rows.shape[-2]
+        self.done[s] = end
+
+    def _drop(self, s: int, keep: int) -> None:
+        """Map ``s`` forgets its rows before ``keep``."""
+        kept = self.maps[s]
+        cut = min(max(0, keep - self.first[s]), kept.shape[-2])
+        self.maps[s] = kept[..., cut:, :]
+        self.first[s] += cut
+
+
+def row_stream(net: nn.Module, geo: Geometry, hw: tuple[int, int], cols: tuple[int, int],
+               *, start: int = 0, channels: int = 3) -> RowStream | None:
+    """A :class:`RowStream` over the map columns ``cols`` of an ``hw`` image, or None
+    where the network cannot be run so: it states its own geometry, it is not cut into
+    stages that all run in chunks (global context, a node the walk does not read), or it
+    runs on a lattice of window sizes only."""
+    if geo.lattice or callable(getattr(net, "geometry_for", None)):
+        return None
+    parts = stages(net, geo, channels)
+    if parts is None or not all(stage.chunked for stage in parts):
+        return None
+    return RowStream(net, geo, parts, hw, cols, start)
 
 
 def _format(t: torch.Tensor) -> torch.memory_format:
