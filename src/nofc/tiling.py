@@ -5,7 +5,10 @@ starts on a multiple of the network stride (so every layer's grid lines up with 
 image's) and carries a halo of the receptive-field margin (so no kept cell ever sees the
 tile's own border padding). The stitched map therefore equals ``dense_predict`` on the
 whole image; memory is bounded by the tile, not the image. Finished blocks go to a sink
-(``nofc.sinks``: memory or a zarr store); tiling does not care which.
+(``nofc.sinks``: memory or a zarr store); tiling does not care which. Run here on a CPU,
+the same blocks come band by band down the image where the network can be cut into
+stages (``_Bands``, ``nofc.streaming.RowStream``): the halo then costs a stage's own
+field, not the network's.
 """
 
 from __future__ import annotations
@@ -274,6 +277,10 @@ def tiled_predict(
             allows until the halo costs at most a tenth of the work (ResNet-18: 4000),
             and at least 2048, or three times the receptive field's reach past the
             window where that is more (DenseNet-121: 6144 pixels, a halo of 2039).
+            The blocks of the map (a store's chunks, what it resumes from); run here on
+            a CPU, a network cut into stages computes them band by band down the image
+            instead of tile by tile, each stage keeping the rows its next band reads, so
+            no halo is computed twice (``_Bands``; docs/tiling.md).
         out: where the map goes (``nofc.sinks``), by suffix or as an output object with
             its own options. A ``.zarr`` store: chunks are written as they finish, a
             killed run started again with the same arguments resumes, and a store made
