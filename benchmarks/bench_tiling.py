@@ -177,20 +177,23 @@ def tiff(args) -> list[dict]:
             norm = nofc.Normalize().for_pixels(np.uint8)
             x = norm.tensor(np.moveaxis(tifffile.imread(tif), -1, 0), dtype=torch.float32,
                             device="cpu")[None]  # (1, C, H, W): decoded before the clock
-            nofc.dense_predict(fcn, x[..., :1024, :1024], input_size=size)  # warm-up
+            low = dict(precision=args.precision)
+            nofc.dense_predict(fcn, x[..., :1024, :1024], input_size=size, **low)  # warm-up
             tile = args.tile_size or default_tile(nofc.geometry(fcn, size))
             t = time.perf_counter()
-            dense = nofc.dense_predict(fcn, x, input_size=size)[0].numpy()
+            dense = nofc.dense_predict(fcn, x, input_size=size, **low)[0].numpy()
             t_dense = time.perf_counter() - t
             del x
             t = time.perf_counter()
             tiled = nofc.tiled_predict(fcn, str(tif), input_size=size, tile=args.tile_size,
-                                       out=str(Path(tmp) / f"{name}.zarr"), progress=False)
+                                       out=str(Path(tmp) / f"{name}.zarr"), progress=False,
+                                       **low)
             t_tiled = time.perf_counter() - t
             diff = float(np.abs(tiled[:] - dense).max() / np.abs(dense).max())
             del dense
             mpix = args.side ** 2 / 1e6
             row = {"model": name, "image": f"{args.side}x{args.side}", "tile": tile,
+                   "precision": args.precision,
                    "compression": args.compression, "dense_s": round(t_dense, 2),
                    "tiled_s": round(t_tiled, 2), "dense_mpix_s": round(mpix / t_dense, 3),
                    "tiled_mpix_s": round(mpix / t_tiled, 3),
@@ -211,7 +214,8 @@ def tiff(args) -> list[dict]:
                 tiling._BANDS = False
                 t = time.perf_counter()
                 nofc.tiled_predict(fcn, str(tif), input_size=size, tile=args.tile_size,
-                                   out=str(Path(tmp) / f"{name}_tiles.zarr"), progress=False)
+                                   out=str(Path(tmp) / f"{name}_tiles.zarr"), progress=False,
+                                   **low)
                 t_tiles = time.perf_counter() - t
                 tiling._BANDS = True
                 row["tiles_s"] = round(t_tiles, 2)
@@ -557,6 +561,7 @@ def main(argv=None):
                    "(zlib: a decode cost, as for slides; none)")
     p.add_argument("--profile", action="store_true", help="tiff: where the tiled time goes")
     p.add_argument("--tiles", action="store_true", help="tiff: also time tiles only")
+    p.add_argument("--precision", default="fp32", help="tiff: fp32 or bf16 (both passes)")
     p.add_argument("--tiles-only", action="store_true", help="rss: tiles only, no bands")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--tmp", default=None, help="folder for the temporary TIFF and zarr map")

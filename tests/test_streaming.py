@@ -55,7 +55,9 @@ def _bands(stream, x, start, end, heights):
     return torch.cat(out, -2)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [
+    n if n in ("resnet18", "densenet121", "googlenet", "inception_v3", "convnext_tiny")
+    else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_row_streams_equal_the_whole_pass_float64(name):
     """Band by band, each stage keeping only the rows its next band reads, in strips
     across: every map cell equals the whole pass's, whatever the bands' heights, the
