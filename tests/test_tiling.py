@@ -582,8 +582,8 @@ def test_bands_equal_dense_float64(monkeypatch, name, strips):
 
 def test_bands_resume_a_store_and_skip_what_tiles_do(tmp_path, monkeypatch):
     """A store that holds some blocks resumes band by band from the first block row with
-    one to compute (rows done before are not computed again); a mask, a Dask backend, a
-    finer step and bf16 keep or leave the bands as documented, with the same map."""
+    one to compute (rows done before are not computed again); a Dask backend, a finer
+    step and bf16 keep or leave the bands as documented, with the same map."""
     zarr = pytest.importorskip("zarr")
     import nofc.tiling as tiling
     from nofc.precision import agreement
@@ -611,8 +611,7 @@ def test_bands_resume_a_store_and_skip_what_tiles_do(tmp_path, monkeypatch):
     assert spy.calls and stats["tiles_computed"] == 2 * 2  # rows 2..3 of 4x2 blocks
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     spy.calls.clear()
-    mask = np.ones(img.shape[1:], bool)
-    for kw in (dict(mask=mask), dict(backend="dask"), dict(step=16)):
+    for kw in (dict(backend="dask"), dict(step=16)):
         nofc.tiled_predict(fcn, img, **run, **kw)
     assert spy.calls == []  # tiles for these
     low = nofc.tiled_predict(fcn, img, precision="bf16", **run)
@@ -668,3 +667,43 @@ def test_bands_hand_over_to_tiles(monkeypatch, fault):
     if fault == "corrupt":
         assert len(spy.calls) == 1 and any("the band pass gives cell (0, 0)" in s for s in said)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.nanmax(np.abs(ref)))
+
+
+def test_bands_under_a_mask_compute_only_the_strips_with_foreground(monkeypatch):
+    """Under a mask, a band computes the strips with foreground in its rows, and a strip
+    left out starts again where it is next needed: the foreground cells equal the tiles',
+    the background is NaN as with tiles."""
+    import nofc.tiling as tiling
+
+    torch.manual_seed(0)
+    fcn = nofc.convert(torchvision.models.resnet18(num_classes=3).eval(), (3, 224, 224))
+    img = np.random.default_rng(12).random((3, 480, 1600)).astype(np.float32)
+    mask = np.zeros(img.shape[1:], bool)
+    mask[:150, :400] = True  # foreground cells: rows 0..1 and 7..8 of the first strip,
+    mask[330:, :400] = True  # rows 3..8 of the last, none in the middle one
+    mask[200:, 1250:] = True
+    run = dict(input_size=(3, 224, 224), tile=64, progress=False, mask=mask)  # 2x2 cells
+    monkeypatch.setattr(tiling, "_BANDS", False)
+    ref = nofc.tiled_predict(fcn, img, **run)
+    monkeypatch.setattr(tiling, "_BANDS", True)
+    monkeypatch.setattr(tiling, "_BAND_PIXELS", 1100 * 64)  # three strips of 64-row bands
+    spy = _BandSpy(monkeypatch, band=64)  # 2 map rows a band
+    got = nofc.tiled_predict(fcn, img, **run)
+    ends = {}  # strip -> the rows each band computed it to
+    for cols, b in spy.calls:
+        ends.setdefault(cols, []).append(b)
+    # what the tiles computed: blocks of 2x2 cells with a foreground cell
+    fg = np.isfinite(ref).all(0)
+    want: dict = {}
+    for a in range(0, fg.shape[0], 2):
+        for c in range(0, fg.shape[1], 2):
+            if fg[a:a + 2, c:c + 2].any():
+                for cols in ((0, 15), (15, 30), (30, 44)):
+                    if cols[0] < c + 2 and c < cols[1]:
+                        want.setdefault(cols, set()).add(min(a + 2, fg.shape[0]))
+    assert {cols: sorted(b) for cols, b in want.items()} == ends
+    assert (15, 30) not in ends  # the middle strip is glass: never computed
+    left = ends[0, 15]
+    assert any(b - a > 2 for a, b in zip(left, left[1:]))  # left out, then started again
+    assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.nanmax(np.abs(ref)))

@@ -386,8 +386,8 @@ class TileJob:
     def run(self, dask: "Dask | None", bar) -> None:
         """Compute ``todo`` here (``dask`` None) or on Dask; ``bar.update(1)`` per block."""
         if dask is None:
-            bands = None if self.foreground is not None else _Bands.plan(
-                self.runner, self.runner.image_hw(self.src), self.sink.shape[1:], self.todo)
+            bands = _Bands.plan(self.runner, self.runner.image_hw(self.src),
+                                self.sink.shape[1:], self.todo)
             _run_local(self.runner, self.src, self.todo, self.blocks(bar), bands)
         else:
             _run_dask(self.runner, self.src, self.todo, self.blocks(bar), dask)
@@ -787,8 +787,9 @@ class _Bands:
 
     ``_run_local`` runs them where they apply (:meth:`plan`): a CPU pass in PyTorch, at
     the stride, of a network cut into stages that all run in chunks, with more than one
-    block to compute and no mask (a mask skips tiles; bands would compute the glass). The
-    blocks (``tile``) stay what a store keeps and resumes. A strip of a band spans at most
+    block to compute. A band computes only the strips with a block to compute in its rows
+    (under a mask, the strips with foreground); a strip left out starts its stream again
+    where it is next computed. The blocks (``tile``) stay what a store keeps and resumes. A strip of a band spans at most
     the image pixels of a default tile with its halo (the same memory); a band at least
     ``RowStream.band`` image rows. Before the first block goes to the sink, one cell of
     the first band is checked against its tile; a region that cannot be read, non-finite
@@ -846,27 +847,36 @@ class _Bands:
             n = -(-(end - start) // self.band_cells)
             per = -(-(end - start) // n)
             bands += [(r, min(end, r + per), start) for r in range(start, end, per)]
-        streams: dict = {}  # run start -> a RowStream per strip
-        for _, _, start in bands:
-            if start not in streams:
-                streams[start] = [row_stream(self.net, self.geo, self.hw, cols, start=start,
-                                             channels=self.runner.input_size[0])
-                                  for cols in self.strips]
-        reads = [Tile((i, j), (a, b, *cols), streams[start][j].read(a, b), (0, 0))
-                 for i, (a, b, start) in enumerate(bands)
-                 for j, cols in enumerate(self.strips)]
+        # the strips each band computes: those with a block to compute in its rows (all of
+        # them without a mask); a strip's stream runs on while the strip is computed
+        wanted: dict = {}
+        for t in todo:
+            wanted.setdefault(t.out[:2], set()).update(
+                j for j, (c, d) in enumerate(self.strips) if c < t.out[3] and t.out[2] < d)
+        need = [set().union(*(js for (ra, rb), js in wanted.items() if ra < b and a < rb))
+                for a, b, _ in bands]
+        starts: dict = {}  # (band, strip) -> the map row the strip's stream started at
+        for i, (a, b, start) in enumerate(bands):
+            for j in need[i]:
+                goes_on = i and bands[i - 1][2] == start and j in need[i - 1]
+                starts[i, j] = starts[i - 1, j] if goes_on else a
+        streams = {(j, row): row_stream(self.net, self.geo, self.hw, self.strips[j], start=row,
+                                        channels=self.runner.input_size[0])
+                   for (_, j), row in starts.items()}
+        reads = {(i, j): Tile((i, j), (a, b, *self.strips[j]),
+                              streams[j, starts[i, j]].read(a, b), (0, 0))
+                 for i, (a, b, _) in enumerate(bands) for j in sorted(need[i])}
         left = list(todo)
         rows_done: list = []  # the map rows of the run so far: (a, tensor (K, rows, w))
-        with (_Reader(self.runner, src, [t for t in reads if t.inp[0] < t.inp[1]], blocks)
-              as regions, _Writer(blocks) as writer):
+        with (_Reader(self.runner, src, [t for t in reads.values() if t.inp[0] < t.inp[1]],
+                      blocks) as regions, _Writer(blocks) as writer):
             regions = iter(regions)
             for i, (a, b, start) in enumerate(bands):
                 if i and bands[i - 1][2] != start:
-                    streams.pop(bands[i - 1][2])  # its carried rows go
                     rows_done = []
-                parts = []
-                for j, stream in enumerate(streams[start]):
-                    t = reads[i * len(self.strips) + j]
+                parts: list = [None] * len(self.strips)
+                for j in sorted(need[i]):
+                    t = reads[i, j]
                     region = None
                     if t.inp[0] < t.inp[1]:
                         got, region = next(regions)
@@ -876,12 +886,18 @@ class _Bands:
                     x = self._input(region, t)
                     if x is None:  # unreadable, or NaN/Inf pixels: tiles from here on
                         return left
+                    stream = streams[j, starts[i, j]]
                     with torch.no_grad(), (self.low.context() if self.low
                                            else contextlib.nullcontext()):
                         part = call_model(self.net, x, run=lambda: stream.advance(x, b))
-                    parts.append(part[0].float() if self.low else part[0])
-                band = torch.cat(parts, -1)  # (K, b - a, w)
-                if i == 0 and not self._checked(src, a, band):
+                    parts[j] = part[0].float() if self.low else part[0]
+                    if starts.get((i + 1, j)) != starts[i, j]:
+                        del streams[j, starts[i, j]]  # its carried rows go
+                some = next(p for p in parts if p is not None)
+                band = torch.cat([p if p is not None else  # a strip of glass: not computed
+                                  some.new_full((some.shape[0], b - a, d - c), float("nan"))
+                                  for p, (c, d) in zip(parts, self.strips)], -1)  # (K, b - a, w)
+                if i == 0 and not self._checked(src, a, self.strips[min(need[0])][0], band):
                     return left
                 rows_done.append((a, band))
                 left = self._emit(rows_done, left, writer)
@@ -901,23 +917,23 @@ class _Bands:
                 return None
         return x if self.low is None else self.low.input(x)
 
-    def _checked(self, src, a: int, band: torch.Tensor) -> bool:
-        """Whether cell ``(a, 0)`` of the first band equals its tile's (else a warning)."""
+    def _checked(self, src, a: int, c: int, band: torch.Tensor) -> bool:
+        """Whether cell ``(a, c)`` of the first band equals its tile's (else a warning)."""
         geo = cached_geometry(self.runner.network(), self.runner.input_size)
         y0, y1, sy = geo.span(0, a, a + 1, self.hw[0])
-        x0, x1, sx = geo.span(1, 0, 1, self.hw[1])
-        t = Tile((-1, -1), (a, a + 1, 0, 1), (y0, y1, x0, x1), (sy, sx))
+        x0, x1, sx = geo.span(1, c, c + 1, self.hw[1])
+        t = Tile((-1, -1), (a, a + 1, c, c + 1), (y0, y1, x0, x1), (sy, sx))
         try:
             want = torch.from_numpy(_retried(lambda: self.runner(src, t), t))
         except NofcError:  # its region cannot be read: the tiles say so, block by block
             return False
-        got = band[:, :1, :1].cpu()
+        got = band[:, :1, c:c + 1].cpu()
         scale = float(want.abs().max())
         err = float((got.double() - want.double()).abs().max())
         tol = LOW_TOLERANCE if self.low is not None else tolerance_for(self.runner.dtype)
         if passes(*tol, err, scale):
             return True
-        warnings.warn(f"nofc: the band pass gives cell ({a}, 0) {err:.2e} away from its "
+        warnings.warn(f"nofc: the band pass gives cell ({a}, {c}) {err:.2e} away from its "
                       f"tile's (largest score {scale:.2e}); the map is computed tile by tile",
                       stacklevel=2)
         return False
