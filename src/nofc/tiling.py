@@ -789,11 +789,12 @@ class _Bands:
     the stride, of a network cut into stages that all run in chunks, with more than one
     block to compute. A band computes only the strips with a block to compute in its rows
     (under a mask, the strips with foreground); a strip left out starts its stream again
-    where it is next computed. The blocks (``tile``) stay what a store keeps and resumes. A strip of a band spans at most
-    the image pixels of a default tile with its halo (the same memory); a band at least
-    ``RowStream.band`` image rows. Before the first block goes to the sink, one cell of
-    the first band is checked against its tile; a region that cannot be read, non-finite
-    pixels or a failed check hand the blocks not yet written to the tiles.
+    where it is next computed. The blocks (``tile``) stay what a store keeps and resumes.
+    A strip of a band spans at most the image pixels of a default tile with its halo (the
+    same memory); a band at least ``RowStream.band`` image rows. Before the first block
+    goes to the sink, one cell of the first band is checked against its tile; a region
+    that cannot be read, non-finite pixels or a failed check hand the blocks not yet
+    written to the tiles.
     """
 
     def __init__(self, runner, net, low, hw, width, strips, band_cells):
