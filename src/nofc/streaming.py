@@ -188,10 +188,7 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
         # measurement would be thousands of classifier calls)
         return fcn(x)
     pixels = x.shape[-2] * x.shape[-1]
-    # measured for a large pass (or known), else known; None: the input's own layout
-    large = pixels >= MEASURE_PIXELS or pixels > STREAM_PIXELS
-    fmt = (memory_format_for(fcn, _sample(x, geo)) if large
-           else known_format(x.device, x.dtype))
+    fmt = _layout(fcn, geo, x)
     if pixels <= STREAM_PIXELS:  # one pass of the whole network
         return fcn(x) if fmt is None else _call(fcn, x, fmt)
     parts = stages(fcn, geo, x.shape[1])
@@ -205,6 +202,15 @@ def streamed(fcn: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             return _call(fcn, x, fmt)
     return _run(parts, x, chunk=CHUNK, fmt=fmt)
+
+
+def _layout(net: nn.Module, geo: Geometry, x: torch.Tensor) -> torch.memory_format | None:
+    """The layout a pass of ``net`` over ``x`` runs in: measured for a large pass (or
+    known), else known; None: the input's own layout."""
+    pixels = x.shape[-2] * x.shape[-1]
+    if pixels >= MEASURE_PIXELS or pixels > STREAM_PIXELS:
+        return memory_format_for(net, _sample(x, geo))
+    return known_format(x.device, x.dtype)
 
 
 def _sample(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
@@ -348,10 +354,8 @@ class RowStream:
         if x.shape[-2] != need[0] - self.done[0]:  # pragma: no cover - a planning bug
             raise NofcError(f"internal: a row stream needs image rows {self.done[0]}.."
                             f"{need[0]}, got {x.shape[-2]}")
-        if self.fmt is None:  # measured on a large band (as for one pass), else known
-            large = x.shape[-2] * x.shape[-1] >= MEASURE_PIXELS
-            self.fmt = ((memory_format_for(self.net, _sample(x, self.geo)) if large
-                         else known_format(x.device, x.dtype)) or torch.contiguous_format)
+        if self.fmt is None:  # as for one pass, on the first band
+            self.fmt = _layout(self.net, self.geo, x) or torch.contiguous_format
         self._keep(0, x, need[0])
         for s, stage in enumerate(self.parts, 1):
             if need[s] <= self.done[s]:

@@ -797,9 +797,9 @@ class _Bands:
     written to the tiles.
     """
 
-    def __init__(self, runner, net, low, hw, width, strips, band_cells):
+    def __init__(self, runner, net, low, hw, strips, band_cells):
         self.runner, self.net, self.low, self.hw = runner, net, low, hw
-        self.width, self.strips, self.band_cells = width, strips, band_cells
+        self.strips, self.band_cells = strips, band_cells
         self.geo = cached_geometry(net, runner.input_size)
 
     @staticmethod
@@ -828,11 +828,10 @@ class _Bands:
         for k in range(1, w + 1):  # the fewest strips within the budget
             per = -(-w // k)
             strips = [(c, min(w, c + per)) for c in range(0, w, per)]
-            span = max(geo.span(1, c, d, hw[1])[1] - geo.span(1, c, d, hw[1])[0]
-                       for c, d in strips)
-            if span * rows <= budget:
+            spans = [geo.span(1, c, d, hw[1]) for c, d in strips]
+            if max(x1 - x0 for x0, x1, _ in spans) * rows <= budget:
                 break
-        return _Bands(runner, net, low, hw, w, strips, band_cells)
+        return _Bands(runner, net, low, hw, strips, band_cells)
 
     def run(self, src, todo, blocks: _Blocks) -> list[Tile]:
         """Compute the blocks of ``todo``; returns those left to the tiles."""
